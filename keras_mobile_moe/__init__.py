@@ -1,0 +1,17 @@
+"""keras_mobile_moe: mobile vision transformers with mixtures of experts.
+
+Implements Mobile V-MoE (Daxberger et al. 2023) and their dense ViT
+baselines in Keras 3, on the JAX, TensorFlow and PyTorch backends.
+"""
+
+from keras_mobile_moe import datasets
+from keras_mobile_moe import layers
+from keras_mobile_moe import losses
+from keras_mobile_moe import models
+from keras_mobile_moe import variants
+from keras_mobile_moe.flops import count_flops
+from keras_mobile_moe.flops import flops_breakdown
+from keras_mobile_moe.models import MobileVMoE
+from keras_mobile_moe.models import MobileVMoEBackbone
+from keras_mobile_moe.models import MobileVMoEImageClassifier
+from keras_mobile_moe.version import __version__

@@ -1,0 +1,10 @@
+"""Layers of the Mobile V-MoE and MoNE families."""
+
+from keras_mobile_moe.layers.drop_path import DropPath
+from keras_mobile_moe.layers.image_routed_moe import ImageRoutedMoE
+from keras_mobile_moe.layers.image_router import ImageRouter
+from keras_mobile_moe.layers.mlp import MLP
+from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
+from keras_mobile_moe.layers.transformer_encoder_block import (
+    TransformerEncoderBlock,
+)

@@ -1,0 +1,160 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class ImageRoutedMoE(keras.layers.Layer):
+    """A mixture of expert MLPs in which each image uses only its k experts.
+
+    Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354, Sec. 2. Every token
+    of an image goes through the same `top_k` experts, chosen once per image
+    by `ImageRouter`; the output is the gate-weighted sum of those experts:
+    `MoE(x) = sum_i g_i * e_i(x)`.
+
+    The compute is sparse: the expert kernels are stacked `[E, ...]`, each
+    image gathers the kernels of its own experts and runs a batched matmul
+    with them. An image pays for `top_k` expert MLPs only, experts that no
+    image chose do no work and get zero gradient, no image is dropped for
+    capacity, and an image's output never depends on the rest of the batch.
+
+    Args:
+        num_experts: int. Number of experts E.
+        intermediate_dim: int. Hidden width of every expert MLP.
+        top_k: int in [1, num_experts]. Experts per image.
+        normalize_gates: bool. Whether to rescale the k gates to sum to 1.
+            The paper leaves this open for k > 1; with k = 1 it would make
+            every gate 1 and cut the router off from the task gradient.
+        activation: activation of the expert hidden layer.
+        dropout_rate: float in [0, 1). Dropout after the hidden layer.
+
+    Call arguments:
+        inputs: tokens `[batch, num_tokens, hidden_dim]`.
+        expert_indices: int tensor `[batch, top_k]`, the chosen experts.
+        expert_gates: float tensor `[batch, top_k]`, their router
+            probabilities.
+        training: bool. Enables dropout.
+
+    Returns:
+        Tokens `[batch, num_tokens, hidden_dim]`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> moe = ImageRoutedMoE(num_experts=4, intermediate_dim=32)
+    >>> tokens = np.ones((2, 5, 8), "float32")
+    >>> indices = np.array([[0], [3]], "int32")
+    >>> gates = np.ones((2, 1), "float32")
+    >>> moe(tokens, indices, gates).shape
+    (2, 5, 8)
+    """
+
+    def __init__(
+        self,
+        num_experts,
+        intermediate_dim,
+        top_k=1,
+        normalize_gates=False,
+        activation="gelu",
+        dropout_rate=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_experts = check_int("num_experts", num_experts, minimum=1)
+        self.intermediate_dim = check_int(
+            "intermediate_dim", intermediate_dim, minimum=1
+        )
+        self.top_k = check_int("top_k", top_k, minimum=1, maximum=num_experts)
+        self.normalize_gates = bool(normalize_gates)
+        self.activation = keras.activations.get(activation)
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+
+    def build(
+        self, inputs_shape, expert_indices_shape=None, expert_gates_shape=None
+    ):
+        input_shape = inputs_shape
+        if len(input_shape) != 3:
+            raise ValueError(
+                "ImageRoutedMoE expects tokens [batch, num_tokens, hidden_dim]."
+                f" Received: input_shape={tuple(input_shape)}."
+            )
+        hidden_dim = input_shape[-1]
+        experts = self.num_experts
+        width = self.intermediate_dim
+
+        # Glorot-uniform per expert, i.e. what a Dense MLP of the same shape
+        # gets; Keras' own glorot would fold the expert axis into the fan-in.
+        def glorot(fan_in, fan_out):
+            limit = math.sqrt(6.0 / (fan_in + fan_out))
+            return keras.initializers.RandomUniform(-limit, limit)
+
+        self.kernel_in = self.add_weight(
+            shape=(experts, hidden_dim, width),
+            initializer=glorot(hidden_dim, width),
+            name="kernel_in",
+        )
+        self.bias_in = self.add_weight(
+            shape=(experts, width), initializer="zeros", name="bias_in"
+        )
+        self.kernel_out = self.add_weight(
+            shape=(experts, width, hidden_dim),
+            initializer=glorot(width, hidden_dim),
+            name="kernel_out",
+        )
+        self.bias_out = self.add_weight(
+            shape=(experts, hidden_dim), initializer="zeros", name="bias_out"
+        )
+        self.dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=self.dtype_policy, name="dropout"
+        )
+        self.built = True
+
+    def call(self, inputs, expert_indices, expert_gates, training=None):
+        if expert_indices.shape[-1] != self.top_k:
+            raise ValueError(
+                f"ImageRoutedMoE(top_k={self.top_k}) received expert_indices "
+                f"of shape {tuple(expert_indices.shape)}. Expected "
+                f"[batch, {self.top_k}]."
+            )
+        num_tokens, hidden_dim = inputs.shape[1], inputs.shape[2]
+        k = self.top_k
+        # One row per (image, chosen expert): [batch * k].
+        flat_indices = ops.reshape(ops.cast(expert_indices, "int32"), (-1,))
+        tokens = ops.repeat(inputs, k, axis=0) if k > 1 else inputs
+
+        kernel_in = ops.take(self.kernel_in, flat_indices, axis=0)
+        bias_in = ops.take(self.bias_in, flat_indices, axis=0)
+        hidden = ops.matmul(tokens, kernel_in) + bias_in[:, None, :]
+        hidden = self.dropout(self.activation(hidden), training=training)
+        kernel_out = ops.take(self.kernel_out, flat_indices, axis=0)
+        bias_out = ops.take(self.bias_out, flat_indices, axis=0)
+        outputs = ops.matmul(hidden, kernel_out) + bias_out[:, None, :]
+
+        gates = ops.cast(expert_gates, outputs.dtype)
+        if self.normalize_gates:
+            gates = gates / ops.sum(gates, axis=-1, keepdims=True)
+        outputs = ops.reshape(outputs, (-1, k, num_tokens, hidden_dim))
+        return ops.sum(outputs * gates[:, :, None, None], axis=1)
+
+    def compute_output_shape(
+        self, inputs_shape, expert_indices_shape=None, expert_gates_shape=None
+    ):
+        return inputs_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_experts": self.num_experts,
+                "intermediate_dim": self.intermediate_dim,
+                "top_k": self.top_k,
+                "normalize_gates": self.normalize_gates,
+                "activation": keras.activations.serialize(self.activation),
+                "dropout_rate": self.dropout_rate,
+            }
+        )
+        return config

@@ -1,0 +1,186 @@
+import keras
+
+from keras_mobile_moe.layers.drop_path import DropPath
+from keras_mobile_moe.layers.image_routed_moe import ImageRoutedMoE
+from keras_mobile_moe.layers.mlp import MLP
+from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class TransformerEncoderBlock(keras.layers.Layer):
+    """A pre-norm ViT encoder block whose MLP may be an image-routed MoE.
+
+    `x = x + DropPath(MHSA(LN(x)))`, then `x = x + DropPath(MLP(LN(x)))`
+    (Dosovitskiy et al., ICLR 2021). With `num_experts > 0` the MLP is an
+    `ImageRoutedMoE` and the block is a Mobile V-MoE block (Daxberger et al.
+    2023, Fig. 2c): attention stays dense and shared.
+
+    Args:
+        hidden_dim: int. Token width; must be divisible by `num_heads`.
+        num_heads: int. Attention heads.
+        mlp_dim: int. Hidden width of the MLP (of every expert).
+        num_experts: int. 0 for a dense block, else the number of experts.
+        top_k: int. Experts per image (MoE blocks only).
+        normalize_gates: bool. See `ImageRoutedMoE`.
+        dropout_rate: float in [0, 1). Dropout in the MLP and after attention.
+        attention_dropout_rate: float in [0, 1). Dropout on attention weights.
+        drop_path_rate: float in [0, 1). Stochastic depth of both branches.
+        layer_norm_epsilon: float. Epsilon of the layer norms.
+
+    Call arguments:
+        inputs: tokens `[batch, num_tokens, hidden_dim]`.
+        expert_indices: int tensor `[batch, top_k]` (MoE blocks only).
+        expert_gates: float tensor `[batch, top_k]` (MoE blocks only).
+        training: bool.
+
+    Returns:
+        Tokens `[batch, num_tokens, hidden_dim]`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> block = TransformerEncoderBlock(hidden_dim=16, num_heads=2, mlp_dim=32)
+    >>> block(np.ones((2, 5, 16), "float32")).shape
+    (2, 5, 16)
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        mlp_dim,
+        num_experts=0,
+        top_k=1,
+        normalize_gates=False,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"hidden_dim={hidden_dim} is not divisible by "
+                f"num_heads={num_heads}. Accepted: a num_heads that divides "
+                "hidden_dim."
+            )
+        self.mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1)
+        self.num_experts = check_int("num_experts", num_experts, minimum=0)
+        self.top_k = check_int(
+            "top_k", top_k, minimum=1, maximum=max(num_experts, 1)
+        )
+        self.normalize_gates = bool(normalize_gates)
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+        self.attention_dropout_rate = check_rate(
+            "attention_dropout_rate", attention_dropout_rate
+        )
+        self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+
+    @property
+    def is_moe(self):
+        return self.num_experts > 0
+
+    def build(
+        self, inputs_shape, expert_indices_shape=None, expert_gates_shape=None
+    ):
+        input_shape = inputs_shape
+        if input_shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"TransformerEncoderBlock(hidden_dim={self.hidden_dim}) "
+                f"received tokens of shape {tuple(input_shape)}."
+            )
+        policy = self.dtype_policy
+        eps = self.layer_norm_epsilon
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=eps, dtype=policy, name="attention_norm"
+        )
+        self.attention_norm.build(input_shape)
+        self.attention = keras.layers.MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=self.hidden_dim // self.num_heads,
+            dropout=self.attention_dropout_rate,
+            dtype=policy,
+            name="attention",
+        )
+        self.attention.build(input_shape, input_shape)
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="attention_output_dropout"
+        )
+        self.mlp_norm = keras.layers.LayerNormalization(
+            epsilon=eps, dtype=policy, name="mlp_norm"
+        )
+        self.mlp_norm.build(input_shape)
+        if self.is_moe:
+            self.mlp = ImageRoutedMoE(
+                num_experts=self.num_experts,
+                intermediate_dim=self.mlp_dim,
+                top_k=self.top_k,
+                normalize_gates=self.normalize_gates,
+                dropout_rate=self.dropout_rate,
+                dtype=policy,
+                name="moe",
+            )
+        else:
+            self.mlp = MLP(
+                intermediate_dim=self.mlp_dim,
+                dropout_rate=self.dropout_rate,
+                dtype=policy,
+                name="mlp",
+            )
+        self.mlp.build(input_shape)
+        self.mlp_dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="mlp_output_dropout"
+        )
+        self.drop_path = DropPath(
+            self.drop_path_rate, dtype=policy, name="drop_path"
+        )
+        self.built = True
+
+    def call(
+        self, inputs, expert_indices=None, expert_gates=None, training=None
+    ):
+        x = self.attention_norm(inputs)
+        x = self.attention(x, x, training=training)
+        x = self.attention_dropout(x, training=training)
+        x = inputs + self.drop_path(x, training=training)
+
+        y = self.mlp_norm(x)
+        if self.is_moe:
+            if expert_indices is None or expert_gates is None:
+                raise ValueError(
+                    "An MoE TransformerEncoderBlock needs `expert_indices` "
+                    "and `expert_gates` from an ImageRouter. Received None."
+                )
+            y = self.mlp(y, expert_indices, expert_gates, training=training)
+        else:
+            y = self.mlp(y, training=training)
+        y = self.mlp_dropout(y, training=training)
+        return x + self.drop_path(y, training=training)
+
+    def compute_output_shape(
+        self, inputs_shape, expert_indices_shape=None, expert_gates_shape=None
+    ):
+        return inputs_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "normalize_gates": self.normalize_gates,
+                "dropout_rate": self.dropout_rate,
+                "attention_dropout_rate": self.attention_dropout_rate,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config

@@ -1,0 +1,9 @@
+"""Model families: backbones, classifiers and their preprocessors."""
+
+from keras_mobile_moe.models.mobile_vmoe import MobileVMoE
+from keras_mobile_moe.models.mobile_vmoe import MobileVMoEBackbone
+from keras_mobile_moe.models.mobile_vmoe import MobileVMoEImageClassifier
+from keras_mobile_moe.models.mobile_vmoe import (
+    MobileVMoEImageClassifierPreprocessor,
+)
+from keras_mobile_moe.models.mobile_vmoe import MobileVMoEImageConverter

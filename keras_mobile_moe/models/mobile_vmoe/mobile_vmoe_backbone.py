@@ -1,0 +1,279 @@
+import keras
+from keras_hub.models import Backbone
+
+from keras_mobile_moe import preset_registry
+from keras_mobile_moe.layers.image_router import ImageRouter
+from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
+from keras_mobile_moe.layers.transformer_encoder_block import (
+    TransformerEncoderBlock,
+)
+from keras_mobile_moe.validation import check_choice
+from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_rate
+
+
+def check_image_shape(image_shape, patch_size):
+    """Validates `image_shape` against `patch_size`; returns it as a tuple."""
+    shape = tuple(image_shape) if isinstance(image_shape, (list, tuple)) else ()
+    if len(shape) != 3 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ValueError(
+            f"Received: image_shape={image_shape!r}. Expected (height, width, "
+            "channels) of positive ints."
+        )
+    if shape[0] % patch_size or shape[1] % patch_size:
+        raise ValueError(
+            f"Image size {shape[0]}x{shape[1]} is not divisible by "
+            f"patch_size={patch_size}. Accepted: a patch_size that divides "
+            "both the image height and width."
+        )
+    return shape
+
+
+def check_images(images, image_shape):
+    """Raises a clear `ValueError` unless `images` is `[batch, *image_shape]`."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(image_shape):
+        expected = ", ".join(str(d) for d in image_shape)
+        raise ValueError(
+            f"Expected images of shape [batch, {expected}] (batch, height, "
+            f"width, channels). Received: images of shape {shape}."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class MobileVMoEBackbone(Backbone):
+    """Mobile V-MoE vision transformer backbone (dense ViT when no MoE layer).
+
+    Daxberger et al., "Mobile V-MoEs: Scaling Down Vision Transformers via
+    Sparse Mixture-of-Experts", arXiv 2309.04354 (2023), Fig. 2c. A ViT whose
+    last `num_moe_layers` blocks replace the MLP by `num_experts` expert MLPs.
+    One `ImageRouter`, placed after the first `num_layers - num_moe_layers`
+    dense blocks, chooses `top_k` experts per image for all MoE blocks.
+    `num_moe_layers=0` is the dense ViT baseline; a dense baseline with the
+    MLP widened by k (paper Fig. 3d) is `mlp_dim=k * 4 * hidden_dim`.
+
+    Args:
+        image_shape: (height, width, channels) of the input images.
+        patch_size: int. Side of the square patches.
+        num_layers: int. Transformer blocks in total.
+        hidden_dim: int. Token width; divisible by `num_heads`.
+        num_heads: int. Attention heads.
+        mlp_dim: int. Hidden width of the MLP and of every expert.
+        num_experts: int. Experts E per MoE block (0 allowed only when
+            `num_moe_layers=0`).
+        top_k: int in [1, num_experts]. Experts per image.
+        num_moe_layers: int in [0, num_layers]. MoE blocks at the end (L).
+        use_class_token: bool. Prepend a learned class token.
+        router_pooling: `"token"` (class token) or `"mean"`: the image
+            representation the router reads (not fixed by the paper).
+        normalize_gates: bool. Rescale the k gates to sum to 1.
+        dropout_rate: float in [0, 1). Dropout in MLPs and after attention.
+        attention_dropout_rate: float in [0, 1). Dropout on attention weights.
+        drop_path_rate: float in [0, 1). Stochastic depth of the last block;
+            earlier blocks get linearly smaller rates (DeiT).
+        layer_norm_epsilon: float. Epsilon of the layer norms.
+        dtype: dtype policy of the model.
+
+    Call arguments:
+        images: float tensor `[batch, height, width, channels]` (named
+            `images`), already scaled; see
+            `MobileVMoEImageClassifierPreprocessor`.
+
+    Returns:
+        A dict with `"sequence_output"`: the normalised tokens
+        `[batch, num_tokens, hidden_dim]`, and, for MoE models,
+        `"router_logits"`: float32 `[batch, num_experts]`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=3,
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
+    ...     num_moe_layers=1)
+    >>> outputs = backbone(np.zeros((2, 32, 32, 3), "float32"))
+    >>> tuple(outputs["sequence_output"].shape), tuple(outputs["router_logits"].shape)
+    ((2, 17, 16), (2, 4))
+    """
+
+    def __init__(
+        self,
+        num_layers,
+        hidden_dim,
+        num_heads,
+        mlp_dim,
+        image_shape=(224, 224, 3),
+        patch_size=32,
+        num_experts=10,
+        top_k=1,
+        num_moe_layers=2,
+        use_class_token=True,
+        router_pooling="token",
+        normalize_gates=False,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        dtype=None,
+        **kwargs,
+    ):
+        check_int("patch_size", patch_size, minimum=1)
+        image_shape = check_image_shape(image_shape, patch_size)
+        check_int("num_layers", num_layers, minimum=1)
+        check_int("num_moe_layers", num_moe_layers, minimum=0)
+        if num_moe_layers > num_layers:
+            raise ValueError(
+                f"num_moe_layers={num_moe_layers} is larger than "
+                f"num_layers={num_layers}. Accepted: 0 <= num_moe_layers <= "
+                "num_layers."
+            )
+        check_int("num_experts", num_experts, minimum=int(num_moe_layers > 0))
+        if num_moe_layers:
+            check_int("top_k", top_k, minimum=1, maximum=num_experts)
+        check_choice("router_pooling", router_pooling, ("token", "mean"))
+        if router_pooling == "token" and not use_class_token:
+            raise ValueError(
+                "router_pooling='token' reads the class token, but "
+                "use_class_token=False. Accepted: router_pooling='mean', or "
+                "use_class_token=True."
+            )
+        check_rate("drop_path_rate", drop_path_rate)
+
+        # === Layers ===
+        num_dense = num_layers - num_moe_layers
+        self.patch_embedding = PatchEmbedding(
+            hidden_dim=hidden_dim,
+            patch_size=patch_size,
+            use_class_token=use_class_token,
+            dtype=dtype,
+            name="patch_embedding",
+        )
+        self.encoder_blocks = []
+        for i in range(num_layers):
+            is_moe = i >= num_dense
+            self.encoder_blocks.append(
+                TransformerEncoderBlock(
+                    hidden_dim=hidden_dim,
+                    num_heads=num_heads,
+                    mlp_dim=mlp_dim,
+                    num_experts=num_experts if is_moe else 0,
+                    top_k=top_k if is_moe else 1,
+                    normalize_gates=normalize_gates,
+                    dropout_rate=dropout_rate,
+                    attention_dropout_rate=attention_dropout_rate,
+                    drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
+                    layer_norm_epsilon=layer_norm_epsilon,
+                    dtype=dtype,
+                    name=f"{'moe' if is_moe else 'dense'}_block_{i}",
+                )
+            )
+        self.router = None
+        if num_moe_layers:
+            self.router = ImageRouter(
+                num_experts=num_experts,
+                top_k=top_k,
+                pooling=router_pooling,
+                dtype=dtype,
+                name="router",
+            )
+        self.final_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
+        )
+
+        # === Functional model ===
+        images = keras.Input(shape=image_shape, name="images")
+        x = self.patch_embedding(images)
+        routing = ()
+        for i, block in enumerate(self.encoder_blocks):
+            if i == num_dense:
+                router_logits, expert_indices, expert_gates = self.router(x)
+                routing = (expert_indices, expert_gates)
+            x = block(x, *routing)
+        outputs = {"sequence_output": self.final_norm(x)}
+        if num_moe_layers:
+            outputs["router_logits"] = router_logits
+        super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.num_moe_layers = num_moe_layers
+        self.use_class_token = use_class_token
+        self.router_pooling = router_pooling
+        self.normalize_gates = normalize_gates
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    def call(self, inputs, training=None, mask=None):
+        check_images(inputs, self.image_shape)
+        return super().call(inputs, training=training, mask=mask)
+
+    preset_family = "mobile_vmoe"
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from a preset name, directory or `hf://` handle.
+
+        Args:
+            preset: a built-in name (see `MobileVMoEBackbone.presets`), a local
+                preset directory, or `hf://org/repo`.
+            load_weights: bool. Whether to load the preset's weights.
+            **kwargs: overrides of backbone arguments.
+
+        Returns:
+            A `MobileVMoEBackbone`.
+
+        Example:
+
+        >>> backbone = MobileVMoEBackbone.from_preset("6x64", load_weights=False)
+        >>> backbone.num_layers, backbone.hidden_dim, backbone.is_moe
+        (6, 64, False)
+        """
+        entry = preset_registry.find(preset, cls.preset_family)
+        if entry is None:
+            return super().from_preset(preset, load_weights, **kwargs)
+        return preset_registry.build_backbone(cls, entry, load_weights, kwargs)
+
+    @preset_registry.classproperty
+    def presets(cls):
+        """Built-in presets: name -> registry entry (aliases included)."""
+        return preset_registry.presets_of(cls.preset_family)
+
+    @property
+    def is_moe(self):
+        """Whether the backbone has MoE blocks (and so a router)."""
+        return self.num_moe_layers > 0
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_shape": list(self.image_shape),
+                "patch_size": self.patch_size,
+                "num_layers": self.num_layers,
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "num_experts": self.num_experts,
+                "top_k": self.top_k,
+                "num_moe_layers": self.num_moe_layers,
+                "use_class_token": self.use_class_token,
+                "router_pooling": self.router_pooling,
+                "normalize_gates": self.normalize_gates,
+                "dropout_rate": self.dropout_rate,
+                "attention_dropout_rate": self.attention_dropout_rate,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config

@@ -1,0 +1,302 @@
+import keras
+from keras import ops
+from keras_hub.models import ImageClassifier
+from keras_hub.models import Task
+
+from keras_mobile_moe import preset_registry
+from keras_mobile_moe.losses.superclass_router_loss import SuperclassRouterLoss
+from keras_mobile_moe.losses.superclass_router_loss import check_superclass_ids
+from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
+    MobileVMoEBackbone,
+)
+from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
+    check_images,
+)
+from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_image_classifier_preprocessor import (  # noqa: E501
+    MobileVMoEImageClassifierPreprocessor,
+)
+from keras_mobile_moe.validation import check_choice
+from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class MobileVMoEImageClassifier(ImageClassifier):
+    """Mobile V-MoE image classifier (`kmm.MobileVMoE`).
+
+    Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354 (2023). A
+    `MobileVMoEBackbone`, pooling (class token or mean of the patch tokens)
+    and a linear head. In training the model also returns the router logits,
+    and `fit` adds `router_loss_weight * SuperclassRouterLoss` (lambda = 0.3
+    in the paper) to the classification loss, so a plain `compile()` trains
+    the router on the super-classes given by `superclass_ids`.
+
+    Routing modes:
+        - `"superclass"` (default): the router is supervised with the
+          super-class of each label (`superclass_ids` needed for training).
+        - `"learned"`: no router loss; the router learns end to end through
+          the gates that scale the expert outputs.
+
+    Args:
+        backbone: a `MobileVMoEBackbone`.
+        num_classes: int. Number of classes.
+        preprocessor: a `MobileVMoEImageClassifierPreprocessor` or None.
+        pooling: `"token"` (class token) or `"avg"` (mean of patch tokens).
+        dropout: float in [0, 1). Dropout before the head.
+        activation: activation of the head (None: logits).
+        superclass_ids: sequence of `num_classes` ints in [0, num_experts),
+            the super-class (= expert) of every class, or None.
+        routing: `"superclass"` or `"learned"`.
+        router_loss_weight: float >= 0, lambda of the router loss.
+        head_dtype: dtype policy of the head.
+
+    Call arguments:
+        images: images `[batch, height, width, channels]`.
+        training: bool. In training, MoE models return
+            `{"logits", "router_logits"}`; otherwise the logits.
+
+    Returns:
+        Logits `[batch, num_classes]`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=2,
+    ...     num_moe_layers=1)
+    >>> model = MobileVMoEImageClassifier(
+    ...     backbone, num_classes=4, superclass_ids=[0, 0, 1, 1])
+    >>> images = np.random.rand(8, 32, 32, 3).astype("float32")
+    >>> history = model.fit(images, np.arange(8) % 4, epochs=1, verbose=0)
+    >>> model.predict(images, verbose=0).shape
+    (8, 4)
+    """
+
+    backbone_cls = MobileVMoEBackbone
+    preprocessor_cls = MobileVMoEImageClassifierPreprocessor
+
+    def __init__(
+        self,
+        backbone,
+        num_classes,
+        preprocessor=None,
+        pooling="token",
+        dropout=0.0,
+        activation=None,
+        superclass_ids=None,
+        routing="superclass",
+        router_loss_weight=0.3,
+        head_dtype=None,
+        **kwargs,
+    ):
+        check_int("num_classes", num_classes, minimum=1)
+        check_choice("pooling", pooling, ("token", "avg"))
+        if pooling == "token" and not backbone.use_class_token:
+            raise ValueError(
+                "pooling='token' needs a class token but the backbone has "
+                "use_class_token=False. Accepted: pooling='avg'."
+            )
+        check_rate("dropout", dropout)
+        check_choice("routing", routing, ("superclass", "learned"))
+        if isinstance(router_loss_weight, bool) or not (
+            isinstance(router_loss_weight, (int, float))
+            and router_loss_weight >= 0
+        ):
+            raise ValueError(
+                f"Received: router_loss_weight={router_loss_weight!r}. "
+                "Expected a float >= 0."
+            )
+        if superclass_ids is not None:
+            superclass_ids = check_superclass_ids(
+                superclass_ids,
+                num_classes=num_classes,
+                num_experts=backbone.num_experts if backbone.is_moe else None,
+            )
+        if (
+            backbone.is_moe
+            and routing == "learned"
+            and backbone.top_k == 1
+            and backbone.normalize_gates
+        ):
+            raise ValueError(
+                "routing='learned' with top_k=1 needs normalize_gates=False: "
+                "a renormalised single gate is always 1 and the router would "
+                "get no gradient."
+            )
+        head_dtype = head_dtype or backbone.dtype_policy
+
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.output_dropout = keras.layers.Dropout(
+            dropout, dtype=head_dtype, name="output_dropout"
+        )
+        self.output_dense = keras.layers.Dense(
+            num_classes,
+            activation=activation,
+            dtype=head_dtype,
+            name="predictions",
+        )
+
+        # === Functional model ===
+        images = backbone.input
+        backbone_outputs = backbone(images)
+        tokens = backbone_outputs["sequence_output"]
+        if pooling == "token":
+            x = tokens[:, 0, :]
+        else:
+            first_patch = int(backbone.use_class_token)
+            x = ops.mean(tokens[:, first_patch:, :], axis=1)
+        x = self.output_dropout(x)
+        logits = self.output_dense(x)
+        outputs = logits
+        if backbone.is_moe:
+            outputs = {
+                "logits": logits,
+                "router_logits": backbone_outputs["router_logits"],
+            }
+        # Skip ImageClassifier.__init__, which builds its own head.
+        Task.__init__(self, inputs=images, outputs=outputs, **kwargs)
+
+        # === Config ===
+        self.num_classes = num_classes
+        self.pooling = pooling
+        self.dropout = dropout
+        self.activation = activation
+        self.superclass_ids = superclass_ids
+        self.routing = routing
+        self.router_loss_weight = float(router_loss_weight)
+
+        # Router loss and its metrics: only for MoE models trained with it.
+        self.router_loss = None
+        if backbone.is_moe and routing == "superclass" and superclass_ids:
+            self.router_loss = SuperclassRouterLoss(superclass_ids)
+            self.router_loss_tracker = keras.metrics.Mean(name="router_loss")
+            self.router_accuracy = keras.metrics.SparseCategoricalAccuracy(
+                name="router_accuracy"
+            )
+
+    def call(self, inputs, training=None, mask=None):
+        check_images(inputs, self.backbone.image_shape)
+        outputs = super().call(inputs, training=training, mask=mask)
+        if isinstance(outputs, dict) and not training:
+            return outputs["logits"]
+        return outputs
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        spec = super().compute_output_spec(inputs, training=training, mask=mask)
+        if isinstance(spec, dict) and not training:
+            return spec["logits"]
+        return spec
+
+    def compile(
+        self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs
+    ):
+        """Configures training; `"auto"` picks defaults that train from scratch.
+
+        Args:
+            optimizer: `"auto"` (AdamW, learning rate 3e-4, weight decay
+                0.05) or a Keras optimizer.
+            loss: `"auto"` (sparse categorical cross-entropy on the logits)
+                or a Keras loss for the class labels. The router loss is
+                added on top of it by the model, with `router_loss_weight`.
+            metrics: `"auto"` (accuracy) or Keras metrics.
+            **kwargs: passed to `keras.Model.compile`.
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(3e-4, weight_decay=0.05)
+        if metrics == "auto":
+            metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        if not isinstance(y_pred, dict):
+            return super().compute_loss(
+                x, y, y_pred, sample_weight, training=training
+            )
+        loss = super().compute_loss(
+            x, y, y_pred["logits"], sample_weight, training=training
+        )
+        if self.routing == "learned" or y is None:
+            return loss
+        if self.router_loss is None:
+            raise ValueError(
+                "This MobileVMoE model uses routing='superclass' but has no "
+                "superclass_ids, so its router cannot be trained. Pass "
+                "superclass_ids=[one expert id per class] (e.g. CIFAR-100's "
+                "coarse labels) or routing='learned'."
+            )
+        router_loss = self.router_loss(y, y_pred["router_logits"])
+        self.router_loss_tracker.update_state(router_loss)
+        table = ops.convert_to_tensor(self.superclass_ids, dtype="int32")
+        superclasses = ops.take(
+            table, ops.reshape(ops.cast(y, "int32"), (-1,)), axis=0
+        )
+        self.router_accuracy.update_state(superclasses, y_pred["router_logits"])
+        return loss + ops.cast(self.router_loss_weight, loss.dtype) * ops.cast(
+            router_loss, loss.dtype
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y_pred, dict):
+            return super().compute_metrics(
+                x, y, y_pred["logits"], sample_weight
+            )
+        # Outside training the model returns no router logits, so the router
+        # metrics were not updated: leave them out instead of reporting 0.
+        results = super().compute_metrics(x, y, y_pred, sample_weight)
+        return {
+            name: value
+            for name, value in results.items()
+            if name not in ("router_loss", "router_accuracy")
+        }
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a classifier from a preset name, directory or `hf://` handle.
+
+        Args:
+            preset: a built-in name (see `MobileVMoEImageClassifier.presets`),
+                a local preset directory, or `hf://org/repo`.
+            load_weights: bool. Whether to load the preset's weights.
+            **kwargs: overrides of backbone or classifier arguments, e.g.
+                `num_classes=10` or `image_shape=(32, 32, 3)`.
+
+        Returns:
+            A `MobileVMoEImageClassifier`.
+
+        Example:
+
+        >>> model = MobileVMoEImageClassifier.from_preset(
+        ...     "6x64_e10", load_weights=False, num_classes=10)
+        >>> model.backbone.num_experts
+        10
+        """
+        entry = preset_registry.find(preset, cls.preset_family)
+        if entry is None:
+            return super().from_preset(preset, load_weights, **kwargs)
+        return preset_registry.build_task(cls, entry, load_weights, kwargs)
+
+    preset_family = "mobile_vmoe"
+
+    @preset_registry.classproperty
+    def presets(cls):
+        """Built-in presets: name -> registry entry (aliases included)."""
+        return preset_registry.presets_of(cls.preset_family)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "superclass_ids": self.superclass_ids,
+                "routing": self.routing,
+                "router_loss_weight": self.router_loss_weight,
+            }
+        )
+        return config
+
+
+MobileVMoE = MobileVMoEImageClassifier
