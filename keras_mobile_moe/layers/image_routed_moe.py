@@ -1,6 +1,9 @@
 import math
 
 import keras
+
+from keras_mobile_moe.layers.activations import get_activation
+from keras_mobile_moe.layers.activations import serialize_activation
 from keras import ops
 
 from keras_mobile_moe.validation import check_int
@@ -29,7 +32,8 @@ class ImageRoutedMoE(keras.layers.Layer):
         normalize_gates: bool. Whether to rescale the k gates to sum to 1.
             The paper leaves this open for k > 1; with k = 1 it would make
             every gate 1 and cut the router off from the task gradient.
-        activation: activation of the expert hidden layer.
+        activation: activation of the expert hidden layer (tanh-approximate
+            GELU by default, as in the paper's JAX ViTs).
         dropout_rate: float in [0, 1). Dropout after the hidden layer.
 
     Call arguments:
@@ -59,7 +63,7 @@ class ImageRoutedMoE(keras.layers.Layer):
         intermediate_dim,
         top_k=1,
         normalize_gates=False,
-        activation="gelu",
+        activation="keras_mobile_moe>gelu_tanh",
         dropout_rate=0.0,
         **kwargs,
     ):
@@ -70,7 +74,7 @@ class ImageRoutedMoE(keras.layers.Layer):
         )
         self.top_k = check_int("top_k", top_k, minimum=1, maximum=num_experts)
         self.normalize_gates = bool(normalize_gates)
-        self.activation = keras.activations.get(activation)
+        self.activation = get_activation(activation)
         self.dropout_rate = check_rate("dropout_rate", dropout_rate)
 
     def build(
@@ -126,19 +130,44 @@ class ImageRoutedMoE(keras.layers.Layer):
         flat_indices = ops.reshape(ops.cast(expert_indices, "int32"), (-1,))
         tokens = ops.repeat(inputs, k, axis=0) if k > 1 else inputs
 
-        kernel_in = ops.take(self.kernel_in, flat_indices, axis=0)
-        bias_in = ops.take(self.bias_in, flat_indices, axis=0)
-        hidden = ops.matmul(tokens, kernel_in) + bias_in[:, None, :]
-        hidden = self.dropout(self.activation(hidden), training=training)
-        kernel_out = ops.take(self.kernel_out, flat_indices, axis=0)
-        bias_out = ops.take(self.bias_out, flat_indices, axis=0)
-        outputs = ops.matmul(hidden, kernel_out) + bias_out[:, None, :]
+        hidden = self.activation(
+            self._expert_linear(tokens, flat_indices, self.kernel_in, self.bias_in)
+        )
+        hidden = self.dropout(hidden, training=training)
+        outputs = self._expert_linear(
+            hidden, flat_indices, self.kernel_out, self.bias_out
+        )
 
         gates = ops.cast(expert_gates, outputs.dtype)
         if self.normalize_gates:
             gates = gates / ops.sum(gates, axis=-1, keepdims=True)
         outputs = ops.reshape(outputs, (-1, k, num_tokens, hidden_dim))
         return ops.sum(outputs * gates[:, :, None, None], axis=1)
+
+    def _expert_linear(self, tokens, indices, kernels, biases):
+        """`tokens[b] @ kernels[indices[b]] + biases[indices[b]]` for every b.
+
+        Only the selected expert's kernel is touched for each row, so the
+        FLOPs are those of one dense layer per row.
+        """
+        if keras.config.backend() == "jax":
+            # XLA:CPU copies gathered [batch, in, out] kernels slowly; a scan
+            # that slices each row's kernel in place is ~3x faster at batch
+            # 64 and does the same FLOPs.
+            _, fan_in, fan_out = kernels.shape
+            kernels = ops.convert_to_tensor(kernels)
+            biases = ops.convert_to_tensor(biases)
+
+            def one_row(row):
+                x, index = row
+                kernel = ops.slice(kernels, (index, 0, 0), (1, fan_in, fan_out))
+                bias = ops.slice(biases, (index, 0), (1, fan_out))
+                return ops.matmul(x, kernel[0]) + bias
+
+            return ops.map(one_row, (tokens, indices))
+        kernel = ops.take(kernels, indices, axis=0)
+        bias = ops.take(biases, indices, axis=0)
+        return ops.matmul(tokens, kernel) + bias[:, None, :]
 
     def compute_output_shape(
         self, inputs_shape, expert_indices_shape=None, expert_gates_shape=None
@@ -153,7 +182,7 @@ class ImageRoutedMoE(keras.layers.Layer):
                 "intermediate_dim": self.intermediate_dim,
                 "top_k": self.top_k,
                 "normalize_gates": self.normalize_gates,
-                "activation": keras.activations.serialize(self.activation),
+                "activation": serialize_activation(self.activation),
                 "dropout_rate": self.dropout_rate,
             }
         )

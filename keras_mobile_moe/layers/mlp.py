@@ -1,5 +1,8 @@
 import keras
 
+from keras_mobile_moe.layers.activations import get_activation
+from keras_mobile_moe.layers.activations import serialize_activation
+
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
@@ -12,7 +15,8 @@ class MLP(keras.layers.Layer):
 
     Args:
         intermediate_dim: int. Hidden width (4 x width in ViT).
-        activation: activation of the hidden layer.
+        activation: activation of the hidden layer (tanh-approximate GELU
+            by default, as in the paper's JAX ViTs).
         dropout_rate: float in [0, 1). Dropout after the hidden layer.
 
     Call arguments:
@@ -30,13 +34,17 @@ class MLP(keras.layers.Layer):
     """
 
     def __init__(
-        self, intermediate_dim, activation="gelu", dropout_rate=0.0, **kwargs
+        self,
+        intermediate_dim,
+        activation="keras_mobile_moe>gelu_tanh",
+        dropout_rate=0.0,
+        **kwargs,
     ):
         super().__init__(**kwargs)
         self.intermediate_dim = check_int(
             "intermediate_dim", intermediate_dim, minimum=1
         )
-        self.activation = keras.activations.get(activation)
+        self.activation = get_activation(activation)
         self.dropout_rate = check_rate("dropout_rate", dropout_rate)
 
     def build(self, input_shape):
@@ -68,7 +76,7 @@ class MLP(keras.layers.Layer):
         config.update(
             {
                 "intermediate_dim": self.intermediate_dim,
-                "activation": keras.activations.serialize(self.activation),
+                "activation": serialize_activation(self.activation),
                 "dropout_rate": self.dropout_rate,
             }
         )
