@@ -82,7 +82,7 @@ def mobile_vmoe_flops(backbone, num_classes=0):
             num_tokens,
             d,
             backbone.num_heads,
-            backbone.mlp_dim,
+            backbone.mlp_dims[i],
             mlp_copies=backbone.top_k if is_moe else 1,
         )
         parts["attention"] += block["attention"]

@@ -42,6 +42,22 @@ def check_images(images, image_shape):
         )
 
 
+def per_layer_mlp_dims(mlp_dim, num_layers):
+    """Expands `mlp_dim` (an int or one int per layer) to a list per layer."""
+    dims = list(mlp_dim) if isinstance(mlp_dim, (list, tuple)) else None
+    if dims is None:
+        check_int("mlp_dim", mlp_dim, minimum=1)
+        return [mlp_dim] * num_layers
+    if len(dims) != num_layers:
+        raise ValueError(
+            f"Received: mlp_dim={mlp_dim!r} ({len(dims)} entries) for "
+            f"num_layers={num_layers}. Expected an int or one int per layer."
+        )
+    for i, dim in enumerate(dims):
+        check_int(f"mlp_dim[{i}]", dim, minimum=1)
+    return dims
+
+
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
 class MobileVMoEBackbone(Backbone):
     """Mobile V-MoE vision transformer backbone (dense ViT when no MoE layer).
@@ -51,8 +67,11 @@ class MobileVMoEBackbone(Backbone):
     last `num_moe_layers` blocks replace the MLP by `num_experts` expert MLPs.
     One `ImageRouter`, placed after the first `num_layers - num_moe_layers`
     dense blocks, chooses `top_k` experts per image for all MoE blocks.
-    `num_moe_layers=0` is the dense ViT baseline; a dense baseline with the
-    MLP widened by k (paper Fig. 3d) is `mlp_dim=k * 4 * hidden_dim`.
+    `num_moe_layers=0` is the dense ViT baseline. The dense baseline of paper
+    Fig. 3d, whose MLP hidden size is scaled by k to match the inference
+    FLOPs of a top-k MoE, widens the MLPs of the last L blocks:
+    `mlp_dim=[4 * D] * (num_layers - L) + [k * 4 * D] * L` with
+    `num_moe_layers=0`.
 
     Args:
         image_shape: (height, width, channels) of the input images.
@@ -60,7 +79,8 @@ class MobileVMoEBackbone(Backbone):
         num_layers: int. Transformer blocks in total.
         hidden_dim: int. Token width; divisible by `num_heads`.
         num_heads: int. Attention heads.
-        mlp_dim: int. Hidden width of the MLP and of every expert.
+        mlp_dim: int, or a list of one int per layer. Hidden width of the
+            MLP (of every expert in MoE blocks).
         num_experts: int. Experts E per MoE block (0 allowed only when
             `num_moe_layers=0`).
         top_k: int in [1, num_experts]. Experts per image.
@@ -140,6 +160,7 @@ class MobileVMoEBackbone(Backbone):
                 "use_class_token=True."
             )
         check_rate("drop_path_rate", drop_path_rate)
+        mlp_dims = per_layer_mlp_dims(mlp_dim, num_layers)
 
         # === Layers ===
         num_dense = num_layers - num_moe_layers
@@ -157,7 +178,7 @@ class MobileVMoEBackbone(Backbone):
                 TransformerEncoderBlock(
                     hidden_dim=hidden_dim,
                     num_heads=num_heads,
-                    mlp_dim=mlp_dim,
+                    mlp_dim=mlp_dims[i],
                     num_experts=num_experts if is_moe else 0,
                     top_k=top_k if is_moe else 1,
                     normalize_gates=normalize_gates,
@@ -250,6 +271,11 @@ class MobileVMoEBackbone(Backbone):
         return preset_registry.presets_of(cls.preset_family)
 
     @property
+    def mlp_dims(self):
+        """The MLP hidden width of every block, as a list."""
+        return per_layer_mlp_dims(self.mlp_dim, self.num_layers)
+
+    @property
     def is_moe(self):
         """Whether the backbone has MoE blocks (and so a router)."""
         return self.num_moe_layers > 0
@@ -263,7 +289,11 @@ class MobileVMoEBackbone(Backbone):
                 "num_layers": self.num_layers,
                 "hidden_dim": self.hidden_dim,
                 "num_heads": self.num_heads,
-                "mlp_dim": self.mlp_dim,
+                "mlp_dim": (
+                    list(self.mlp_dim)
+                    if isinstance(self.mlp_dim, (list, tuple))
+                    else self.mlp_dim
+                ),
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
                 "num_moe_layers": self.num_moe_layers,

@@ -210,6 +210,13 @@ class MobileVMoEImageClassifier(ImageClassifier):
             metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
+    def compile_from_config(self, config):
+        # Restores the saved optimizer, loss and metrics on `load_model`.
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
@@ -286,6 +293,11 @@ class MobileVMoEImageClassifier(ImageClassifier):
     def presets(cls):
         """Built-in presets: name -> registry entry (aliases included)."""
         return preset_registry.presets_of(cls.preset_family)
+
+    @classmethod
+    def from_config(cls, config):
+        # keras-hub's Task.from_config replaces entries of the dict it gets.
+        return super().from_config(dict(config))
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,220 @@
+"""Layers: config round trips, .keras save/load, numerics against numpy."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mobile_moe as kmm
+from conftest import to_numpy
+from keras_mobile_moe import layers
+
+RNG = np.random.default_rng(0)
+TOKENS = RNG.normal(size=(3, 5, 16)).astype("float32")
+INDICES = np.array([[0], [3], [3]], "int32")
+GATES = np.array([[0.5], [0.9], [0.2]], "float32")
+
+
+def images():
+    return RNG.normal(size=(2, 32, 32, 3)).astype("float32")
+
+
+# name -> (layer factory, example inputs as keras.Input specs + arrays)
+CASES = {
+    "patch_embedding": (
+        lambda: layers.PatchEmbedding(hidden_dim=16, patch_size=8),
+        lambda: [images()],
+    ),
+    "patch_embedding_no_class_token": (
+        lambda: layers.PatchEmbedding(16, 8, use_class_token=False),
+        lambda: [images()],
+    ),
+    "mlp": (lambda: layers.MLP(intermediate_dim=32), lambda: [TOKENS]),
+    "drop_path": (lambda: layers.DropPath(rate=0.1), lambda: [TOKENS]),
+    "router": (
+        lambda: layers.ImageRouter(num_experts=4, top_k=2, pooling="mean"),
+        lambda: [TOKENS],
+    ),
+    "moe": (
+        lambda: layers.ImageRoutedMoE(num_experts=4, intermediate_dim=32),
+        lambda: [TOKENS, INDICES, GATES],
+    ),
+    "moe_top2": (
+        lambda: layers.ImageRoutedMoE(
+            num_experts=4, intermediate_dim=32, top_k=2, normalize_gates=True
+        ),
+        lambda: [TOKENS, np.array([[0, 1], [3, 2], [1, 3]], "int32"),
+                 np.array([[0.5, 0.2], [0.6, 0.3], [0.2, 0.1]], "float32")],
+    ),
+    "dense_block": (
+        lambda: layers.TransformerEncoderBlock(16, 2, 32, drop_path_rate=0.1),
+        lambda: [TOKENS],
+    ),
+    "moe_block": (
+        lambda: layers.TransformerEncoderBlock(16, 2, 32, num_experts=4),
+        lambda: [TOKENS, INDICES, GATES],
+    ),
+}
+
+
+def functional(layer, arrays):
+    inputs = [
+        keras.Input(shape=a.shape[1:], dtype=str(a.dtype), batch_size=None)
+        for a in arrays
+    ]
+    outputs = layer(*inputs)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_config_round_trip(name):
+    make, arrays = CASES[name]
+    layer = make()
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_keras_save_load(name, tmp_path):
+    make, arrays = CASES[name]
+    arrays = arrays()
+    model = functional(make(), arrays)
+    expected = model(arrays)
+    path = str(tmp_path / f"{name}.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for want, got in zip(
+        keras.tree.flatten(expected), keras.tree.flatten(loaded(arrays))
+    ):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-6)
+
+
+def numpy_expert(moe, tokens, expert):
+    """One expert MLP in numpy (tanh-GELU), from the layer's weights."""
+    w_in, b_in = to_numpy(moe.kernel_in)[expert], to_numpy(moe.bias_in)[expert]
+    w_out = to_numpy(moe.kernel_out)[expert]
+    b_out = to_numpy(moe.bias_out)[expert]
+    h = tokens @ w_in + b_in
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)))
+    return h @ w_out + b_out
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_moe_is_gate_weighted_sum_of_chosen_experts(normalize):
+    moe = layers.ImageRoutedMoE(
+        num_experts=4, intermediate_dim=32, top_k=2, normalize_gates=normalize
+    )
+    indices = np.array([[0, 1], [3, 2], [1, 3]], "int32")
+    gates = np.array([[0.5, 0.2], [0.6, 0.3], [0.2, 0.1]], "float32")
+    outputs = to_numpy(moe(TOKENS, indices, gates))
+    if normalize:
+        gates = gates / gates.sum(axis=1, keepdims=True)
+    for b in range(3):
+        want = sum(
+            gates[b, j] * numpy_expert(moe, TOKENS[b], indices[b, j])
+            for j in range(2)
+        )
+        np.testing.assert_allclose(outputs[b], want, rtol=1e-4, atol=1e-5)
+
+
+def test_router_probabilities_and_top_k():
+    router = layers.ImageRouter(num_experts=4, top_k=2)
+    logits, indices, gates = router(TOKENS)
+    logits, indices, gates = map(to_numpy, (logits, indices, gates))
+    assert logits.dtype == np.float32 and gates.dtype == np.float32
+    assert indices.dtype == np.int32
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    np.testing.assert_array_equal(indices, np.argsort(-probs, axis=-1)[:, :2])
+    np.testing.assert_allclose(
+        gates, np.take_along_axis(probs, indices, axis=1), rtol=1e-5
+    )
+
+
+def test_router_reads_class_token_or_mean():
+    tokens = TOKENS.copy()
+    token_router = layers.ImageRouter(num_experts=4, pooling="token")
+    mean_router = layers.ImageRouter(num_experts=4, pooling="mean")
+    base_token = to_numpy(token_router(tokens)[0])
+    base_mean = to_numpy(mean_router(tokens)[0])
+    tokens[:, 1:] += 1.0  # change everything but the class token
+    np.testing.assert_allclose(to_numpy(token_router(tokens)[0]), base_token)
+    assert not np.allclose(to_numpy(mean_router(tokens)[0]), base_mean)
+
+
+def test_patch_embedding_matches_patch_flattening():
+    layer = layers.PatchEmbedding(hidden_dim=16, patch_size=8)
+    x = images()
+    tokens = to_numpy(layer(x))
+    assert tokens.shape == (2, 17, 16)
+    kernel = to_numpy(layer.projection.kernel).reshape(-1, 16)
+    bias = to_numpy(layer.projection.bias)
+    patches = x.reshape(2, 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(2, 16, -1)
+    pos = to_numpy(layer.position_embedding)[0]
+    want = patches @ kernel + bias + pos[1:]
+    np.testing.assert_allclose(tokens[:, 1:], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        tokens[:, 0], np.broadcast_to(to_numpy(layer.class_token)[0, 0] + pos[0], (2, 16)),
+        atol=1e-6,
+    )
+
+
+def test_drop_path_drops_whole_samples_and_keeps_mean():
+    layer = layers.DropPath(rate=0.5, seed=1)
+    x = np.ones((2000, 4, 3), "float32")
+    y = to_numpy(layer(x, training=True))
+    per_sample = y.reshape(2000, -1)
+    assert set(np.unique(per_sample)) <= {0.0, 2.0}
+    assert np.all(per_sample.min(1) == per_sample.max(1))
+    assert abs(y.mean() - 1.0) < 0.1
+    np.testing.assert_array_equal(to_numpy(layer(x, training=False)), x)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: layers.ImageRoutedMoE(4, 32, top_k=5), "top_k=5"),
+        (lambda: layers.ImageRouter(num_experts=3, top_k=4), "top_k=4"),
+        (lambda: layers.ImageRouter(4, pooling="max"), "pooling='max'"),
+        (lambda: layers.TransformerEncoderBlock(30, 4, 64), "not divisible"),
+        (lambda: layers.MLP(0), "intermediate_dim=0"),
+        (lambda: layers.DropPath(1.5), "rate=1.5"),
+        (lambda: layers.ImageRoutedMoE(0, 32), "num_experts=0"),
+    ],
+)
+def test_bad_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_inputs_raise():
+    moe = layers.ImageRoutedMoE(num_experts=4, intermediate_dim=32, top_k=1)
+    with pytest.raises(ValueError, match="expert_indices"):
+        moe(TOKENS, np.zeros((3, 2), "int32"), np.ones((3, 2), "float32"))
+    with pytest.raises(ValueError, match="not divisible"):
+        layers.PatchEmbedding(16, 7)(images())
+    with pytest.raises(ValueError, match="rank 4"):
+        layers.PatchEmbedding(16, 8)(TOKENS)
+
+
+def test_superclass_router_loss_values_and_config():
+    loss = kmm.losses.SuperclassRouterLoss(superclass_ids=[1, 0, 1])
+    logits = np.log(np.array([[0.25, 0.75], [0.6, 0.4]], "float32"))
+    value = float(to_numpy(loss(np.array([0, 1]), logits)))
+    np.testing.assert_allclose(value, -(np.log(0.75) + np.log(0.6)) / 2, rtol=1e-5)
+    clone = kmm.losses.SuperclassRouterLoss.from_config(loss.get_config())
+    assert clone.get_config() == loss.get_config()
+    with pytest.raises(ValueError, match="router has 2 experts"):
+        kmm.losses.SuperclassRouterLoss([0, 2])(np.array([1]), logits[:1])
+    with pytest.raises(ValueError, match="1-D sequence of ints"):
+        kmm.losses.SuperclassRouterLoss([0.5, 1.0])
+
+
+def test_superclass_router_loss_save_load(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(loss=kmm.losses.SuperclassRouterLoss([0, 1, 1]))
+    path = str(tmp_path / "with_loss.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.loss.get_config() == model.loss.get_config()
