@@ -64,7 +64,13 @@ def mobile_vmoe_flops(backbone, num_classes=0):
     router = 0
     if backbone.is_moe:
         pooling = num_tokens * d if backbone.router_pooling == "mean" else 0
-        router = pooling + 2 * d * experts + experts + SOFTMAX * experts
+        router = (
+            pooling
+            + LAYER_NORM * d
+            + 2 * d * experts
+            + experts
+            + SOFTMAX * experts
+        )
     parts = {
         "patch_embedding": 2 * num_patches * patch * patch * channels * d
         + num_patches * d  # bias

@@ -79,7 +79,11 @@ def gradients(layer, loss_fn, *args):
         with tf.GradientTape() as tape:
             loss = loss_fn(layer(*args, training=True))
         grads = tape.gradient(loss, variables)
-        return [None if g is None else np.asarray(g) for g in grads]
+        # Gathered kernels get IndexedSlices; densify them.
+        return [
+            None if g is None else np.asarray(tf.convert_to_tensor(g))
+            for g in grads
+        ]
     if BACKEND == "torch":
         import torch
 

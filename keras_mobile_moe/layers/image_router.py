@@ -11,9 +11,12 @@ class ImageRouter(keras.layers.Layer):
 
     Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354, Sec. 2. The image
     representation (the class token, or the mean of the tokens: the paper
-    does not say which, so it is the `pooling` option) goes through a linear
-    layer to `num_experts` logits; the softmax runs in float32 and the top
-    `top_k` experts are kept. All MoE layers after the router reuse its
+    does not say which, so it is the `pooling` option) is layer-normalised and
+    goes through a linear layer to `num_experts` logits; the softmax runs in
+    float32 and the top `top_k` experts are kept. The layer norm is our
+    choice (the paper only says "linear"): the residual stream the router
+    reads is not normalised, and without it the initial router logits are
+    large and overconfident, as V-MoE avoids by routing after the MLP norm. All MoE layers after the router reuse its
     choice.
 
     Args:
@@ -52,6 +55,10 @@ class ImageRouter(keras.layers.Layer):
                 "ImageRouter expects tokens [batch, num_tokens, hidden_dim]. "
                 f"Received: input_shape={tuple(input_shape)}."
             )
+        self.norm = keras.layers.LayerNormalization(
+            epsilon=1e-6, dtype=self.dtype_policy, name="norm"
+        )
+        self.norm.build((input_shape[0], input_shape[-1]))
         self.dense = keras.layers.Dense(
             self.num_experts, dtype=self.dtype_policy, name="dense"
         )
@@ -63,6 +70,7 @@ class ImageRouter(keras.layers.Layer):
             representation = inputs[:, 0, :]
         else:
             representation = ops.mean(inputs, axis=1)
+        representation = self.norm(representation)
         router_logits = ops.cast(self.dense(representation), "float32")
         probabilities = ops.softmax(router_logits, axis=-1)
         expert_gates, expert_indices = ops.top_k(probabilities, self.top_k)
