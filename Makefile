@@ -1,0 +1,37 @@
+# Two commands for a new user:
+#   make demo   installs into .venv and runs the demo (offline)
+#   make test   installs into .venv and runs the tests on jax, tensorflow, torch
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BACKENDS ?= jax tensorflow torch
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test benchmark clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch==2.13.0 (in the extras) is the CPU wheel; see pyproject.toml.
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: setup
+	KERAS_BACKEND=jax $(BIN)/python training/demo.py
+
+# pytest exits 5 when it collects nothing: any non-zero status fails.
+test: setup
+	@for backend in $(BACKENDS); do \
+		echo "=== KERAS_BACKEND=$$backend"; \
+		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
+	done
+
+benchmark: setup
+	@for backend in $(BACKENDS); do \
+		KERAS_BACKEND=$$backend $(BIN)/python benchmarks/moe_overhead.py || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
