@@ -26,7 +26,7 @@ class DropPath(keras.layers.Layer):
 
     >>> import numpy as np
     >>> layer = DropPath(rate=0.5)
-    >>> layer(np.ones((2, 3, 4))).shape
+    >>> tuple(layer(np.ones((2, 3, 4))).shape)
     (2, 3, 4)
     """
 

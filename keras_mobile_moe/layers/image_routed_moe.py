@@ -53,7 +53,7 @@ class ImageRoutedMoE(keras.layers.Layer):
     >>> tokens = np.ones((2, 5, 8), "float32")
     >>> indices = np.array([[0], [3]], "int32")
     >>> gates = np.ones((2, 1), "float32")
-    >>> moe(tokens, indices, gates).shape
+    >>> tuple(moe(tokens, indices, gates).shape)
     (2, 5, 8)
     """
 

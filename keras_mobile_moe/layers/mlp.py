@@ -29,7 +29,7 @@ class MLP(keras.layers.Layer):
     Example:
 
     >>> import numpy as np
-    >>> MLP(intermediate_dim=32)(np.ones((2, 5, 8))).shape
+    >>> tuple(MLP(intermediate_dim=32)(np.ones((2, 5, 8))).shape)
     (2, 5, 8)
     """
 

@@ -29,7 +29,7 @@ class PatchEmbedding(keras.layers.Layer):
 
     >>> import numpy as np
     >>> layer = PatchEmbedding(hidden_dim=16, patch_size=8)
-    >>> layer(np.zeros((2, 32, 32, 3))).shape
+    >>> tuple(layer(np.zeros((2, 32, 32, 3))).shape)
     (2, 17, 16)
     """
 

@@ -41,7 +41,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
 
     >>> import numpy as np
     >>> block = TransformerEncoderBlock(hidden_dim=16, num_heads=2, mlp_dim=32)
-    >>> block(np.ones((2, 5, 16), "float32")).shape
+    >>> tuple(block(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
     """
 

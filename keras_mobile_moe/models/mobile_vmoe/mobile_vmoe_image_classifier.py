@@ -69,7 +69,7 @@ class MobileVMoEImageClassifier(ImageClassifier):
     ...     backbone, num_classes=4, superclass_ids=[0, 0, 1, 1])
     >>> images = np.random.rand(8, 32, 32, 3).astype("float32")
     >>> history = model.fit(images, np.arange(8) % 4, epochs=1, verbose=0)
-    >>> model.predict(images, verbose=0).shape
+    >>> tuple(model.predict(images, verbose=0).shape)
     (8, 4)
     """
 

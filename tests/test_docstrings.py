@@ -1,0 +1,39 @@
+"""Every docstring example in the package runs and prints what it says."""
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import keras_mobile_moe
+
+MODULES = sorted(
+    info.name
+    for info in pkgutil.walk_packages(
+        keras_mobile_moe.__path__, prefix="keras_mobile_moe."
+    )
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(
+        module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    )
+    assert result.failed == 0
+
+
+def test_public_api_has_examples():
+    import keras_mobile_moe as kmm
+
+    public = [
+        kmm.MobileVMoE, kmm.MobileVMoEBackbone, kmm.count_flops,
+        kmm.layers.ImageRoutedMoE, kmm.layers.ImageRouter,
+        kmm.layers.PatchEmbedding, kmm.layers.TransformerEncoderBlock,
+        kmm.layers.MLP, kmm.layers.DropPath,
+        kmm.losses.SuperclassRouterLoss, kmm.datasets.cifar100.load_fixture,
+    ]
+    for obj in public:
+        assert ">>> " in (obj.__doc__ or ""), obj
