@@ -9,7 +9,9 @@ from keras_mobile_moe import layers
 from keras_mobile_moe import losses
 from keras_mobile_moe import models
 from keras_mobile_moe import variants
+from keras_mobile_moe import capacity
 from keras_mobile_moe import flops
+from keras_mobile_moe.capacity import capacity_distribution
 from keras_mobile_moe.flops import count_flops
 from keras_mobile_moe.flops import flops_breakdown
 from keras_mobile_moe.models import MobileVMoE

@@ -1,0 +1,352 @@
+import math
+
+import keras
+from keras import ops
+
+from keras_mobile_moe.capacity import check_capacity_budget
+from keras_mobile_moe.capacity import expert_token_counts
+from keras_mobile_moe.layers.activations import gelu_tanh
+from keras_mobile_moe.layers.drop_path import DropPath
+from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class ClipConstraint(keras.constraints.Constraint):
+    """Clips a weight into `[min_value, max_value]` after every update.
+
+    Args:
+        min_value: float. Lower bound.
+        max_value: float. Upper bound.
+
+    Example:
+
+    >>> import numpy as np
+    >>> np.asarray(ClipConstraint(0.0, 0.5)(np.array([-1.0, 0.25, 3.0]))).tolist()
+    [0.0, 0.25, 0.5]
+    """
+
+    def __init__(self, min_value, max_value):
+        self.min_value = float(min_value)
+        self.max_value = float(max_value)
+
+    def __call__(self, w):
+        w = ops.convert_to_tensor(w)
+        return ops.clip(w, self.min_value, self.max_value)
+
+    def get_config(self):
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
+
+# alpha is kept in [0, 1): the largest float32 below 1.
+ALPHA_MAX = 1.0 - 2.0**-24
+
+
+def nested_widths(hidden_dim, num_nested_experts):
+    """Widths d_j = D / 2^(E-j) of the nested experts, smallest first.
+
+    Example:
+
+    >>> nested_widths(192, 4)
+    (24, 48, 96, 192)
+    """
+    return tuple(
+        hidden_dim // 2 ** (num_nested_experts - 1 - j)
+        for j in range(num_nested_experts)
+    )
+
+
+def check_nested_width(hidden_dim, num_nested_experts):
+    """Raises `ValueError` unless D / 2^(E-1) is a whole number."""
+    step = 2 ** (num_nested_experts - 1)
+    if hidden_dim % step:
+        raise ValueError(
+            f"hidden_dim={hidden_dim} is not divisible by "
+            f"2^(num_nested_experts-1)={step} (num_nested_experts="
+            f"{num_nested_experts}). Accepted: a hidden_dim divisible by "
+            f"{step}, so that every nested expert width D/2^(E-j) is an int."
+        )
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class NestedExpertBlock(keras.layers.Layer):
+    """A transformer block of nested experts (MoNE), compute per expert group.
+
+    Jain et al., "Mixture of Nested Experts: Adaptive Processing of Visual
+    Tokens", NeurIPS 2024, Sec. 3.1 and App. A.1. One set of weights (those
+    of a pre-norm ViT block) holds E nested experts; expert j uses only the
+    first d_j = D / 2^(E-j) features. A token of expert j:
+
+    - is layer-normalised over its first d_j features;
+    - attention: Q, K and V are in-projections from those d_j features to the
+      full width D (so all tokens attend to each other at full width); the
+      attention output projection is an out-projection to d_j features,
+      zero-padded back to D before the residual add;
+    - MLP: in-projection d_j -> mlp_dim, GELU, out-projection to d_j,
+      zero-padded;
+    - `z = x + SA_j(x)`, `x' = z + (alpha * r + 1) * FFN_j(z)`, where r is the
+      router probability of the token's expert and alpha a learnable scalar
+      initialised to 0 and kept in [0, 1).
+
+    Compute follows the assignment: the tokens come grouped by expert (as
+    `NestedExpertRouter` / `expert_preferred_routing` order them), in groups
+    whose sizes are static ints fixed by `capacity_budget` and the number of
+    tokens, and each group is multiplied only by its slice of the weights.
+    No token runs at a width it was not assigned.
+
+    Args:
+        hidden_dim: int. Token width D; divisible by `num_heads` and by
+            2^(num_nested_experts-1).
+        num_heads: int. Attention heads.
+        mlp_dim: int. Hidden width of the MLP (full for every expert).
+        num_nested_experts: int >= 1. Number of nested experts E.
+        capacity_budget: float in `[1/2^(E-1), 1]`. Fixes the group sizes
+            (`kmm.capacity.expert_token_counts`); may be changed after
+            building (`block.capacity_budget = 0.4`).
+        dropout_rate: float in [0, 1). Dropout in the MLP and on both
+            branch outputs.
+        attention_dropout_rate: float in [0, 1). Dropout on attention weights.
+        drop_path_rate: float in [0, 1). Stochastic depth of both branches.
+        layer_norm_epsilon: float. Epsilon of the layer norms.
+
+    Call arguments:
+        inputs: tokens `[batch, num_tokens, hidden_dim]` grouped by expert:
+            the first `counts[0]` tokens of every image belong to the
+            smallest expert, the next `counts[1]` to the next, and so on,
+            with `counts = block.token_counts(num_tokens)`.
+        expert_gates: float tensor `[batch, num_tokens]`, the router
+            probability of each token's own expert (same order), or None for
+            r = 0 (no router).
+        training: bool.
+
+    Returns:
+        Tokens `[batch, num_tokens, hidden_dim]`, in the same order.
+
+    Example:
+
+    >>> import numpy as np
+    >>> block = NestedExpertBlock(
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, capacity_budget=0.5)
+    >>> block.token_counts(8), block.expert_widths
+    ((3, 1, 2, 2), (2, 4, 8, 16))
+    >>> tokens = np.random.rand(2, 8, 16).astype("float32")
+    >>> tuple(block(tokens, np.full((2, 8), 0.3, "float32")).shape)
+    (2, 8, 16)
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_heads,
+        mlp_dim,
+        num_nested_experts=4,
+        capacity_budget=1.0,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = check_int("hidden_dim", hidden_dim, minimum=1)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        if hidden_dim % num_heads:
+            raise ValueError(
+                f"hidden_dim={hidden_dim} is not divisible by "
+                f"num_heads={num_heads}. Accepted: a num_heads that divides "
+                "hidden_dim."
+            )
+        self.mlp_dim = check_int("mlp_dim", mlp_dim, minimum=1)
+        self.num_nested_experts = check_int(
+            "num_nested_experts", num_nested_experts, minimum=1
+        )
+        check_nested_width(hidden_dim, num_nested_experts)
+        self.capacity_budget = capacity_budget
+        self.dropout_rate = check_rate("dropout_rate", dropout_rate)
+        self.attention_dropout_rate = check_rate(
+            "attention_dropout_rate", attention_dropout_rate
+        )
+        self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+
+    @property
+    def capacity_budget(self):
+        return self._capacity_budget
+
+    @capacity_budget.setter
+    def capacity_budget(self, value):
+        check_capacity_budget(value, self.num_nested_experts)
+        self._capacity_budget = float(value)
+
+    @property
+    def expert_widths(self):
+        """The width d_j of every nested expert, smallest first."""
+        return nested_widths(self.hidden_dim, self.num_nested_experts)
+
+    def token_counts(self, num_tokens):
+        """Tokens per expert (smallest first) for images of `num_tokens`."""
+        return expert_token_counts(
+            self.capacity_budget, num_tokens, self.num_nested_experts
+        )
+
+    def build(self, inputs_shape, expert_gates_shape=None):
+        if len(inputs_shape) != 3 or inputs_shape[-1] != self.hidden_dim:
+            raise ValueError(
+                f"NestedExpertBlock(hidden_dim={self.hidden_dim}) expects "
+                "tokens [batch, num_tokens, hidden_dim]. Received: "
+                f"inputs_shape={tuple(inputs_shape)}."
+            )
+        d, h = self.hidden_dim, self.mlp_dim
+
+        def weight(name, shape, initializer, **kwargs):
+            return self.add_weight(
+                shape=shape, initializer=initializer, name=name, **kwargs
+            )
+
+        self.attention_norm_gamma = weight("attention_norm_gamma", (d,), "ones")
+        self.attention_norm_beta = weight("attention_norm_beta", (d,), "zeros")
+        for name in ("query", "key", "value", "attention_output"):
+            setattr(self, f"{name}_kernel", weight(
+                f"{name}_kernel", (d, d), "glorot_uniform"))
+            setattr(self, f"{name}_bias", weight(f"{name}_bias", (d,), "zeros"))
+        self.mlp_norm_gamma = weight("mlp_norm_gamma", (d,), "ones")
+        self.mlp_norm_beta = weight("mlp_norm_beta", (d,), "zeros")
+        self.mlp_in_kernel = weight("mlp_in_kernel", (d, h), "glorot_uniform")
+        self.mlp_in_bias = weight("mlp_in_bias", (h,), "zeros")
+        self.mlp_out_kernel = weight("mlp_out_kernel", (h, d), "glorot_uniform")
+        self.mlp_out_bias = weight("mlp_out_bias", (d,), "zeros")
+        self.alpha = weight(
+            "alpha", (), "zeros", constraint=ClipConstraint(0.0, ALPHA_MAX)
+        )
+        policy = self.dtype_policy
+        self.attention_weights_dropout = keras.layers.Dropout(
+            self.attention_dropout_rate, dtype=policy, name="attention_dropout"
+        )
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="attention_output_dropout"
+        )
+        self.mlp_hidden_dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="mlp_hidden_dropout"
+        )
+        self.mlp_dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=policy, name="mlp_output_dropout"
+        )
+        self.drop_path = DropPath(
+            self.drop_path_rate, dtype=policy, name="drop_path"
+        )
+        self.built = True
+
+    def groups(self, num_tokens):
+        """`(start, size, width)` of every non-empty expert group."""
+        groups, start = [], 0
+        for count, width in zip(self.token_counts(num_tokens), self.expert_widths):
+            if count:
+                groups.append((start, count, width))
+                start += count
+        return groups
+
+    def _norm(self, x, gamma, beta, width):
+        return ops.layer_normalization(
+            x, gamma[:width], beta[:width], epsilon=self.layer_norm_epsilon
+        )
+
+    def _pad(self, x, width):
+        if width == self.hidden_dim:
+            return x
+        return ops.pad(x, ((0, 0), (0, 0), (0, self.hidden_dim - width)))
+
+    def _attention(self, query, key, value, training):
+        heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
+        shape = (-1, query.shape[1], heads, head_dim)
+        query, key, value = (ops.reshape(t, shape) for t in (query, key, value))
+        scale = 1.0 / math.sqrt(head_dim)
+        if self.attention_dropout_rate == 0.0:
+            out = ops.dot_product_attention(query, key, value, scale=scale)
+        else:  # like keras.layers.MultiHeadAttention with dropout
+            query = query * ops.cast(scale, query.dtype)
+            scores = ops.einsum("bqhd,bkhd->bhqk", query, key)
+            scores = ops.softmax(scores, axis=-1)
+            scores = self.attention_weights_dropout(scores, training=training)
+            out = ops.einsum("bhqk,bkhd->bqhd", scores, value)
+        return ops.reshape(out, (-1, query.shape[1], self.hidden_dim))
+
+    def call(self, inputs, expert_gates=None, training=None):
+        groups = self.groups(inputs.shape[1])
+
+        # Self-attention: in-projections from each group's d_j features to
+        # full-width Q, K, V; full attention over all tokens.
+        qkv = [[], [], []]
+        for start, size, width in groups:
+            x = self._norm(
+                inputs[:, start : start + size, :width],
+                self.attention_norm_gamma,
+                self.attention_norm_beta,
+                width,
+            )
+            for parts, kernel, bias in zip(
+                qkv,
+                (self.query_kernel, self.key_kernel, self.value_kernel),
+                (self.query_bias, self.key_bias, self.value_bias),
+            ):
+                parts.append(ops.matmul(x, kernel[:width]) + bias)
+        query, key, value = (
+            parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
+            for parts in qkv
+        )
+        attended = self._attention(query, key, value, training)
+        # Out-projection of each group to its d_j features, zero-padded.
+        updates = []
+        for start, size, width in groups:
+            y = ops.matmul(
+                attended[:, start : start + size],
+                self.attention_output_kernel[:, :width],
+            ) + self.attention_output_bias[:width]
+            updates.append(self._pad(y, width))
+        update = updates[0] if len(updates) == 1 else ops.concatenate(
+            updates, axis=1
+        )
+        update = self.attention_dropout(update, training=training)
+        x = inputs + self.drop_path(update, training=training)
+
+        # MLP: in-projection from d_j features, out-projection to d_j.
+        updates = []
+        for start, size, width in groups:
+            y = self._norm(
+                x[:, start : start + size, :width],
+                self.mlp_norm_gamma,
+                self.mlp_norm_beta,
+                width,
+            )
+            y = gelu_tanh(ops.matmul(y, self.mlp_in_kernel[:width]) + self.mlp_in_bias)
+            y = self.mlp_hidden_dropout(y, training=training)
+            y = ops.matmul(y, self.mlp_out_kernel[:, :width]) + self.mlp_out_bias[:width]
+            updates.append(self._pad(y, width))
+        update = updates[0] if len(updates) == 1 else ops.concatenate(
+            updates, axis=1
+        )
+        if expert_gates is not None:
+            gates = ops.cast(expert_gates, update.dtype)
+            scale = ops.cast(self.alpha, update.dtype) * gates + 1.0
+            update = update * ops.expand_dims(scale, -1)
+        update = self.mlp_dropout(update, training=training)
+        return x + self.drop_path(update, training=training)
+
+    def compute_output_shape(self, inputs_shape, expert_gates_shape=None):
+        return inputs_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "num_nested_experts": self.num_nested_experts,
+                "capacity_budget": self.capacity_budget,
+                "dropout_rate": self.dropout_rate,
+                "attention_dropout_rate": self.attention_dropout_rate,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
