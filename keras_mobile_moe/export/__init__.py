@@ -1,0 +1,8 @@
+"""Export to TFLite / LiteRT for phones (`kmm.export.to_tflite`)."""
+
+from keras_mobile_moe.export.tflite import QUANTIZATIONS
+from keras_mobile_moe.export.tflite import TFLiteClassifier
+from keras_mobile_moe.export.tflite import check_builtin_ops
+from keras_mobile_moe.export.tflite import check_sparse_routing
+from keras_mobile_moe.export.tflite import load_interpreter
+from keras_mobile_moe.export.tflite import to_tflite

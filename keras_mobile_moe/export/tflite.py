@@ -1,0 +1,360 @@
+"""TFLite / LiteRT export of the model families, with quantization.
+
+Conversion runs on the TensorFlow backend (the TFLite converter reads a TF
+SavedModel). A model built on JAX or PyTorch is saved to a `.keras` file and
+converted in a subprocess with `KERAS_BACKEND=tensorflow`: the weights are
+backend-neutral, so the result is the same model.
+
+The file has batch size 1, a fixed input shape, float32 input (images scaled
+like the model's preprocessor does) and the outputs `logits` (and, for Mobile
+V-MoE, `router_logits`). It contains only TFLite builtin ops, which is checked
+after conversion.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import keras
+import numpy as np
+
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+
+
+def _import_tensorflow():
+    try:
+        import tensorflow as tf
+    except ImportError as error:
+        raise ImportError(
+            "TFLite export needs TensorFlow: pip install 'keras-mobile-moe[tflite]'"
+        ) from error
+    return tf
+
+
+def _import_interpreter():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError as error:
+        raise ImportError(
+            "Running .tflite files needs the LiteRT interpreter: "
+            "pip install 'keras-mobile-moe[tflite]' (ai-edge-litert)"
+        ) from error
+    return Interpreter
+
+
+def load_interpreter(path_or_bytes, num_threads=1, xnnpack=True):
+    """Returns an allocated `ai_edge_litert` interpreter for a model.
+
+    Args:
+        path_or_bytes: a `.tflite` path or the model's bytes.
+        num_threads: int. CPU threads for the interpreter.
+        xnnpack: bool. Use the default XNNPACK delegate (as phones do);
+            without it every op of the file stays visible for inspection.
+
+    Returns:
+        An `ai_edge_litert.interpreter.Interpreter`.
+    """
+    interpreter_cls = _import_interpreter()
+    from ai_edge_litert.interpreter import OpResolverType
+
+    kwargs = {"num_threads": num_threads}
+    if not xnnpack:
+        kwargs["experimental_op_resolver_type"] = (
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        interpreter = interpreter_cls(
+            model_content=bytes(path_or_bytes), **kwargs
+        )
+    else:
+        interpreter = interpreter_cls(model_path=str(path_or_bytes), **kwargs)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def op_names(interpreter):
+    """The names of the ops in a loaded TFLite model."""
+    return sorted({op["op_name"] for op in interpreter._get_ops_details()})
+
+
+def check_builtin_ops(interpreter):
+    """Raises `ValueError` if the model uses Flex (Select TF) or custom ops.
+
+    Args:
+        interpreter: a loaded interpreter (see `load_interpreter`), best
+            without delegates so that every op is visible.
+
+    Returns:
+        The sorted list of op names.
+    """
+    names = op_names(interpreter)
+    bad = [
+        n for n in names if n.startswith("Flex") or n in ("CUSTOM", "Custom")
+    ]
+    if bad:
+        raise ValueError(
+            f"The TFLite model uses non-builtin ops {bad}; phones without the "
+            f"Flex delegate cannot run it. Ops: {names}."
+        )
+    return names
+
+
+def check_sparse_routing(interpreter, num_experts, expert_kernel_shapes):
+    """Checks that stacked expert kernels are only gathered, never multiplied.
+
+    Every tensor shaped like a stacked expert kernel `[E, in, out]` must feed
+    only GATHER ops (or DEQUANTIZE, which turns stored float16/int8 weights
+    into float once): the graph selects the image's expert before any
+    matmul, so no all-expert computation is in the file.
+
+    Args:
+        interpreter: a loaded interpreter.
+        num_experts: int. E.
+        expert_kernel_shapes: the `(in, out)` shapes of the expert kernels.
+
+    Returns:
+        The number of stacked expert tensors found (0 for a dense model).
+    """
+    stacked = {
+        t["index"]
+        for t in interpreter.get_tensor_details()
+        if len(t["shape"]) == 3
+        and t["shape"][0] == num_experts
+        and tuple(t["shape"][1:]) in expert_kernel_shapes
+    }
+    for op in interpreter._get_ops_details():
+        uses = stacked.intersection(op["inputs"])
+        if uses and op["op_name"] not in ("GATHER", "DEQUANTIZE"):
+            raise ValueError(
+                f"Op {op['op_name']} computes with all {num_experts} stacked "
+                "expert kernels; the export lost per-image routing."
+            )
+    return len(stacked)
+
+
+def _expert_kernel_shapes(model):
+    backbone = model.backbone
+    shapes = set()
+    for block in getattr(backbone, "encoder_blocks", []):
+        if getattr(block, "is_moe", False):
+            shapes.add(tuple(block.mlp.kernel_in.shape[1:]))
+            shapes.add(tuple(block.mlp.kernel_out.shape[1:]))
+    return shapes
+
+
+def _serving_function(model):
+    """`images -> {"logits", "router_logits"?}` for one image."""
+
+    def serve(images):
+        if getattr(model.backbone, "is_moe", False):
+            outputs = model(images, training=True)
+            # training=True only selects the outputs; no layer is stochastic
+            # at export because dropout/drop-path are disabled below.
+            return {
+                "logits": outputs["logits"],
+                "router_logits": outputs["router_logits"],
+            }
+        return {"logits": model(images, training=False)}
+
+    return serve
+
+
+def _check_arguments(model, quantization, representative_data):
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(
+            f"Received: quantization={quantization!r}. Expected one of "
+            f"{list(QUANTIZATIONS)}."
+        )
+    if not hasattr(model, "backbone"):
+        raise ValueError(
+            f"to_tflite exports classifier tasks; received a "
+            f"{type(model).__name__}. Accepted: kmm.MobileVMoE or kmm.MoNE."
+        )
+    image_shape = tuple(model.backbone.image_shape)
+    if quantization == "int8":
+        if representative_data is None:
+            raise ValueError(
+                "quantization='int8' needs representative_data: a float32 "
+                f"array [n, {', '.join(map(str, image_shape))}] of images in "
+                "the model's input format (n >= 1, ~100 is typical)."
+            )
+        data = np.asarray(representative_data)
+        if data.ndim != 4 or tuple(data.shape[1:]) != image_shape:
+            raise ValueError(
+                f"representative_data has shape {data.shape}; expected "
+                f"[n, {', '.join(map(str, image_shape))}]."
+            )
+        return data.astype("float32")
+    return None
+
+
+def _convert_on_tensorflow(model, quantization, representative_data):
+    """Converts on the TensorFlow backend; returns the flatbuffer bytes."""
+    tf = _import_tensorflow()
+    image_shape = tuple(model.backbone.image_shape)
+    serving = keras.Model(model.input, model.output)
+    with tempfile.TemporaryDirectory() as saved_model:
+        archive = keras.export.ExportArchive()
+        archive.track(serving)
+        archive.add_endpoint(
+            "serve",
+            lambda images: serving(images, training=False),
+            input_signature=[
+                keras.InputSpec(shape=(1, *image_shape), dtype="float32")
+            ],
+        )
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantization == "float16":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantization == "dynamic":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        elif quantization == "int8":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+            def calibration():
+                for image in representative_data:
+                    yield [image[None].astype("float32")]
+
+            converter.representative_dataset = calibration
+            # Integer kernels wherever they exist; the rest stays float.
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                tf.lite.OpsSet.TFLITE_BUILTINS,
+            ]
+        return converter.convert()
+
+
+def to_tflite(model, path, quantization="none", representative_data=None):
+    """Exports a classifier to a `.tflite` file with builtin ops only.
+
+    Args:
+        model: a `kmm.MobileVMoE` (or `kmm.MoNE`) classifier, built on any
+            backend.
+        path: where to write the `.tflite` file.
+        quantization: `"none"` (float32), `"float16"` (float16 weights),
+            `"dynamic"` (int8 weights, float activations) or `"int8"` (int8
+            weights and activations, calibrated on `representative_data`;
+            ops without an int8 kernel stay float).
+        representative_data: float32 images `[n, height, width, channels]`
+            in the model's input format (after its preprocessor), needed for
+            `"int8"`.
+
+    Returns:
+        A dict report: `path`, `bytes`, `quantization`, `ops` (the builtin
+        op names) and `stacked_expert_tensors` (per-image routing check).
+
+    Example:
+
+    >>> import tempfile, keras_mobile_moe as kmm
+    >>> model = kmm.MobileVMoE(kmm.MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16,
+    ...     num_heads=2, mlp_dim=32, num_experts=4, num_moe_layers=1),
+    ...     num_classes=10, routing="learned")
+    >>> report = to_tflite(model, tempfile.mkdtemp() + "/tiny.tflite")
+    >>> "GATHER" in report["ops"], report["stacked_expert_tensors"]
+    (True, 2)
+    """
+    data = _check_arguments(model, quantization, representative_data)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if keras.config.backend() == "tensorflow":
+        flatbuffer = _convert_on_tensorflow(model, quantization, data)
+        path.write_bytes(flatbuffer)
+    else:
+        _convert_in_subprocess(model, path, quantization, data)
+    return inspect_tflite(model, path, quantization)
+
+
+def inspect_tflite(model, path, quantization):
+    """Loads an exported file and checks its ops and its routing."""
+    interpreter = load_interpreter(path, xnnpack=False)
+    ops = check_builtin_ops(interpreter)
+    backbone = model.backbone
+    stacked = 0
+    if getattr(backbone, "is_moe", False):
+        stacked = check_sparse_routing(
+            interpreter, backbone.num_experts, _expert_kernel_shapes(model)
+        )
+    return {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "quantization": quantization,
+        "ops": ops,
+        "stacked_expert_tensors": stacked,
+    }
+
+
+def _convert_in_subprocess(model, path, quantization, data):
+    with tempfile.TemporaryDirectory() as workdir:
+        model_file = os.path.join(workdir, "model.keras")
+        model.save(model_file)
+        command = [
+            sys.executable, "-m", "keras_mobile_moe.export",
+            "--model_file", model_file,
+            "--quantization", quantization,
+            "--out", str(path),
+        ]
+        if data is not None:
+            data_file = os.path.join(workdir, "representative.npy")
+            np.save(data_file, data)
+            command += ["--representative_file", data_file]
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        result = subprocess.run(
+            command, env=env, capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                "TFLite conversion on the TensorFlow backend failed:\n"
+                + result.stderr[-4000:]
+            )
+
+
+class TFLiteClassifier:
+    """Runs an exported classifier with the LiteRT interpreter.
+
+    Args:
+        path_or_bytes: the `.tflite` file or its bytes.
+        num_threads: int. Interpreter threads.
+
+    Call arguments:
+        image: float32 `[1, height, width, channels]` or `[height, width,
+            channels]`.
+
+    Returns:
+        A dict of numpy outputs: `logits` (and `router_logits` for MoE).
+
+    Example:
+
+    >>> import tempfile, numpy as np, keras_mobile_moe as kmm
+    >>> model = kmm.MobileVMoE(kmm.MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16,
+    ...     num_heads=2, mlp_dim=32, num_experts=4, num_moe_layers=1),
+    ...     num_classes=10, routing="learned")
+    >>> path = to_tflite(model, tempfile.mkdtemp() + "/tiny.tflite")["path"]
+    >>> runner = TFLiteClassifier(path)
+    >>> sorted(runner(np.zeros((32, 32, 3), "float32")))
+    ['logits', 'router_logits']
+    """
+
+    def __init__(self, path_or_bytes, num_threads=1):
+        self.interpreter = load_interpreter(path_or_bytes, num_threads)
+        self.runner = self.interpreter.get_signature_runner()
+        (self.input_name,) = self.runner.get_input_details()
+
+    def __call__(self, image):
+        image = np.asarray(image, dtype="float32")
+        if image.ndim == 3:
+            image = image[None]
+        outputs = self.runner(**{self.input_name: image})
+        return {name: np.asarray(value) for name, value in outputs.items()}
+
+    def predict(self, images):
+        """Runs image by image; returns a dict of stacked outputs."""
+        results = [self(image) for image in np.asarray(images, "float32")]
+        return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
