@@ -11,9 +11,12 @@ from keras_mobile_moe import models
 from keras_mobile_moe import variants
 from keras_mobile_moe import capacity
 from keras_mobile_moe import flops
+from keras_mobile_moe import hub
+from keras_mobile_moe import preset_loader
 from keras_mobile_moe.capacity import capacity_distribution
 from keras_mobile_moe.flops import count_flops
 from keras_mobile_moe.flops import flops_breakdown
+from keras_mobile_moe.hub import upload_preset
 from keras_mobile_moe.models import MobileVMoE
 from keras_mobile_moe.models import MobileVMoEBackbone
 from keras_mobile_moe.models import MobileVMoEImageClassifier

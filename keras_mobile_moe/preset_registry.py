@@ -1,19 +1,61 @@
 """The registry of built-in presets, read from the top-level `presets/` folder.
 
-Each preset is one JSON file: its family, the model scale (a key of
-`keras_mobile_moe.variants.VARIANTS`), backbone and classifier arguments on top
-of the scale, documentation fields, and where its weights live (`null` while a
-preset is architecture-only). Aliases point at the same entry.
+Each preset is one JSON file (shipped in the wheel as the package
+`keras_mobile_moe._presets`). Its fields:
+
+- `name`, `aliases`: the names it is loaded by (`"12x192_e10"`,
+  `["tiny_e10"]`).
+- `family`: the model family (`"mobile_vmoe"`, `"mone"`, ...); a family's
+  classes set `preset_family` to it, which is all a family needs to plug in.
+- `class`: the task class the preset builds (`"MobileVMoEImageClassifier"`).
+- `description`, `variant` (a scale of `keras_mobile_moe.variants`),
+  `backbone` and `task` (arguments on top of the scale), `params` and `flops`
+  (measured on the built model by `scripts/make_presets.py`).
+- `training_data` and `accuracy`: `null` until the preset is trained;
+  then a string and a dict such as `{"dataset": "cifar100", "top1": 0.71}`.
+- `weights`: where the trained weights live: `null` (architecture only), a
+  folder under `presets/` holding a keras-hub preset directory (shipped in
+  the wheel), or a Hugging Face handle `"hf://org/repo[/revision]"`.
+
+Aliases point at the same entry. `from_preset` reads the registry through
+`keras_mobile_moe.preset_loader`.
 """
 
 import difflib
 import functools
 import importlib.resources
+import inspect
 import json
 import os
 import pathlib
+import re
 
 from keras_mobile_moe import variants
+
+ACCEPTED_FORMS = (
+    "a built-in preset name, a local preset directory (a folder with "
+    "config.json, as written by save_to_preset), or a Hugging Face handle "
+    "'hf://org/repo' or 'hf://org/repo/revision'"
+)
+
+# field -> (accepted types, required)
+ENTRY_FIELDS = {
+    "name": ((str,), True),
+    "aliases": ((list,), False),
+    "family": ((str,), True),
+    "class": ((str,), True),
+    "description": ((str,), True),
+    "variant": ((str,), True),
+    "backbone": ((dict,), True),
+    "task": ((dict,), True),
+    "params": ((int,), True),
+    "flops": ((int,), True),
+    "training_data": ((str, type(None)), False),
+    "accuracy": ((dict, type(None)), False),
+    "weights": ((str, type(None)), True),
+}
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class classproperty(property):
@@ -31,12 +73,72 @@ def presets_dir():
     return pathlib.Path(__file__).resolve().parents[1] / "presets"
 
 
+def validate_entry(entry, source):
+    """Raises `ValueError` unless `entry` is a well-formed registry entry.
+
+    Args:
+        entry: dict read from a preset JSON file.
+        source: where it was read from, for the error message.
+
+    Returns:
+        The entry.
+
+    Example:
+
+    >>> entry = load_registry()["tiny_e10"]
+    >>> validate_entry(entry, "tiny_e10")["variant"]
+    '12x192'
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"Preset file {source} holds {type(entry).__name__}, expected a "
+            "JSON object."
+        )
+    for field, (types, required) in ENTRY_FIELDS.items():
+        if field not in entry:
+            if required:
+                raise ValueError(
+                    f"Preset file {source} has no {field!r} field. Required "
+                    "fields: "
+                    f"{sorted(f for f, (_, r) in ENTRY_FIELDS.items() if r)}."
+                )
+            continue
+        value = entry[field]
+        if isinstance(value, bool) or not isinstance(value, types):
+            accepted = " or ".join(
+                "null" if t is type(None) else t.__name__ for t in types
+            )
+            raise ValueError(
+                f"Preset file {source}: field {field!r} is {value!r}; "
+                f"expected {accepted}."
+            )
+    for name in [entry["name"], *entry.get("aliases", [])]:
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise ValueError(
+                f"Preset file {source}: name {name!r} is not a valid preset "
+                "name (letters, digits, '_', '.', '-'; no '/')."
+            )
+    if entry["weights"] is not None:
+        weights_location(entry)
+    return entry
+
+
 @functools.lru_cache(maxsize=None)
-def load_registry():
-    """Returns {name or alias: entry} for every preset JSON file."""
+def _read_registry(directory):
     registry = {}
-    for path in sorted(presets_dir().glob("*.json")):
-        entry = json.loads(path.read_text())
+    for path in sorted(pathlib.Path(directory).glob("*.json")):
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise ValueError(
+                f"Preset file {path} is not valid JSON: {error}"
+            ) from error
+        validate_entry(entry, path)
+        if path.stem != entry["name"]:
+            raise ValueError(
+                f"Preset file {path} is named {path.stem!r} but holds the "
+                f"preset {entry['name']!r}; the file name must be the name."
+            )
         for name in [entry["name"], *entry.get("aliases", [])]:
             if name in registry:
                 raise ValueError(f"Duplicate preset name {name!r} in {path}.")
@@ -44,8 +146,35 @@ def load_registry():
     return registry
 
 
+def load_registry():
+    """Returns {name or alias: entry} for every preset JSON file.
+
+    Returns:
+        A dict mapping each preset name and alias to its registry entry.
+
+    Example:
+
+    >>> registry = load_registry()
+    >>> registry["tiny_e10"] is registry["12x192_e10"]
+    True
+    """
+    return _read_registry(str(presets_dir()))
+
+
 def presets_of(family):
-    """Returns {name or alias: entry} of one model family."""
+    """Returns {name or alias: entry} of one model family.
+
+    Args:
+        family: str, e.g. `"mobile_vmoe"`.
+
+    Returns:
+        A dict of the family's presets, aliases included.
+
+    Example:
+
+    >>> "tiny_e10" in presets_of("mobile_vmoe")
+    True
+    """
     return {
         name: entry
         for name, entry in load_registry().items()
@@ -62,34 +191,112 @@ def is_handle_or_path(preset):
 
 def find(preset, family):
     """Returns the registry entry of a built-in name, or None for a handle or
-    a local directory. Raises a helpful error for an unknown name."""
+    a local directory. Raises a helpful error for an unknown name.
+
+    Built-in names win over a same-named folder in the working directory;
+    write `"./name"` for the folder.
+
+    Args:
+        preset: str or path-like. What the user passed to `from_preset`.
+        family: str. The family of the class `from_preset` was called on.
+
+    Returns:
+        The registry entry, or None when `preset` is a handle or a path.
+
+    Example:
+
+    >>> find("tiny_e10", "mobile_vmoe")["name"]
+    '12x192_e10'
+    >>> find("hf://org/repo", "mobile_vmoe") is None
+    True
+    """
+    if isinstance(preset, os.PathLike):
+        return None
     if not isinstance(preset, str) or not preset:
         raise ValueError(
-            f"Received: preset={preset!r}. Expected a built-in preset name, a "
-            "local preset directory or an 'hf://org/repo' handle."
+            f"Received: preset={preset!r}. Expected {ACCEPTED_FORMS}."
         )
+    known = presets_of(family)
+    if preset in known:
+        return known[preset]
     if is_handle_or_path(preset):
         return None
-    known = presets_of(family)
-    if preset not in known:
-        close = difflib.get_close_matches(preset, list(known), n=5, cutoff=0.5)
-        hint = f" Did you mean {close}?" if close else ""
+    registry = load_registry()
+    if preset in registry:
+        other = registry[preset]
         raise ValueError(
-            f"Unknown preset {preset!r}.{hint} Accepted: a built-in name "
-            f"({sorted(known)}), a local preset directory, or "
+            f"Preset {preset!r} is a {other['family']!r} preset (class "
+            f"{other['class']}), not a {family!r} one. Load it with "
+            f"{other['class']}.from_preset, or pick one of {sorted(known)}."
+        )
+    close = difflib.get_close_matches(preset, list(known), n=5, cutoff=0.5)
+    hint = f" Did you mean {close}?" if close else ""
+    raise ValueError(
+        f"Unknown preset {preset!r} (no built-in preset of that name and no "
+        f"such directory).{hint} Accepted: {ACCEPTED_FORMS}. Built-in names: "
+        f"{sorted(known)}."
+    )
+
+
+def weights_location(entry):
+    """Where a registry entry's weights live.
+
+    Args:
+        entry: a registry entry.
+
+    Returns:
+        None (architecture only), `("hf", handle)`, or `("dir", path)` for
+        a preset directory shipped under `presets/`.
+
+    Example:
+
+    >>> weights_location({"name": "x", "weights": None}) is None
+    True
+    >>> weights_location({"name": "x", "weights": "hf://org/repo/v1"})
+    ('hf', 'hf://org/repo/v1')
+    """
+    weights = entry.get("weights")
+    if weights is None:
+        return None
+    if not isinstance(weights, str) or not weights:
+        raise ValueError(
+            f"Preset {entry.get('name')!r}: weights={weights!r}. Expected "
+            "null, a folder under presets/, or 'hf://org/repo[/revision]'."
+        )
+    if "://" in weights:
+        from keras_mobile_moe import hub
+
+        hub.parse_hf_handle(weights, argument="weights")
+        return ("hf", weights)
+    parts = pathlib.PurePosixPath(weights).parts
+    if (
+        os.path.isabs(weights)
+        or weights.startswith(("/", "\\"))
+        or "\\" in weights
+        or not parts
+        or any(part in ("..", ".") or not _NAME.fullmatch(part) for part in parts)
+    ):
+        raise ValueError(
+            f"Preset {entry.get('name')!r}: weights={weights!r} is not a "
+            "plain folder name inside presets/ (no '..', no absolute path). "
+            "Expected null, a folder under presets/, or "
             "'hf://org/repo[/revision]'."
         )
-    return known[preset]
+    return ("dir", str(presets_dir().joinpath(*parts)))
+
+
+def constructor_arguments(cls):
+    """The keyword arguments `cls.__init__` accepts (without `kwargs`)."""
+    return set(inspect.signature(cls.__init__).parameters) - {
+        "self",
+        "kwargs",
+        "args",
+    }
 
 
 def split_kwargs(backbone_cls, kwargs):
     """Splits overrides into backbone arguments and the rest."""
-    import inspect
-
-    names = set(inspect.signature(backbone_cls.__init__).parameters) - {
-        "self",
-        "kwargs",
-    }
+    names = constructor_arguments(backbone_cls)
     backbone_kwargs = {k: v for k, v in kwargs.items() if k in names}
     other = {k: v for k, v in kwargs.items() if k not in names}
     return backbone_kwargs, other
@@ -104,37 +311,109 @@ def backbone_config(entry, overrides):
 
 
 def check_weights(entry, load_weights):
+    """Raises if `load_weights` asks for weights a preset does not have."""
     if load_weights and not entry.get("weights"):
         raise ValueError(
-            f"Preset {entry['name']!r} has no published weights yet. Pass "
-            "load_weights=False to build the architecture with random "
-            "weights."
+            f"Preset {entry['name']!r} has no published weights yet "
+            "(its registry entry has weights=null). Pass load_weights=False "
+            "to build the architecture with random weights."
         )
+
+
+def check_unknown_arguments(cls, kwargs, accepted):
+    """Raises a clear error for overrides that no constructor accepts."""
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) for {cls.__name__}.from_preset: {unknown}. "
+            f"Accepted overrides: {sorted(accepted)}."
+        )
+
+
+def default_preprocessor(task_cls, backbone):
+    """The preprocessor presets use: resize to the backbone's image size and
+    scale pixels to [-1, 1]."""
+    if task_cls.preprocessor_cls is None:
+        return None
+    converter_cls = task_cls.preprocessor_cls.image_converter_cls
+    height, width = backbone.image_shape[:2]
+    return task_cls.preprocessor_cls(
+        converter_cls(image_size=(height, width), scale=1.0 / 127.5, offset=-1.0)
+    )
 
 
 def build_backbone(backbone_cls, entry, load_weights, kwargs):
-    """Builds the backbone of a built-in preset."""
+    """Builds the backbone of a built-in preset (random weights)."""
     check_weights(entry, load_weights)
     backbone_kwargs, other = split_kwargs(backbone_cls, kwargs)
-    if other:
-        raise ValueError(
-            f"Unknown arguments for {backbone_cls.__name__}: {sorted(other)}."
-        )
+    check_unknown_arguments(
+        backbone_cls, other, constructor_arguments(backbone_cls)
+    )
     return backbone_cls(**backbone_config(entry, backbone_kwargs))
 
 
 def build_task(task_cls, entry, load_weights, kwargs):
-    """Builds the classifier (backbone, preprocessor, head) of a preset."""
+    """Builds the classifier (backbone, preprocessor, head) of a preset with
+    random weights."""
     check_weights(entry, load_weights)
     backbone_kwargs, task_kwargs = split_kwargs(task_cls.backbone_cls, kwargs)
+    check_unknown_arguments(
+        task_cls,
+        task_kwargs,
+        (constructor_arguments(task_cls) - {"backbone"})
+        | constructor_arguments(task_cls.backbone_cls),
+    )
     backbone = task_cls.backbone_cls(**backbone_config(entry, backbone_kwargs))
     if "preprocessor" not in task_kwargs:
-        converter_cls = task_cls.preprocessor_cls.image_converter_cls
-        height, width = backbone.image_shape[:2]
-        task_kwargs["preprocessor"] = task_cls.preprocessor_cls(
-            converter_cls(
-                image_size=(height, width), scale=1.0 / 127.5, offset=-1.0
-            )
-        )
+        task_kwargs["preprocessor"] = default_preprocessor(task_cls, backbone)
     config = {**entry.get("task", {}), **task_kwargs}
     return task_cls(backbone=backbone, **config)
+
+
+def markdown_table(family=None):
+    """The README table of built-in presets, generated from the registry.
+
+    Args:
+        family: str or None. Only this family's presets (None: all).
+
+    Returns:
+        A markdown table, one row per preset (aliases in their row).
+
+    Example:
+
+    >>> print(markdown_table("mobile_vmoe").splitlines()[0])
+    | preset | aliases | family | scale | params | MFLOPs | weights | trained on | top-1 | description |
+    """
+    rows = [
+        "| preset | aliases | family | scale | params | MFLOPs | weights "
+        "| trained on | top-1 | description |",
+        "|---|---|---|---|---:|---:|---|---|---:|---|",
+    ]
+    entries = {id(e): e for e in load_registry().values()}.values()
+    entries = [e for e in entries if family in (None, e["family"])]
+
+    def order(entry):
+        scale = re.fullmatch(r"(\d+)x(\d+)", entry["variant"])
+        layers, width = map(int, scale.groups()) if scale else (0, 0)
+        return (entry["family"], -width, -layers, entry["name"])
+
+    for entry in sorted(entries, key=order):
+        accuracy = entry.get("accuracy") or {}
+        top1 = accuracy.get("top1")
+        rows.append(
+            "| `{name}` | {aliases} | {family} | {variant} | {params:.2f}M | "
+            "{flops:.1f} | {weights} | {data} | {top1} | {description} |".format(
+                name=entry["name"],
+                aliases=", ".join(f"`{a}`" for a in entry.get("aliases", []))
+                or "",
+                family=entry["family"],
+                variant=entry["variant"],
+                params=entry["params"] / 1e6,
+                flops=entry["flops"] / 1e6,
+                weights=f"`{entry['weights']}`" if entry["weights"] else "none",
+                data=entry.get("training_data") or "",
+                top1="" if top1 is None else f"{100 * top1:.1f}%",
+                description=entry["description"].replace("|", "/"),
+            )
+        )
+    return "\n".join(rows)

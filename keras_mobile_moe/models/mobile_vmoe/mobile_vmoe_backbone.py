@@ -1,6 +1,7 @@
 import keras
 from keras_hub.models import Backbone
 
+from keras_mobile_moe import preset_loader
 from keras_mobile_moe import preset_registry
 from keras_mobile_moe.layers.image_router import ImageRouter
 from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
@@ -247,7 +248,8 @@ class MobileVMoEBackbone(Backbone):
 
         Args:
             preset: a built-in name (see `MobileVMoEBackbone.presets`), a local
-                preset directory, or `hf://org/repo`.
+                preset directory, or `hf://org/repo[/revision]` (through the
+                Hugging Face cache; works offline once cached).
             load_weights: bool. Whether to load the preset's weights.
             **kwargs: overrides of backbone arguments.
 
@@ -260,10 +262,39 @@ class MobileVMoEBackbone(Backbone):
         >>> backbone.num_layers, backbone.hidden_dim, backbone.is_moe
         (6, 64, False)
         """
-        entry = preset_registry.find(preset, cls.preset_family)
-        if entry is None:
-            return super().from_preset(preset, load_weights, **kwargs)
-        return preset_registry.build_backbone(cls, entry, load_weights, kwargs)
+        return preset_loader.backbone_from_preset(
+            cls, preset, load_weights, kwargs
+        )
+
+    def save_to_preset(self, preset_dir, max_shard_size=None):
+        """Saves the backbone as a keras-hub preset directory.
+
+        Writes `config.json`, `model.weights.h5`, `metadata.json` (versions,
+        parameter count, FLOPs, sha256 of the weights) and a `README.md`
+        model card; loadable with `from_preset(preset_dir)` and with
+        `keras_hub.models.Backbone.from_preset(preset_dir)`.
+
+        Args:
+            preset_dir: str or path-like. The directory (created if needed).
+            max_shard_size: None (weights are kept in one file).
+
+        Returns:
+            None.
+
+        Example:
+
+        >>> import os, tempfile
+        >>> backbone = MobileVMoEBackbone(
+        ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+        ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_moe_layers=0)
+        >>> folder = tempfile.mkdtemp()
+        >>> backbone.save_to_preset(folder)
+        >>> MobileVMoEBackbone.from_preset(folder).count_params() == (
+        ...     backbone.count_params())
+        True
+        """
+        with preset_loader.saving_preset(self, preset_dir, max_shard_size):
+            super().save_to_preset(preset_dir, max_shard_size=None)
 
     @preset_registry.classproperty
     def presets(cls):

@@ -3,6 +3,7 @@ from keras import ops
 from keras_hub.models import ImageClassifier
 from keras_hub.models import Task
 
+from keras_mobile_moe import preset_loader
 from keras_mobile_moe import preset_registry
 from keras_mobile_moe.losses.superclass_router_loss import SuperclassRouterLoss
 from keras_mobile_moe.losses.superclass_router_loss import check_superclass_ids
@@ -267,10 +268,12 @@ class MobileVMoEImageClassifier(ImageClassifier):
 
         Args:
             preset: a built-in name (see `MobileVMoEImageClassifier.presets`),
-                a local preset directory, or `hf://org/repo`.
+                a local preset directory, or `hf://org/repo[/revision]`
+                (through the Hugging Face cache; works offline once cached).
             load_weights: bool. Whether to load the preset's weights.
             **kwargs: overrides of backbone or classifier arguments, e.g.
-                `num_classes=10` or `image_shape=(32, 32, 3)`.
+                `num_classes=10` (a new head with random weights; every
+                other weight is loaded) or `image_shape=(32, 32, 3)`.
 
         Returns:
             A `MobileVMoEImageClassifier`.
@@ -282,12 +285,45 @@ class MobileVMoEImageClassifier(ImageClassifier):
         >>> model.backbone.num_experts
         10
         """
-        entry = preset_registry.find(preset, cls.preset_family)
-        if entry is None:
-            return super().from_preset(preset, load_weights, **kwargs)
-        return preset_registry.build_task(cls, entry, load_weights, kwargs)
+        return preset_loader.task_from_preset(cls, preset, load_weights, kwargs)
+
+    def save_to_preset(self, preset_dir, max_shard_size=None):
+        """Saves the classifier as a keras-hub preset directory.
+
+        Writes the backbone files (`config.json`, `model.weights.h5`), the
+        head (`task.json`, `task.weights.h5`), the preprocessor
+        (`preprocessor.json`, `image_converter.json`), `metadata.json`
+        (versions, parameter count, FLOPs, sha256 of the weights) and a
+        `README.md` model card. Loadable with `from_preset(preset_dir)` and
+        `keras_hub.models.ImageClassifier.from_preset(preset_dir)`.
+
+        Args:
+            preset_dir: str or path-like. The directory (created if needed).
+            max_shard_size: None (weights are kept in one file).
+
+        Returns:
+            None.
+
+        Example:
+
+        >>> import os, tempfile
+        >>> model = MobileVMoEImageClassifier.from_preset(
+        ...     "6x64_e10", load_weights=False, num_classes=10,
+        ...     image_shape=(32, 32, 3), patch_size=8)
+        >>> folder = tempfile.mkdtemp()
+        >>> model.save_to_preset(folder)
+        >>> sorted(os.listdir(folder))  # doctest: +NORMALIZE_WHITESPACE
+        ['README.md', 'config.json', 'image_converter.json', 'metadata.json',
+         'model.weights.h5', 'preprocessor.json', 'task.json',
+         'task.weights.h5']
+        """
+        with preset_loader.saving_preset(self, preset_dir, max_shard_size):
+            super().save_to_preset(preset_dir, max_shard_size=None)
 
     preset_family = "mobile_vmoe"
+    # Saved settings that describe the classes; dropped by from_preset when
+    # num_classes is overridden with a new value.
+    per_class_config = ("superclass_ids",)
 
     @preset_registry.classproperty
     def presets(cls):

@@ -1,0 +1,710 @@
+"""`from_preset` and `save_to_preset` for every model family.
+
+A preset is named by one of three forms:
+
+- a built-in name from the registry (`keras_mobile_moe.preset_registry`);
+  built with random weights for `load_weights=False` (no file is read),
+  otherwise loaded from where its registry entry says the weights live;
+- a local preset directory in keras-hub's format (`config.json` with a
+  `registered_name`, `model.weights.h5`, `metadata.json`; a classifier adds
+  `task.json`, `task.weights.h5`, `preprocessor.json`,
+  `image_converter.json`), as written by `save_to_preset`;
+- a Hugging Face handle `hf://org/repo[/revision]`, fetched into the
+  Hugging Face cache by `keras_mobile_moe.hub`.
+
+Loading never executes code from a preset: configs are JSON, checked to name
+only registered Keras, keras-hub and keras_mobile_moe classes (no lambdas,
+no `Lambda` layers, no foreign modules) and deserialized in Keras safe mode;
+weights are HDF5 read by h5py (no pickle). Every weights file is checked
+before it is loaded: it must open (not truncated), match the sha256 recorded
+in `metadata.json` when there is one, and hold exactly the weights, with the
+same shapes, as the model built from the config. A family plugs in by setting
+`preset_family` on its backbone and task classes and calling
+`backbone_from_preset` / `task_from_preset` / `saving_preset` from their
+`from_preset` / `save_to_preset` methods.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
+
+import keras
+
+from keras_mobile_moe import hub
+from keras_mobile_moe import preset_registry
+from keras_mobile_moe import version
+
+SAFE_MODULE_ROOTS = ("keras", "keras_hub", "keras_mobile_moe", "builtins")
+# Classes whose configs carry code or load files by path.
+UNSAFE_CLASS_NAMES = ("__lambda__", "Lambda", "TFSMLayer")
+LAYOUT = (
+    "a keras-hub preset directory holds config.json, model.weights.h5 and "
+    "metadata.json (a classifier adds task.json, task.weights.h5 and "
+    "preprocessor.json), as written by save_to_preset"
+)
+
+
+# --- resolving the preset -------------------------------------------------
+
+
+def check_load_weights(load_weights):
+    if not isinstance(load_weights, bool):
+        raise ValueError(
+            f"Received: load_weights={load_weights!r}. Expected True or False."
+        )
+
+
+def check_local_directory(preset, argument="preset"):
+    """Returns `preset` as a str path after checking it is a directory."""
+    if isinstance(preset, os.PathLike):
+        preset = os.fspath(preset)
+    if not isinstance(preset, str) or not preset:
+        raise ValueError(
+            f"Received: {argument}={preset!r}. Expected the path of a preset "
+            "directory."
+        )
+    if not os.path.exists(preset):
+        raise FileNotFoundError(
+            f"Received: {argument}={preset!r}, but no such preset directory "
+            f"exists. Accepted: {preset_registry.ACCEPTED_FORMS}."
+        )
+    if not os.path.isdir(preset):
+        raise ValueError(
+            f"Received: {argument}={preset!r}, which is a file, not a preset "
+            f"directory; {LAYOUT}."
+        )
+    return preset
+
+
+def resolve_path_or_handle(preset, load_weights):
+    """Returns `(directory, label)` for a local directory or `hf://` handle."""
+    if isinstance(preset, str) and "://" in preset:
+        directory = hub.download_preset(preset, load_weights=load_weights)
+        return directory, f"{preset!r} (cached at {directory})"
+    directory = check_local_directory(preset)
+    return directory, repr(directory)
+
+
+def entry_directory(entry, load_weights):
+    """Returns `(directory, label)` holding a built-in preset's weights."""
+    kind, where = preset_registry.weights_location(entry)
+    if kind == "hf":
+        directory = hub.download_preset(where, load_weights=load_weights)
+        return directory, f"{entry['name']!r} ({where}, cached at {directory})"
+    if not os.path.isdir(where):
+        raise FileNotFoundError(
+            f"Preset {entry['name']!r} keeps its weights in the packaged "
+            f"folder {where}, which is missing from this installation. "
+            "Reinstall keras-mobile-moe, or pass load_weights=False."
+        )
+    return where, f"{entry['name']!r} ({where})"
+
+
+# --- configs ----------------------------------------------------------------
+
+
+def _listing(directory):
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
+
+
+def check_config_is_safe(config, filename, label, path=""):
+    """Raises unless every object in a config is a registered Keras,
+    keras-hub or keras_mobile_moe object that carries no code."""
+    if isinstance(config, list):
+        for i, item in enumerate(config):
+            check_config_is_safe(item, filename, label, f"{path}[{i}]")
+        return
+    if not isinstance(config, dict):
+        return
+    class_name = config.get("class_name")
+    if isinstance(class_name, str) and class_name in UNSAFE_CLASS_NAMES:
+        raise ValueError(
+            f"Preset {label}: {filename} holds a {class_name!r} object at "
+            f"'{path or '/'}', which carries Python code. Loading never "
+            "executes code from a preset (Keras safe mode); only registered "
+            "Keras, keras-hub and keras_mobile_moe classes are accepted."
+        )
+    module = config.get("module") if "class_name" in config else None
+    if module is not None and (
+        not isinstance(module, str)
+        or module.split(".")[0] not in SAFE_MODULE_ROOTS
+    ):
+        raise ValueError(
+            f"Preset {label}: {filename} asks for module {module!r} at "
+            f"'{path or '/'}'. Loading never imports or executes code named "
+            "by a preset; only registered Keras, keras-hub and "
+            "keras_mobile_moe classes are accepted."
+        )
+    for key, value in config.items():
+        check_config_is_safe(value, filename, label, f"{path}/{key}")
+
+
+def read_config(directory, filename, label, required):
+    """Reads and checks one JSON config of a preset directory."""
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+        if not required:
+            return None
+        raise FileNotFoundError(
+            f"Preset {label} has no {filename}, so it is not a preset "
+            f"directory: {LAYOUT}. Found: {_listing(directory)}."
+        )
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"Preset {label}: {filename} is not valid JSON ({error})."
+        ) from error
+    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+        raise ValueError(
+            f"Preset {label}: {filename} is not a serialized Keras object "
+            "(a JSON object with 'class_name', 'config' and "
+            f"'registered_name'); {LAYOUT}."
+        )
+    check_config_is_safe(config, filename, label)
+    return config
+
+
+def class_of(config, filename, label, expected):
+    """The registered class a config names; must subclass `expected`."""
+    registered = config.get("registered_name")
+    if not registered:
+        kind = ""
+        if "model_type" in config or "architecture" in config:
+            kind = " (it looks like a transformers or timm checkpoint)"
+        raise ValueError(
+            f"Preset {label}: {filename} has no 'registered_name', so it is "
+            f"not a Keras preset{kind}. Expected a {expected.__name__} "
+            f"preset; {LAYOUT}."
+        )
+    cls = keras.saving.get_registered_object(registered)
+    if cls is None:
+        raise ValueError(
+            f"Preset {label}: {filename} holds a {registered!r}, a class "
+            "that is not registered with Keras in this process. Expected a "
+            f"{expected.__name__} preset."
+        )
+    if not (isinstance(cls, type) and issubclass(cls, expected)):
+        family = getattr(cls, "preset_family", None)
+        hint = (
+            f" It is a {family!r} preset: load it with "
+            f"{cls.__name__}.from_preset."
+            if family
+            else f" Load it with {getattr(cls, '__name__', cls)}.from_preset."
+        )
+        raise ValueError(
+            f"Preset {label}: {filename} holds a {registered!r}, which is "
+            f"not a {expected.__name__}.{hint}"
+        )
+    return cls
+
+
+def _deserialize(config):
+    return keras.saving.deserialize_keras_object(config, safe_mode=True)
+
+
+def _with_overrides(config, overrides):
+    config = dict(config)
+    config["config"] = {**config["config"], **overrides}
+    if "dtype" in overrides and overrides["dtype"] is None:
+        config["config"].pop("dtype")
+    return config
+
+
+# --- weights ----------------------------------------------------------------
+
+
+def _corrupt(path, label, detail):
+    return ValueError(
+        f"Preset {label}: weights file {os.path.basename(path)} is truncated "
+        f"or corrupt ({detail}). Re-save the preset, or re-download it (for "
+        "an hf:// handle, delete it from the Hugging Face cache, e.g. with "
+        "`hf cache delete`, and load it again online)."
+    )
+
+
+def read_weights_structure(path, label):
+    """Returns {dataset path: shape} of a `.weights.h5` file, checking that
+    it opens, holds only numeric arrays and links to no other file."""
+    import h5py
+
+    shapes = {}
+    links = []
+    try:
+        with h5py.File(path, "r") as f:
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    if obj.dtype.kind not in "fiub":
+                        raise ValueError(
+                            f"Preset {label}: weights file "
+                            f"{os.path.basename(path)} holds {name!r} of "
+                            f"dtype {obj.dtype}; only numeric arrays are "
+                            "accepted."
+                        )
+                    shapes[name] = tuple(int(d) for d in obj.shape)
+
+            def visit_link(name, link):
+                if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
+                    links.append(name)
+
+            if hasattr(f, "visititems_links"):
+                f.visititems_links(visit_link)
+            if links:
+                raise ValueError(
+                    f"Preset {label}: weights file {os.path.basename(path)} "
+                    f"holds links {links[:3]} to other objects or files; "
+                    "weights files must hold their arrays directly."
+                )
+            f.visititems(visit)
+    except OSError as error:
+        raise _corrupt(path, label, f"h5py: {error}") from error
+    return shapes
+
+
+def file_sha256(path):
+    """The hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _recorded_sha256(directory, filename, label):
+    metadata_path = os.path.join(directory, hub.METADATA_FILE)
+    if not os.path.isfile(metadata_path):
+        return None
+    try:
+        with open(metadata_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"Preset {label}: {hub.METADATA_FILE} is not valid JSON ({error})."
+        ) from error
+    hashes = metadata.get("files_sha256") if isinstance(metadata, dict) else None
+    return (hashes or {}).get(filename)
+
+
+def _expected_structure(target, task):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "expected.weights.h5")
+        if task:
+            target.save_task_weights(path)
+        else:
+            target.save_weights(path)
+        return read_weights_structure(path, "(expected)")
+
+
+def load_weights_checked(target, directory, filename, label, overrides, task):
+    """Loads one weights file into `target` after checking it thoroughly."""
+    path = os.path.join(directory, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Preset {label} has no {filename}, so its weights cannot be "
+            f"loaded. Found: {_listing(directory)}. Pass load_weights=False "
+            "to build the architecture with random weights."
+        )
+    found = read_weights_structure(path, label)
+    expected = _expected_structure(target, task)
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(
+            k for k in set(found) & set(expected) if found[k] != expected[k]
+        )
+        details = [
+            f"{k}: shape {found[k]} in the file, {expected[k]} in the model"
+            for k in wrong[:3]
+        ]
+        details += [f"{k} missing from the file" for k in missing[:2]]
+        details += [f"{k} not in the model" for k in extra[:2]]
+        hint = (
+            f" The overrides {sorted(overrides)} change the architecture: "
+            "drop them, or pass load_weights=False."
+            if overrides
+            else " The weights and the config come from different models: "
+            "re-save the preset."
+        )
+        raise ValueError(
+            f"Preset {label}: the weights in {filename} do not match the "
+            f"model built from its config ({len(wrong)} with another shape, "
+            f"{len(missing)} missing, {len(extra)} unexpected; "
+            f"{'; '.join(details)}).{hint}"
+        )
+    recorded = _recorded_sha256(directory, filename, label)
+    if recorded is not None:
+        actual = file_sha256(path)
+        if actual != recorded:
+            raise _corrupt(
+                path,
+                label,
+                f"its sha256 is {actual} but {hub.METADATA_FILE} records "
+                f"{recorded}",
+            )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if task:
+                target.load_task_weights(path)
+            else:
+                target.load_weights(path)
+        except Exception as error:
+            raise ValueError(
+                f"Preset {label}: loading {filename} failed: {error}"
+            ) from error
+    for warning in caught:
+        if f"{os.sep}saving{os.sep}" in (warning.filename or ""):
+            raise ValueError(
+                f"Preset {label}: Keras could not load every weight of "
+                f"{filename}: {warning.message}"
+            )
+        warnings.warn_explicit(
+            warning.message, warning.category, warning.filename, warning.lineno
+        )
+
+
+# --- loading ----------------------------------------------------------------
+
+
+def load_backbone(cls, directory, load_weights, overrides, label):
+    """Builds a backbone from a preset directory (and loads its weights)."""
+    config = read_config(directory, hub.CONFIG_FILE, label, required=True)
+    backbone_cls = class_of(config, hub.CONFIG_FILE, label, cls)
+    preset_registry.check_unknown_arguments(
+        cls, overrides, preset_registry.constructor_arguments(backbone_cls)
+    )
+    backbone = _deserialize(_with_overrides(config, overrides))
+    if load_weights:
+        load_weights_checked(
+            backbone, directory, hub.MODEL_WEIGHTS_FILE, label, overrides,
+            task=False,
+        )
+    return backbone
+
+
+def load_task(cls, directory, load_weights, overrides, label):
+    """Builds a task (backbone, preprocessor, head) from a preset directory.
+
+    Overriding `num_classes` with a new value rebuilds the head with random
+    weights (and drops the saved per-class settings named by the class's
+    `per_class_config`); every other weight is loaded.
+    """
+    backbone_cls = cls.backbone_cls
+    backbone_overrides, task_overrides = preset_registry.split_kwargs(
+        backbone_cls, overrides
+    )
+    backbone_json = read_config(directory, hub.CONFIG_FILE, label, required=True)
+    class_of(backbone_json, hub.CONFIG_FILE, label, backbone_cls)
+    task_json = read_config(directory, hub.TASK_CONFIG_FILE, label, required=False)
+    if task_json is not None:
+        task_cls = class_of(task_json, hub.TASK_CONFIG_FILE, label, cls)
+        task_config = dict(task_json["config"])
+        backbone_config = task_config.pop("backbone", None) or backbone_json
+        class_of(backbone_config, hub.TASK_CONFIG_FILE, label, backbone_cls)
+        preprocessor_config = task_config.pop("preprocessor", None)
+    else:
+        task_cls = cls
+        task_config = {}
+        backbone_config = backbone_json
+        preprocessor_config = read_config(
+            directory, hub.PREPROCESSOR_CONFIG_FILE, label, required=False
+        )
+        if "num_classes" not in task_overrides:
+            raise ValueError(
+                f"Preset {label} holds only a backbone (config.json, no "
+                "task.json), so it has no classifier head. Pass "
+                "num_classes=... to build a new head on it, or load it with "
+                f"{backbone_cls.__name__}.from_preset."
+            )
+    accepted = (
+        preset_registry.constructor_arguments(task_cls) - {"backbone"}
+    ) | preset_registry.constructor_arguments(backbone_cls)
+    preset_registry.check_unknown_arguments(cls, overrides, accepted)
+    backbone = _deserialize(_with_overrides(backbone_config, backbone_overrides))
+
+    if "preprocessor" in task_overrides:
+        preprocessor = task_overrides.pop("preprocessor")
+    elif preprocessor_config is not None and task_cls.preprocessor_cls:
+        class_of(
+            preprocessor_config, hub.PREPROCESSOR_CONFIG_FILE, label,
+            task_cls.preprocessor_cls,
+        )
+        if "image_shape" in backbone_overrides:
+            preprocessor_config = json.loads(json.dumps(preprocessor_config))
+            converter = preprocessor_config["config"].get("image_converter")
+            if isinstance(converter, dict) and "image_size" in converter.get(
+                "config", {}
+            ):
+                converter["config"]["image_size"] = list(
+                    backbone.image_shape[:2]
+                )
+        preprocessor = _deserialize(preprocessor_config)
+    else:
+        preprocessor = preset_registry.default_preprocessor(task_cls, backbone)
+
+    new_head = task_json is None or (
+        "num_classes" in task_overrides
+        and task_overrides["num_classes"] != task_config.get("num_classes")
+    )
+    if new_head:
+        for key in getattr(task_cls, "per_class_config", ()):
+            if key not in task_overrides:
+                task_config.pop(key, None)
+    task = task_cls.from_config(
+        {
+            **task_config,
+            **task_overrides,
+            "backbone": backbone,
+            "preprocessor": preprocessor,
+        }
+    )
+    if load_weights:
+        load_weights_checked(
+            backbone, directory, hub.MODEL_WEIGHTS_FILE, label,
+            backbone_overrides, task=False,
+        )
+        if not new_head and task.has_task_weights():
+            load_weights_checked(
+                task, directory, hub.TASK_WEIGHTS_FILE, label,
+                task_overrides, task=True,
+            )
+    return task
+
+
+def load_any(directory, label):
+    """Loads whatever a preset directory holds (task if it has task.json)."""
+    from keras_hub.models import Backbone
+    from keras_hub.models import Task
+
+    task_json = read_config(directory, hub.TASK_CONFIG_FILE, label, required=False)
+    if task_json is not None:
+        cls = class_of(task_json, hub.TASK_CONFIG_FILE, label, Task)
+        return load_task(cls, directory, True, {}, label)
+    config = read_config(directory, hub.CONFIG_FILE, label, required=True)
+    cls = class_of(config, hub.CONFIG_FILE, label, Backbone)
+    return load_backbone(cls, directory, True, {}, label)
+
+
+def _normalize(value):
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v) for v in value]
+    return value
+
+
+def check_matches_entry(backbone, entry, overrides, label):
+    """Raises if weights published for a registry entry were saved for
+    another architecture than the entry describes."""
+    expected = preset_registry.backbone_config(entry, overrides)
+    actual = backbone.get_config()
+    wrong = [
+        f"{key}={actual.get(key)!r} (registry: {value!r})"
+        for key, value in expected.items()
+        if _normalize(actual.get(key)) != _normalize(value)
+    ]
+    if wrong:
+        raise ValueError(
+            f"Preset {label}: its weights were saved for another "
+            f"architecture than the registry entry describes: "
+            f"{', '.join(wrong)}. The registry entry or the published preset "
+            "is wrong."
+        )
+
+
+def backbone_from_preset(cls, preset, load_weights=True, overrides=None):
+    """`Backbone.from_preset` for every family.
+
+    Args:
+        cls: the backbone class `from_preset` was called on (its
+            `preset_family` selects the built-in presets).
+        preset: a built-in name, a local preset directory or
+            `hf://org/repo[/revision]`.
+        load_weights: bool. Whether to load the preset's weights.
+        overrides: dict of backbone arguments replacing the saved ones.
+
+    Returns:
+        A backbone (an instance of `cls` or of a subclass).
+
+    Example:
+
+    >>> import keras_mobile_moe as kmm
+    >>> backbone = backbone_from_preset(
+    ...     kmm.MobileVMoEBackbone, "6x64", load_weights=False)
+    >>> backbone.num_layers
+    6
+    """
+    overrides = dict(overrides or {})
+    check_load_weights(load_weights)
+    entry = preset_registry.find(preset, cls.preset_family)
+    if entry is not None:
+        if not load_weights or not entry.get("weights"):
+            return preset_registry.build_backbone(
+                cls, entry, load_weights, overrides
+            )
+        directory, label = entry_directory(entry, load_weights)
+        backbone = load_backbone(cls, directory, True, overrides, label)
+        check_matches_entry(backbone, entry, overrides, label)
+        return backbone
+    directory, label = resolve_path_or_handle(preset, load_weights)
+    return load_backbone(cls, directory, load_weights, overrides, label)
+
+
+def task_from_preset(cls, preset, load_weights=True, overrides=None):
+    """`Task.from_preset` (classifiers) for every family.
+
+    Args:
+        cls: the task class `from_preset` was called on.
+        preset: a built-in name, a local preset directory or
+            `hf://org/repo[/revision]`.
+        load_weights: bool. Whether to load the preset's weights.
+        overrides: dict of backbone or task arguments replacing the saved
+            ones; a new `num_classes` rebuilds the head.
+
+    Returns:
+        A task (an instance of `cls` or of a subclass).
+
+    Example:
+
+    >>> import keras_mobile_moe as kmm
+    >>> model = task_from_preset(
+    ...     kmm.MobileVMoE, "6x64_e10", load_weights=False,
+    ...     overrides={"num_classes": 10})
+    >>> model.num_classes
+    10
+    """
+    overrides = dict(overrides or {})
+    check_load_weights(load_weights)
+    if "backbone" in overrides:
+        raise ValueError(
+            "Received a `backbone` override. from_preset builds the "
+            f"backbone from the preset; to use your own, call "
+            f"{cls.__name__}(backbone=..., num_classes=...) directly."
+        )
+    entry = preset_registry.find(preset, cls.preset_family)
+    if entry is not None:
+        if not load_weights or not entry.get("weights"):
+            return preset_registry.build_task(cls, entry, load_weights, overrides)
+        directory, label = entry_directory(entry, load_weights)
+        task = load_task(cls, directory, True, overrides, label)
+        backbone_overrides, _ = preset_registry.split_kwargs(
+            cls.backbone_cls, overrides
+        )
+        check_matches_entry(task.backbone, entry, backbone_overrides, label)
+        return task
+    directory, label = resolve_path_or_handle(preset, load_weights)
+    return load_task(cls, directory, load_weights, overrides, label)
+
+
+# --- saving -----------------------------------------------------------------
+
+_SAVING = threading.local()
+
+
+def _remove_stale_files(preset_dir):
+    for name in hub.PRESET_FILES + ("model.weights.json",):
+        path = os.path.join(preset_dir, name)
+        if not os.path.isfile(path):
+            continue
+        if name == hub.README_FILE:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                if hub.MODEL_CARD_MARKER not in f.read():
+                    continue
+        os.remove(path)
+
+
+def _finish_preset(model, preset_dir):
+    from keras_mobile_moe import flops
+
+    metadata_path = os.path.join(preset_dir, hub.METADATA_FILE)
+    metadata = {}
+    if os.path.isfile(metadata_path):
+        with open(metadata_path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    try:
+        model_flops = flops.count_flops(model)
+    except ValueError:
+        model_flops = None
+    metadata.update(
+        {
+            "keras_mobile_moe_version": version.__version__,
+            "family": getattr(model, "preset_family", None),
+            "class_name": type(model).__name__,
+            "flops": model_flops,
+            "files_sha256": {
+                name: file_sha256(os.path.join(preset_dir, name))
+                for name in hub.WEIGHTS_FILES
+                if os.path.isfile(os.path.join(preset_dir, name))
+            },
+        }
+    )
+    with open(metadata_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(metadata, indent=4) + "\n")
+    readme = os.path.join(preset_dir, hub.README_FILE)
+    if not os.path.exists(readme):
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(hub.model_card(preset_dir))
+
+
+@contextlib.contextmanager
+def saving_preset(model, preset_dir, max_shard_size=None):
+    """Wraps keras-hub's `save_to_preset`: clears the preset files of an
+    earlier save in `preset_dir`, and afterwards adds our metadata (version,
+    family, FLOPs, sha256 of the weights files) and a model card.
+
+    Args:
+        model: the backbone or task being saved.
+        preset_dir: str or path-like. The directory to write.
+        max_shard_size: must be None: presets keep their weights in one
+            `model.weights.h5`.
+
+    Returns:
+        A context manager; run keras-hub's saving inside it.
+
+    Example:
+
+    >>> import tempfile
+    >>> import keras_mobile_moe as kmm
+    >>> backbone = kmm.MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_moe_layers=0)
+    >>> folder = tempfile.mkdtemp()
+    >>> backbone.save_to_preset(folder)   # uses saving_preset
+    >>> sorted(os.listdir(folder))
+    ['README.md', 'config.json', 'metadata.json', 'model.weights.h5']
+    """
+    if max_shard_size is not None:
+        raise ValueError(
+            f"Received: max_shard_size={max_shard_size!r}. keras_mobile_moe "
+            "presets keep their weights in one model.weights.h5; expected "
+            "None."
+        )
+    if isinstance(preset_dir, os.PathLike):
+        preset_dir = os.fspath(preset_dir)
+    if not isinstance(preset_dir, str) or not preset_dir:
+        raise ValueError(
+            f"Received: preset_dir={preset_dir!r}. Expected a directory path."
+        )
+    if os.path.exists(preset_dir) and not os.path.isdir(preset_dir):
+        raise ValueError(
+            f"Received: preset_dir={preset_dir!r}, which is a file. Expected "
+            "a directory path (it is created if needed)."
+        )
+    depth = getattr(_SAVING, "depth", 0)
+    if depth == 0:
+        os.makedirs(preset_dir, exist_ok=True)
+        _remove_stale_files(preset_dir)
+    _SAVING.depth = depth + 1
+    try:
+        yield
+    finally:
+        _SAVING.depth = depth
+    if depth == 0:
+        _finish_preset(model, preset_dir)
