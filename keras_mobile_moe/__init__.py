@@ -20,4 +20,7 @@ from keras_mobile_moe.hub import upload_preset
 from keras_mobile_moe.models import MobileVMoE
 from keras_mobile_moe.models import MobileVMoEBackbone
 from keras_mobile_moe.models import MobileVMoEImageClassifier
+from keras_mobile_moe.models import MoNE
+from keras_mobile_moe.models import MoNEBackbone
+from keras_mobile_moe.models import MoNEImageClassifier
 from keras_mobile_moe.version import __version__

@@ -98,11 +98,98 @@ def mobile_vmoe_flops(backbone, num_classes=0):
     return parts
 
 
+def nested_block_flops(token_counts, widths, num_heads, mlp_dim):
+    """FLOPs of one `NestedExpertBlock` (MoNE) for one image.
+
+    Linear layers scale with the width d_j of each token's nested expert
+    (Q, K, V read d_j features and write the full width; the attention and
+    MLP out-projections write d_j; the MLP in-projection reads d_j and
+    writes the full hidden width); layer norms run over d_j features; the
+    N^2 attention stays full width. Residual adds and the MLP scaling
+    `(alpha * r + 1)` are full width (the updates are zero-padded).
+
+    Args:
+        token_counts: tokens per nested expert, smallest first.
+        widths: width d_j of every nested expert, smallest first (the last
+            one is the full width D).
+        num_heads: int. Attention heads.
+        mlp_dim: int. MLP hidden width.
+
+    Returns:
+        A dict with `"attention"` and `"mlp"` FLOPs.
+
+    Example:
+
+    >>> full = nested_block_flops([0, 0, 0, 10], [4, 8, 16, 32], 2, 64)
+    >>> dense = transformer_block_flops(10, 32, 2, 64)
+    >>> full["attention"] == dense["attention"]
+    True
+    """
+    n, d, h = sum(token_counts), widths[-1], mlp_dim
+    # sum over tokens of their width: what every sliced matmul scales with
+    nd = sum(count * width for count, width in zip(token_counts, widths))
+    attention = (
+        LAYER_NORM * nd
+        + 3 * (2 * nd * d + n * d)  # q, k, v in-projections + bias
+        + 2 * nd * d + nd  # output out-projection + bias
+        + n * d  # query scaling
+        + 2 * (2 * n * n * d)  # q @ k^T and attention @ v
+        + SOFTMAX * num_heads * n * n
+        + n * d  # residual
+    )
+    mlp = (
+        LAYER_NORM * nd
+        + 2 * nd * h + n * h  # in-projection + bias
+        + GELU_TANH * n * h
+        + 2 * nd * h + nd  # out-projection + bias
+        + 2 * n + n * d  # (alpha * r + 1) and its product
+        + n * d  # residual
+    )
+    return {"attention": attention, "mlp": mlp}
+
+
+def mone_flops(backbone, num_classes=0, capacity_budget=None):
+    """Per-part FLOPs of a `MoNEBackbone` (plus mean pooling and a linear
+    head) at its capacity budget or at `capacity_budget`.
+
+    Args:
+        backbone: a `MoNEBackbone`.
+        num_classes: int. Width of the linear head (0 for the backbone alone).
+        capacity_budget: float or None (the backbone's budget).
+
+    Returns:
+        A dict of FLOPs per part: `patch_embedding`, `router`, `attention`,
+        `mlp`, `head`.
+    """
+    height, width, channels = backbone.image_shape
+    patch = backbone.patch_size
+    n = backbone.num_tokens
+    d = backbone.hidden_dim
+    experts = backbone.num_nested_experts
+    counts = backbone.token_counts(capacity_budget)
+    block = nested_block_flops(
+        counts, backbone.expert_widths, backbone.num_heads, backbone.mlp_dim
+    )
+    head = LAYER_NORM * n * d  # final norm
+    if num_classes:
+        head += n * d + 2 * d * num_classes + num_classes  # mean + linear
+    return {
+        "patch_embedding": 2 * n * patch * patch * channels * d
+        + n * d  # bias
+        + n * d,  # position embedding
+        "router": 2 * n * d * experts + n * experts + SOFTMAX * n * experts,
+        "attention": backbone.num_layers * block["attention"],
+        "mlp": backbone.num_layers * block["mlp"],
+        "head": head,
+    }
+
+
 def flops_breakdown(model):
     """Per-part forward FLOPs of one image for a model or backbone.
 
     Args:
-        model: a `MobileVMoEImageClassifier` or `MobileVMoEBackbone`.
+        model: a `MobileVMoEImageClassifier`, `MobileVMoEBackbone`,
+            `MoNEImageClassifier` or `MoNEBackbone`.
 
     Returns:
         A dict of FLOPs per part of the model.
@@ -118,13 +205,18 @@ def flops_breakdown(model):
         MobileVMoEBackbone,
     )
 
+    from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
+
     backbone = getattr(model, "backbone", None) or model
+    num_classes = getattr(model, "num_classes", 0) if model is not backbone else 0
     if isinstance(backbone, MobileVMoEBackbone):
-        num_classes = getattr(model, "num_classes", 0) if model is not backbone else 0
         return mobile_vmoe_flops(backbone, num_classes)
+    if isinstance(backbone, MoNEBackbone):
+        return mone_flops(backbone, num_classes)
     raise ValueError(
         f"count_flops does not know models of type {type(model).__name__}. "
-        "Accepted: MobileVMoEImageClassifier, MobileVMoEBackbone."
+        "Accepted: MobileVMoEImageClassifier, MobileVMoEBackbone, "
+        "MoNEImageClassifier, MoNEBackbone."
     )
 
 
@@ -134,8 +226,12 @@ def count_flops(model):
     One multiply-add = 2 FLOPs (the paper's convention). For a Mobile V-MoE
     with k = 1 this equals the dense ViT of the same scale plus the router.
 
+    For MoNE, at the model's current `capacity_budget`: linear layers
+    count each token at the width of its nested expert.
+
     Args:
-        model: a `MobileVMoEImageClassifier` or `MobileVMoEBackbone`.
+        model: a `MobileVMoEImageClassifier`, `MobileVMoEBackbone`,
+            `MoNEImageClassifier` or `MoNEBackbone`.
 
     Returns:
         int. FLOPs of one forward pass for one image.

@@ -1,9 +1,10 @@
 """Writes the architecture presets of every paper scale into `presets/`.
 
 One JSON file per preset: dense `{L}x{D}` and MoE `{L}x{D}_e10` (E=10, k=1,
-L=2) for the 12 scales of `keras_mobile_moe.variants`, with the aliases
-`tiny`/`small` (+ `_e10`), parameter counts and FLOPs measured on the built
-model. Entries that already name weights keep them.
+L=2) of the Mobile V-MoE family, and MoNE `{L}x{D}_mone` (E=4 nested experts,
+capacity budget 0.5) for the 12 scales of `keras_mobile_moe.variants`, with the
+aliases `tiny`/`small` (+ `_e10`, `_mone`), parameter counts and FLOPs
+measured on the built model. Entries that already name weights keep them.
 
 Usage:
     KERAS_BACKEND=jax python scripts/make_presets.py
@@ -19,6 +20,7 @@ PRESETS = pathlib.Path(__file__).resolve().parents[1] / "presets"
 ALIAS_OF = {scale: alias for alias, scale in variants.ALIASES.items()}
 MOE = {"num_experts": 10, "top_k": 1, "num_moe_layers": 2}
 DENSE = {"num_experts": 0, "top_k": 1, "num_moe_layers": 0}
+MONE = {"num_nested_experts": 4, "capacity_budget": 0.5}
 
 
 def entry_for(scale, moe):
@@ -44,10 +46,35 @@ def entry_for(scale, moe):
     return entry
 
 
+def mone_entry_for(scale):
+    layers, width = scale.split("x")
+    return {
+        "name": scale + "_mone",
+        "aliases": [ALIAS_OF[scale] + "_mone"] if scale in ALIAS_OF else [],
+        "family": "mone",
+        "class": "MoNEImageClassifier",
+        "description": (
+            "MoNE (4 nested experts, Expert Preferred Routing, capacity "
+            f"budget 0.5), {layers} layers x width {width}, patch 32 at "
+            "224x224, mean pooling, 1000-class head. Architecture only "
+            "(random weights)."
+        ),
+        "variant": scale,
+        "backbone": MONE,
+        "task": {"num_classes": 1000},
+        "training_data": None,
+        "accuracy": None,
+        "weights": None,
+    }
+
+
 def main():
     for scale in variants.VARIANTS:
-        for moe in (False, True):
-            entry = entry_for(scale, moe)
+        for moe in (False, True, "mone"):
+            if moe == "mone":
+                entry = mone_entry_for(scale)
+            else:
+                entry = entry_for(scale, moe)
             path = PRESETS / f"{entry['name']}.json"
             if path.exists():
                 old = json.loads(path.read_text())
@@ -55,10 +82,11 @@ def main():
                 entry["training_data"] = old.get("training_data")
                 entry["accuracy"] = old.get("accuracy")
             # Measure on the real model so the numbers cannot drift.
-            backbone = kmm.MobileVMoEBackbone(
+            family = kmm.MoNE if moe == "mone" else kmm.MobileVMoE
+            backbone = family.backbone_cls(
                 **variants.get_variant(scale), **entry["backbone"]
             )
-            model = kmm.MobileVMoE(backbone, num_classes=1000)
+            model = family(backbone, num_classes=1000)
             entry["params"] = int(model.count_params())
             entry["flops"] = kmm.count_flops(model)
             path.write_text(json.dumps(entry, indent=2) + "\n")

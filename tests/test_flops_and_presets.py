@@ -121,6 +121,10 @@ def test_preset_files_are_valid_and_match_the_variant_table():
         ]
         assert config["mlp_dim"] == 4 * config["hidden_dim"]
         assert config["patch_size"] == 32
+        if entry["family"] == "mone":
+            assert entry["name"].endswith("_mone")
+            assert config["num_nested_experts"] == 4
+            continue
         moe = entry["name"].endswith("_e10")
         assert config["num_moe_layers"] == (2 if moe else 0)
         assert config["num_experts"] == (10 if moe else 0)

@@ -50,9 +50,12 @@ def permute_tokens(tokens, order):
     """
     num_tokens = tokens.shape[1]
     feature_shape = tuple(tokens.shape[2:])
-    batch = ops.shape(tokens)[0]
-    offsets = ops.expand_dims(ops.arange(batch, dtype="int32") * num_tokens, 1)
-    rows = ops.reshape(ops.cast(order, "int32") + offsets, (-1,))
+    order = ops.cast(order, "int32")
+    # Row offset b * num_tokens of every image, without the (possibly
+    # symbolic) batch size.
+    first = ops.ones_like(order[:, :1])
+    offsets = (ops.cumsum(first, axis=0) - first) * num_tokens
+    rows = ops.reshape(order + offsets, (-1,))
     flat = ops.reshape(tokens, (-1, *feature_shape))
     return ops.reshape(
         ops.take(flat, rows, axis=0), (-1, num_tokens, *feature_shape)
@@ -208,7 +211,10 @@ class NestedExpertRouter(keras.layers.Layer):
 
     def call(self, inputs):
         logits = ops.cast(self.dense(inputs), "float32")
-        probs = ops.softmax(logits, axis=-1)
+        if self.num_nested_experts == 1:  # one expert: nothing to choose
+            probs = ops.ones_like(logits)
+        else:
+            probs = ops.softmax(logits, axis=-1)
         counts = self.token_counts(inputs.shape[1])
         expert_index, token_order, token_position = expert_preferred_routing(
             probs, counts

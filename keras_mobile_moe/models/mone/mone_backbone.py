@@ -1,0 +1,313 @@
+import keras
+from keras_hub.models import Backbone
+
+from keras_mobile_moe import preset_loader
+from keras_mobile_moe import preset_registry
+from keras_mobile_moe.capacity import check_capacity_budget
+from keras_mobile_moe.capacity import expert_token_counts
+from keras_mobile_moe.layers.nested_expert_block import NestedExpertBlock
+from keras_mobile_moe.layers.nested_expert_block import check_nested_width
+from keras_mobile_moe.layers.nested_expert_block import nested_widths
+from keras_mobile_moe.layers.nested_expert_router import NestedExpertRouter
+from keras_mobile_moe.layers.nested_expert_router import permute_tokens
+from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
+from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
+    check_image_shape,
+)
+from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
+    check_images,
+)
+from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_rate
+
+
+@keras.saving.register_keras_serializable(package="keras_mobile_moe")
+class MoNEBackbone(Backbone):
+    """Mixture of Nested Experts (MoNE) vision transformer backbone.
+
+    Jain et al., "Mixture of Nested Experts: Adaptive Processing of Visual
+    Tokens", NeurIPS 2024 (arXiv 2407.19985). A ViT (no class token) with
+    the parameters of the dense model of its scale, whose every block holds
+    `num_nested_experts` nested experts of widths D/8, D/4, D/2, D (E = 4).
+    One `NestedExpertRouter` on the patch embeddings assigns every token to
+    one expert with Expert Preferred Routing; all blocks reuse that
+    assignment. The tokens are grouped by expert once, after the router, so
+    every `NestedExpertBlock` multiplies each group only by its weight slice
+    (attention, which is permutation-equivariant, still sees all tokens at
+    full width); the output is put back in patch order.
+
+    `capacity_budget` (e_c, the fraction of the dense model's linear-layer
+    compute per token) fixes how many tokens each expert takes
+    (`kmm.capacity_distribution`). It is part of the config and can also be
+    changed on a built, trained or loaded model for inference without
+    retraining: `backbone.capacity_budget = 0.3`.
+
+    Args:
+        num_layers: int. Transformer blocks.
+        hidden_dim: int. Token width D; divisible by `num_heads` and by
+            2^(num_nested_experts-1).
+        num_heads: int. Attention heads.
+        mlp_dim: int. Hidden width of the MLPs.
+        image_shape: (height, width, channels) of the input images.
+        patch_size: int. Side of the square patches.
+        num_nested_experts: int >= 1. Nested experts E per block.
+        capacity_budget: float in `[1/2^(E-1), 1]`. The compute budget e_c.
+        dropout_rate: float in [0, 1). Dropout in MLPs and branch outputs.
+        attention_dropout_rate: float in [0, 1). Dropout on attention weights.
+        drop_path_rate: float in [0, 1). Stochastic depth of the last block;
+            earlier blocks get linearly smaller rates.
+        layer_norm_epsilon: float. Epsilon of the layer norms.
+        dtype: dtype policy of the model.
+
+    Call arguments:
+        images: float tensor `[batch, height, width, channels]` (named
+            `images`), already scaled; see `MoNEImageClassifierPreprocessor`.
+
+    Returns:
+        A dict with `"sequence_output"`: the normalised tokens
+        `[batch, num_patches, hidden_dim]` in patch order;
+        `"router_probs"`: float32 `[batch, num_patches, num_nested_experts]`;
+        `"expert_index"`: int32 `[batch, num_patches]`, the nested expert
+        (0 = smallest) of every patch.
+
+    Example:
+
+    >>> import numpy as np
+    >>> backbone = MoNEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, capacity_budget=0.5)
+    >>> outputs = backbone(np.zeros((2, 32, 32, 3), "float32"))
+    >>> tuple(outputs["sequence_output"].shape)
+    (2, 16, 16)
+    >>> np.bincount(np.asarray(outputs["expert_index"][0]), minlength=4).tolist()
+    [5, 3, 4, 4]
+    >>> backbone.capacity_budget = 1.0  # e.g. on a trained model
+    >>> np.asarray(backbone(np.zeros((1, 32, 32, 3)))["expert_index"]).max()
+    np.int32(3)
+    """
+
+    def __init__(
+        self,
+        num_layers,
+        hidden_dim,
+        num_heads,
+        mlp_dim,
+        image_shape=(224, 224, 3),
+        patch_size=32,
+        num_nested_experts=4,
+        capacity_budget=0.5,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        drop_path_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        dtype=None,
+        **kwargs,
+    ):
+        check_int("patch_size", patch_size, minimum=1)
+        image_shape = check_image_shape(image_shape, patch_size)
+        check_int("num_layers", num_layers, minimum=1)
+        check_int("hidden_dim", hidden_dim, minimum=1)
+        check_int("num_nested_experts", num_nested_experts, minimum=1)
+        check_nested_width(hidden_dim, num_nested_experts)
+        check_capacity_budget(capacity_budget, num_nested_experts)
+        check_rate("drop_path_rate", drop_path_rate)
+
+        # === Layers ===
+        self.patch_embedding = PatchEmbedding(
+            hidden_dim=hidden_dim,
+            patch_size=patch_size,
+            use_class_token=False,
+            dtype=dtype,
+            name="patch_embedding",
+        )
+        self.router = NestedExpertRouter(
+            num_nested_experts=num_nested_experts,
+            capacity_budget=capacity_budget,
+            dtype=dtype,
+            name="router",
+        )
+        self.encoder_blocks = [
+            NestedExpertBlock(
+                hidden_dim=hidden_dim,
+                num_heads=num_heads,
+                mlp_dim=mlp_dim,
+                num_nested_experts=num_nested_experts,
+                capacity_budget=capacity_budget,
+                dropout_rate=dropout_rate,
+                attention_dropout_rate=attention_dropout_rate,
+                drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
+                layer_norm_epsilon=layer_norm_epsilon,
+                dtype=dtype,
+                name=f"nested_block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
+        )
+
+        # === Functional model ===
+        images = keras.Input(shape=image_shape, name="images")
+        x = self.patch_embedding(images)
+        probs, expert_index, order, position, gates = self.router(x)
+        x = permute_tokens(x, order)  # grouped by expert, once
+        for block in self.encoder_blocks:
+            x = block(x, gates)
+        x = permute_tokens(self.final_norm(x), position)  # patch order
+        outputs = {
+            "sequence_output": x,
+            "router_probs": probs,
+            "expert_index": expert_index,
+        }
+        super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
+
+        # === Config ===
+        self.image_shape = image_shape
+        self.patch_size = patch_size
+        self.num_layers = num_layers
+        self.hidden_dim = hidden_dim
+        self.num_heads = num_heads
+        self.mlp_dim = mlp_dim
+        self.num_nested_experts = num_nested_experts
+        self._capacity_budget = float(capacity_budget)
+        self.dropout_rate = dropout_rate
+        self.attention_dropout_rate = attention_dropout_rate
+        self.drop_path_rate = drop_path_rate
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    @property
+    def capacity_budget(self):
+        """The compute budget e_c; assign to change it (no retraining)."""
+        return self._capacity_budget
+
+    @capacity_budget.setter
+    def capacity_budget(self, value):
+        check_capacity_budget(value, self.num_nested_experts)
+        self._capacity_budget = float(value)
+        self.use_budget(value)
+        # Compiled predict/evaluate/train steps hold the old group sizes.
+        self.train_function = None
+        self.test_function = None
+        self.predict_function = None
+
+    def use_budget(self, capacity_budget):
+        """Sets the budget of the router and blocks only, not the config.
+
+        Used by adaptive training to run one step at a sampled budget; the
+        config value `capacity_budget` stays the inference budget.
+        """
+        self.router.capacity_budget = capacity_budget
+        for block in self.encoder_blocks:
+            block.capacity_budget = capacity_budget
+
+    @property
+    def num_tokens(self):
+        """Tokens per image N (patches; MoNE uses no class token)."""
+        height, width = self.image_shape[:2]
+        return (height // self.patch_size) * (width // self.patch_size)
+
+    @property
+    def expert_widths(self):
+        """The width d_j of every nested expert, smallest first."""
+        return nested_widths(self.hidden_dim, self.num_nested_experts)
+
+    def token_counts(self, capacity_budget=None):
+        """Tokens per expert of every image (smallest first) at a budget.
+
+        Args:
+            capacity_budget: float or None (the model's `capacity_budget`).
+
+        Returns:
+            A tuple of ints summing to `num_tokens`.
+        """
+        budget = self.capacity_budget
+        if capacity_budget is not None:
+            budget = check_capacity_budget(
+                capacity_budget, self.num_nested_experts
+            )
+        return expert_token_counts(
+            budget, self.num_tokens, self.num_nested_experts
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        check_images(inputs, self.image_shape)
+        return super().call(inputs, training=training, mask=mask)
+
+    preset_family = "mone"
+
+    @classmethod
+    def from_preset(cls, preset, load_weights=True, **kwargs):
+        """Builds a backbone from a preset name, directory or `hf://` handle.
+
+        Args:
+            preset: a built-in name (see `MoNEBackbone.presets`), a local
+                preset directory, or `hf://org/repo[/revision]`.
+            load_weights: bool. Whether to load the preset's weights.
+            **kwargs: overrides of backbone arguments, e.g.
+                `capacity_budget=0.3`.
+
+        Returns:
+            A `MoNEBackbone`.
+
+        Example:
+
+        >>> backbone = MoNEBackbone.from_preset("6x64_mone", load_weights=False)
+        >>> backbone.num_layers, backbone.hidden_dim, backbone.num_nested_experts
+        (6, 64, 4)
+        """
+        return preset_loader.backbone_from_preset(
+            cls, preset, load_weights, kwargs
+        )
+
+    def save_to_preset(self, preset_dir, max_shard_size=None):
+        """Saves the backbone as a keras-hub preset directory.
+
+        Writes `config.json` (with the current `capacity_budget`),
+        `model.weights.h5`, `metadata.json` and a `README.md` model card;
+        loadable with `from_preset(preset_dir)`.
+
+        Args:
+            preset_dir: str or path-like. The directory (created if needed).
+            max_shard_size: None (weights are kept in one file).
+
+        Returns:
+            None.
+
+        Example:
+
+        >>> import tempfile
+        >>> backbone = MoNEBackbone(
+        ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+        ...     hidden_dim=16, num_heads=2, mlp_dim=32, capacity_budget=0.4)
+        >>> folder = tempfile.mkdtemp()
+        >>> backbone.save_to_preset(folder)
+        >>> MoNEBackbone.from_preset(folder, capacity_budget=0.7).capacity_budget
+        0.7
+        """
+        with preset_loader.saving_preset(self, preset_dir, max_shard_size):
+            super().save_to_preset(preset_dir, max_shard_size=None)
+
+    @preset_registry.classproperty
+    def presets(cls):
+        """Built-in presets: name -> registry entry (aliases included)."""
+        return preset_registry.presets_of(cls.preset_family)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "image_shape": list(self.image_shape),
+                "patch_size": self.patch_size,
+                "num_layers": self.num_layers,
+                "hidden_dim": self.hidden_dim,
+                "num_heads": self.num_heads,
+                "mlp_dim": self.mlp_dim,
+                "num_nested_experts": self.num_nested_experts,
+                "capacity_budget": self.capacity_budget,
+                "dropout_rate": self.dropout_rate,
+                "attention_dropout_rate": self.attention_dropout_rate,
+                "drop_path_rate": self.drop_path_rate,
+                "layer_norm_epsilon": self.layer_norm_epsilon,
+            }
+        )
+        return config
