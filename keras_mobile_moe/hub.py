@@ -298,7 +298,8 @@ def model_card(preset_dir, handle=None):
         "",
         "| | |",
         "|---|---|",
-        f"| parameters (backbone) | {_format_count(metadata.get('parameter_count'))} |",
+        "| parameters (backbone) | "
+        f"{_format_count(metadata.get('parameter_count'))} |",
         f"| FLOPs per image | {_format_count(metadata.get('flops'))} |",
         f"| image shape | {backbone_config.get('image_shape')} |",
     ]
