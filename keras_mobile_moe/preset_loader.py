@@ -402,11 +402,12 @@ def load_task(cls, directory, load_weights, overrides, label):
     backbone_overrides, task_overrides = preset_registry.split_kwargs(
         backbone_cls, overrides
     )
-    backbone_json = read_config(directory, hub.CONFIG_FILE, label, required=True)
-    class_of(backbone_json, hub.CONFIG_FILE, label, backbone_cls)
     task_json = read_config(directory, hub.TASK_CONFIG_FILE, label, required=False)
     if task_json is not None:
         task_cls = class_of(task_json, hub.TASK_CONFIG_FILE, label, cls)
+    backbone_json = read_config(directory, hub.CONFIG_FILE, label, required=True)
+    class_of(backbone_json, hub.CONFIG_FILE, label, backbone_cls)
+    if task_json is not None:
         task_config = dict(task_json["config"])
         backbone_config = task_config.pop("backbone", None) or backbone_json
         class_of(backbone_config, hub.TASK_CONFIG_FILE, label, backbone_cls)

@@ -676,3 +676,32 @@ def test_offline_loading_in_a_fresh_process(saved, tmp_path):
     assert out["keras_hub"] == "MobileVMoEBackbone"
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in out["missing"]
     assert cache in out["missing"]
+
+
+# --- every family plugs in the same way ----------------------------------------
+
+
+def test_mone_family_uses_the_same_preset_machinery(saved, tmp_path):
+    backbone = kmm.MoNEBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
+        num_heads=2, mlp_dim=64,
+    )
+    model = kmm.MoNE(
+        backbone, num_classes=4,
+        preprocessor=preset_registry.default_preprocessor(kmm.MoNE, backbone),
+    )
+    folder = str(tmp_path / "mone")
+    model.save_to_preset(folder)
+    metadata = json.load(open(os.path.join(folder, "metadata.json")))
+    assert metadata["family"] == "mone"
+    assert metadata["flops"] == kmm.count_flops(model)
+    loaded = kmm.MoNE.from_preset(folder)
+    np.testing.assert_array_equal(logits(loaded), logits(model))
+    assert kmm.MoNE.from_preset(folder, num_classes=2).num_classes == 2
+    with pytest.raises(ValueError, match="not a MobileVMoEImageClassifier. It "
+                       "is a 'mone' preset: load it with MoNEImageClassifier"):
+        kmm.MobileVMoE.from_preset(folder)
+    with pytest.raises(ValueError, match="It is a 'mobile_vmoe' preset"):
+        kmm.MoNE.from_preset(saved[1])
+    with pytest.raises(ValueError, match="is a 'mobile_vmoe' preset"):
+        kmm.MoNE.from_preset("tiny_e10", load_weights=False)
