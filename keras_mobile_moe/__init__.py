@@ -5,6 +5,7 @@ baselines in Keras 3, on the JAX, TensorFlow and PyTorch backends.
 """
 
 from keras_mobile_moe import datasets
+from keras_mobile_moe import export
 from keras_mobile_moe import layers
 from keras_mobile_moe import losses
 from keras_mobile_moe import models

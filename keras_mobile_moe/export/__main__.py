@@ -63,7 +63,7 @@ def main(argv):
     from keras_mobile_moe.export.tflite import to_tflite
 
     if MODEL_FILE.value:
-        model = keras.saving.load_model(MODEL_FILE.value)
+        model = keras.saving.load_model(MODEL_FILE.value, compile=False)
     else:
         model = kmm.MobileVMoE.from_preset(
             PRESET.value, load_weights=not RANDOM_WEIGHTS.value

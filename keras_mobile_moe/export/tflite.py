@@ -11,7 +11,6 @@ V-MoE, `router_logits`). It contains only TFLite builtin ops, which is checked
 after conversion.
 """
 
-import json
 import os
 import pathlib
 import subprocess
@@ -145,23 +144,6 @@ def _expert_kernel_shapes(model):
     return shapes
 
 
-def _serving_function(model):
-    """`images -> {"logits", "router_logits"?}` for one image."""
-
-    def serve(images):
-        if getattr(model.backbone, "is_moe", False):
-            outputs = model(images, training=True)
-            # training=True only selects the outputs; no layer is stochastic
-            # at export because dropout/drop-path are disabled below.
-            return {
-                "logits": outputs["logits"],
-                "router_logits": outputs["router_logits"],
-            }
-        return {"logits": model(images, training=False)}
-
-    return serve
-
-
 def _check_arguments(model, quantization, representative_data):
     if quantization not in QUANTIZATIONS:
         raise ValueError(
@@ -195,7 +177,10 @@ def _convert_on_tensorflow(model, quantization, representative_data):
     """Converts on the TensorFlow backend; returns the flatbuffer bytes."""
     tf = _import_tensorflow()
     image_shape = tuple(model.backbone.image_shape)
-    serving = keras.Model(model.input, model.output)
+    outputs = model.output
+    if not isinstance(outputs, dict):
+        outputs = {"logits": outputs}
+    serving = keras.Model(model.input, outputs)
     with tempfile.TemporaryDirectory() as saved_model:
         archive = keras.export.ExportArchive()
         archive.track(serving)
