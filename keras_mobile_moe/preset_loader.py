@@ -693,6 +693,12 @@ def saving_preset(model, preset_dir, max_shard_size=None):
         raise ValueError(
             f"Received: preset_dir={preset_dir!r}. Expected a directory path."
         )
+    if "://" in preset_dir:
+        raise ValueError(
+            f"Received: preset_dir={preset_dir!r}. save_to_preset writes a "
+            "local directory; save there, then publish it with "
+            "kmm.upload_preset('hf://org/repo', preset_dir)."
+        )
     if os.path.exists(preset_dir) and not os.path.isdir(preset_dir):
         raise ValueError(
             f"Received: preset_dir={preset_dir!r}, which is a file. Expected "

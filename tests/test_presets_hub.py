@@ -160,6 +160,8 @@ def test_save_rejects_sharding_and_files(tmp_path):
     backbone = kmm.MobileVMoEBackbone(**TINY)
     with pytest.raises(ValueError, match="max_shard_size=1.*expected None"):
         backbone.save_to_preset(str(tmp_path / "a"), max_shard_size=1)
+    with pytest.raises(ValueError, match="writes a local directory"):
+        backbone.save_to_preset("hf://org/repo")
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="which is a file"):
         backbone.save_to_preset(str(tmp_path / "file"))
