@@ -110,3 +110,56 @@ def test_bad_arguments_raise(trained, tmp_path):
         )
     with pytest.raises(ValueError, match="exports classifier tasks"):
         to_tflite(model.backbone, tmp_path / "x.tflite")
+
+
+def test_expert_split_matches_single_file_with_dense_sized_memory(
+    trained, exported, tmp_path
+):
+    from keras_mobile_moe.export import ExpertSplitRunner
+    from keras_mobile_moe.export import to_tflite_expert_split
+
+    model, images, logits, routes = trained
+    manifest = to_tflite_expert_split(model, tmp_path / "split")
+    assert len(manifest["experts"]) == model.backbone.num_experts
+    runner = ExpertSplitRunner(tmp_path / "split")
+    single = TFLiteClassifier(exported["none"]["path"])
+    subset = images[::10]
+    for image, want_route in zip(subset, routes[::10]):
+        got = runner(image)
+        want = single(image)
+        assert got["expert"] == want_route
+        assert np.abs(got["logits"] - want["logits"]).max() <= 1e-4
+    # Resident weights: the trunk and one expert path, vs the dense twin.
+    dense_config = {**model.backbone.get_config(), "num_moe_layers": 0}
+    dense = kmm.MobileVMoE(
+        kmm.MobileVMoEBackbone.from_config(dense_config), num_classes=100
+    )
+    dense_bytes = to_tflite(dense, tmp_path / "dense.tflite")["bytes"]
+    resident = manifest["trunk"]["bytes"] + max(
+        e["bytes"] for e in manifest["experts"]
+    )
+    print(f"resident {resident} B, dense {dense_bytes} B, "
+          f"single file {exported['none']['bytes']} B")
+    assert resident <= 1.1 * dense_bytes
+    assert exported["none"]["bytes"] > 1.5 * resident
+
+
+def test_cli_exports_a_preset_with_builtin_ops_only(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli.tflite"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_mobile_moe.export", "--preset",
+         "6x64_e10", "--random_weights", "--quantization", "int8",
+         "--num_calibration", "8", "--out", str(out)],
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out.exists() and report["bytes"] == out.stat().st_size
+    assert report["stacked_expert_tensors"] == 4
+    assert not [op for op in report["ops"] if op.startswith("Flex")]

@@ -23,7 +23,11 @@ QUANTIZATION = flags.DEFINE_enum(
     "quantization", "none", ["none", "float16", "dynamic", "int8"],
     "Post-training quantization.",
 )
-OUT = flags.DEFINE_string("out", None, "Output .tflite path.", required=True)
+OUT = flags.DEFINE_string("out", None, "Output .tflite path.")
+EXPERT_SPLIT_DIR = flags.DEFINE_string(
+    "expert_split_dir", None,
+    "Instead of one file, write a trunk and one file per expert here.",
+)
 REPRESENTATIVE = flags.DEFINE_string(
     "representative_file", None, ".npy of calibration images (input format)."
 )
@@ -33,11 +37,8 @@ NUM_CALIBRATION = flags.DEFINE_integer(
 RANDOM_WEIGHTS = flags.DEFINE_bool(
     "random_weights", False, "Export a preset's architecture with random weights."
 )
-flags.register_validator(
-    "preset",
-    lambda _: bool(PRESET.value) != bool(MODEL_FILE.value),
-    "Give exactly one of --preset or --model_file.",
-)
+flags.mark_flags_as_mutual_exclusive(["preset", "model_file"], required=True)
+flags.mark_flags_as_mutual_exclusive(["out", "expert_split_dir"], required=True)
 
 
 def calibration_images(model, count):
@@ -60,6 +61,7 @@ def main(argv):
     import numpy as np
 
     import keras_mobile_moe as kmm
+    from keras_mobile_moe.export.expert_split import to_tflite_expert_split
     from keras_mobile_moe.export.tflite import to_tflite
 
     if MODEL_FILE.value:
@@ -68,6 +70,12 @@ def main(argv):
         model = kmm.MobileVMoE.from_preset(
             PRESET.value, load_weights=not RANDOM_WEIGHTS.value
         )
+    if EXPERT_SPLIT_DIR.value:
+        manifest = to_tflite_expert_split(
+            model, EXPERT_SPLIT_DIR.value, QUANTIZATION.value
+        )
+        print(json.dumps(manifest))
+        return
     data = None
     if QUANTIZATION.value == "int8":
         if REPRESENTATIVE.value:

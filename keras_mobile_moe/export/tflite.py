@@ -173,23 +173,48 @@ def _check_arguments(model, quantization, representative_data):
     return None
 
 
-def _convert_on_tensorflow(model, quantization, representative_data):
-    """Converts on the TensorFlow backend; returns the flatbuffer bytes."""
-    tf = _import_tensorflow()
-    image_shape = tuple(model.backbone.image_shape)
+def _serving_model(model):
+    """The classifier as a functional model returning a dict of outputs."""
     outputs = model.output
     if not isinstance(outputs, dict):
         outputs = {"logits": outputs}
-    serving = keras.Model(model.input, outputs)
+    return keras.Model(model.input, outputs)
+
+
+def convert_functional(serving, quantization="none", representative_data=None):
+    """Converts a functional Keras model to TFLite bytes (TF backend only).
+
+    Every input gets batch size 1 and its fixed shape; the outputs keep
+    their names. Only TFLite builtin ops are allowed.
+
+    Args:
+        serving: a functional `keras.Model` built on the TensorFlow backend.
+        quantization: one of `QUANTIZATIONS`.
+        representative_data: for `"int8"`, images for the (single) input.
+
+    Returns:
+        The `.tflite` flatbuffer as bytes.
+    """
+    tf = _import_tensorflow()
+    if keras.config.backend() != "tensorflow":
+        raise RuntimeError(
+            "convert_functional runs on the TensorFlow backend; to_tflite "
+            "handles other backends with a subprocess."
+        )
+    # Named specs name the file's signature inputs (e.g. "images").
+    specs = [
+        tf.TensorSpec((1, *tensor.shape[1:]), tensor.dtype, name=tensor.name)
+        for tensor in serving.inputs
+    ]
     with tempfile.TemporaryDirectory() as saved_model:
         archive = keras.export.ExportArchive()
         archive.track(serving)
         archive.add_endpoint(
             "serve",
-            lambda images: serving(images, training=False),
-            input_signature=[
-                keras.InputSpec(shape=(1, *image_shape), dtype="float32")
-            ],
+            lambda *inputs: serving(
+                inputs[0] if len(inputs) == 1 else list(inputs), training=False
+            ),
+            input_signature=specs,
         )
         archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
@@ -249,10 +274,12 @@ def to_tflite(model, path, quantization="none", representative_data=None):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if keras.config.backend() == "tensorflow":
-        flatbuffer = _convert_on_tensorflow(model, quantization, data)
+        flatbuffer = convert_functional(_serving_model(model), quantization, data)
         path.write_bytes(flatbuffer)
     else:
-        _convert_in_subprocess(model, path, quantization, data)
+        convert_in_subprocess(
+            model, ["--out", str(path), "--quantization", quantization], data
+        )
     return inspect_tflite(model, path, quantization)
 
 
@@ -275,15 +302,15 @@ def inspect_tflite(model, path, quantization):
     }
 
 
-def _convert_in_subprocess(model, path, quantization, data):
+def convert_in_subprocess(model, arguments, data=None):
+    """Runs the export CLI on the TensorFlow backend for a model built on
+    another backend (the weights are backend-neutral)."""
     with tempfile.TemporaryDirectory() as workdir:
         model_file = os.path.join(workdir, "model.keras")
         model.save(model_file)
         command = [
             sys.executable, "-m", "keras_mobile_moe.export",
-            "--model_file", model_file,
-            "--quantization", quantization,
-            "--out", str(path),
+            "--model_file", model_file, *arguments,
         ]
         if data is not None:
             data_file = os.path.join(workdir, "representative.npy")
@@ -330,13 +357,17 @@ class TFLiteClassifier:
     def __init__(self, path_or_bytes, num_threads=1):
         self.interpreter = load_interpreter(path_or_bytes, num_threads)
         self.runner = self.interpreter.get_signature_runner()
-        (self.input_name,) = self.runner.get_input_details()
+        self.input_name = next(iter(self.runner.get_input_details()))
 
     def __call__(self, image):
         image = np.asarray(image, dtype="float32")
         if image.ndim == 3:
             image = image[None]
-        outputs = self.runner(**{self.input_name: image})
+        return self.run(**{self.input_name: image})
+
+    def run(self, **inputs):
+        """Runs the signature with named inputs; returns numpy outputs."""
+        outputs = self.runner(**inputs)
         return {name: np.asarray(value) for name, value in outputs.items()}
 
     def predict(self, images):
