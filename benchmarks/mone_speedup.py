@@ -1,0 +1,181 @@
+"""Throughput of MoNE at several compute budgets over the dense ViT.
+
+For each scale (default: ViT-Ti/16 at 224, i.e. 12x192 with patch 16 and 196
+tokens, and the `tiny_mone` preset, 12x192 with patch 32 and 49 tokens), one
+MoNE classifier is built and compiled at budgets 1.0, 0.6, 0.4 and 0.3 (the
+same weights: the budget is changed on the built model), next to two dense
+ViTs of the same scale (no class token, mean pooling, the same head):
+
+- `dense`: the same computation in the same kernels: `NestedExpertBlock`s
+  with one nested expert (the full width) and no router. This is the
+  baseline of the goal: the speed-up it shows comes from the nesting only.
+- `dense_mha`: the package's dense ViT (`MobileVMoEBackbone` without MoE
+  layers), whose attention is Keras' `MultiHeadAttention`. On XLA:CPU its
+  `dot_product_attention` layout is several times slower than the heads-first
+  matmuls of `NestedExpertBlock`, so ratios against it also contain that
+  implementation difference; they are printed for completeness.
+
+Everything runs in one process, compiled (JAX jit), warmed up and timed
+alternately at batch 64; the table shows the FLOPs ratio (`kmm.count_flops`,
+MoNE / dense) and the wall-clock ratio side by side. Goal (issue 3): at
+budget 0.4 the realised speed-up over `dense` is at least 0.8 x the FLOPs
+reduction, i.e. wall ratio <= FLOPs ratio / 0.8.
+
+Usage:
+    KERAS_BACKEND=jax python benchmarks/mone_speedup.py [--repeats 10]
+
+Writes benchmarks/results/mone_speedup_<backend>.json.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import keras  # noqa: E402
+from keras import ops  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
+from common import compiled_forward  # noqa: E402
+from common import convert_images  # noqa: E402
+from common import machine  # noqa: E402
+from common import median_ms  # noqa: E402
+from common import random_images  # noqa: E402
+from common import time_interleaved  # noqa: E402
+from keras_mobile_moe import variants  # noqa: E402
+
+BUDGETS = (1.0, 0.6, 0.4, 0.3)
+GOAL_BUDGET = 0.4
+GOAL_FRACTION = 0.8  # realised speed-up >= 0.8 x FLOPs reduction
+
+
+def scale_config(spec):
+    """`"12x192/16"` -> backbone arguments of that scale with patch 16."""
+    scale, _, patch = spec.partition("/")
+    config = variants.get_variant(scale)
+    if patch:
+        config["patch_size"] = int(patch)
+    return config
+
+
+def same_kernel_dense_vit(config, num_classes):
+    """The dense ViT in MoNE's kernels: patch embedding (no class token),
+    `NestedExpertBlock`s with a single (full-width) expert and no router,
+    final norm, mean pooling, linear head."""
+    images = keras.Input(shape=config["image_shape"], name="images")
+    x = kmm.layers.PatchEmbedding(
+        config["hidden_dim"], config["patch_size"], use_class_token=False
+    )(images)
+    for _ in range(config["num_layers"]):
+        x = kmm.layers.NestedExpertBlock(
+            hidden_dim=config["hidden_dim"],
+            num_heads=config["num_heads"],
+            mlp_dim=config["mlp_dim"],
+            num_nested_experts=1,
+            capacity_budget=1.0,
+        )(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-6)(x)
+    logits = keras.layers.Dense(num_classes)(ops.mean(x, axis=1))
+    return keras.Model(images, logits)
+
+
+def mha_dense_vit(config, num_classes):
+    backbone = kmm.MobileVMoEBackbone(
+        **config, num_moe_layers=0, num_experts=0, use_class_token=False,
+        router_pooling="mean",
+    )
+    return kmm.MobileVMoE(
+        backbone, num_classes=num_classes, pooling="avg", compile=False
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scales", nargs="+", default=["12x192/16", "12x192/32"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    backend = keras.config.backend()
+    rows = []
+    for spec in args.scales:
+        config = scale_config(spec)
+        images = convert_images(random_images(args.batch, config["image_shape"]))
+        dense_mha = mha_dense_vit(config, 1000)
+        dense_flops = kmm.count_flops(dense_mha)
+        forwards = {
+            "dense": compiled_forward(same_kernel_dense_vit(config, 1000)),
+            "dense_mha": compiled_forward(dense_mha),
+        }
+        mone = kmm.MoNE(kmm.MoNEBackbone(**config), num_classes=1000, compile=False)
+        flops = {}
+        for budget in args.budgets:
+            mone.capacity_budget = budget
+            flops[budget] = kmm.count_flops(mone)
+            forwards[budget] = compiled_forward(mone)
+            forwards[budget](images)  # trace now, at this budget
+        times = time_interleaved(forwards, images, args.repeats)
+        dense_ms = median_ms(times["dense"])
+        mha_ms = median_ms(times["dense_mha"])
+        num_tokens = mone.backbone.num_tokens
+        print(f"{spec} ({num_tokens} tokens), batch {args.batch}: dense "
+              f"{dense_ms:.1f} ms, dense (Keras MHA) {mha_ms:.1f} ms", flush=True)
+        for budget in args.budgets:
+            ms = median_ms(times[budget])
+            row = {
+                "scale": spec,
+                "num_tokens": num_tokens,
+                "batch": args.batch,
+                "repeats": args.repeats,
+                "budget": budget,
+                "token_counts": list(mone.backbone.token_counts(budget)),
+                "mone_flops": flops[budget],
+                "dense_flops": dense_flops,
+                "flops_ratio": flops[budget] / dense_flops,
+                "mone_ms": ms,
+                "dense_ms": dense_ms,
+                "dense_mha_ms": mha_ms,
+                "wall_ratio": ms / dense_ms,
+                "wall_ratio_vs_mha": ms / mha_ms,
+            }
+            # speed-up / FLOPs reduction; the goal asks for >= 0.8.
+            row["efficiency"] = row["flops_ratio"] / row["wall_ratio"]
+            row["goal"] = GOAL_FRACTION if budget == GOAL_BUDGET else None
+            rows.append(row)
+
+    print(f"\nMoNE / dense ViT, batch {args.batch}, backend {backend}, "
+          f"{machine()}")
+    print("| scale | tokens | budget | FLOPs ratio | wall ratio | "
+          "speed-up / FLOPs reduction | wall ratio vs Keras-MHA ViT |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        goal = f" (goal >= {row['goal']})" if row["goal"] else ""
+        print(
+            f"| {row['scale']} | {row['num_tokens']} | {row['budget']} | "
+            f"{row['flops_ratio']:.3f} | {row['wall_ratio']:.3f} | "
+            f"{row['efficiency']:.2f}{goal} | {row['wall_ratio_vs_mha']:.3f} |"
+        )
+    out = pathlib.Path(
+        args.out
+        or pathlib.Path(__file__).parent / "results" / f"mone_speedup_{backend}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"backend": backend, "machine": machine(), "rows": rows}, indent=2)
+        + "\n"
+    )
+    print(f"wrote {out}")
+    if backend == "jax":
+        missed = [r for r in rows if r["goal"] and r["efficiency"] < r["goal"]]
+        if missed:
+            print(f"GOAL MISSED for {len(missed)} row(s)")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
