@@ -304,6 +304,12 @@ def _expected_structure(target, task):
         return read_weights_structure(path, "(expected)")
 
 
+def _without_optimizer(structure):
+    return {
+        k: v for k, v in structure.items() if not k.startswith("optimizer/")
+    }
+
+
 def load_weights_checked(target, directory, filename, label, overrides, task):
     """Loads one weights file into `target` after checking it thoroughly."""
     path = os.path.join(directory, filename)
@@ -313,8 +319,9 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
             f"loaded. Found: {_listing(directory)}. Pass load_weights=False "
             "to build the architecture with random weights."
         )
-    found = read_weights_structure(path, label)
-    expected = _expected_structure(target, task)
+    # Optimizer state (saved by a compiled task) is not part of the model.
+    found = _without_optimizer(read_weights_structure(path, label))
+    expected = _without_optimizer(_expected_structure(target, task))
     if found != expected:
         missing = sorted(set(expected) - set(found))
         extra = sorted(set(found) - set(expected))
@@ -411,10 +418,13 @@ def load_task(cls, directory, load_weights, overrides, label):
         task_config = dict(task_json["config"])
         backbone_config = task_config.pop("backbone", None) or backbone_json
         class_of(backbone_config, hub.TASK_CONFIG_FILE, label, backbone_cls)
+        # A task saved without a preprocessor is loaded without one.
+        keep_no_preprocessor = task_config.get("preprocessor", {}) is None
         preprocessor_config = task_config.pop("preprocessor", None)
     else:
         task_cls = cls
         task_config = {}
+        keep_no_preprocessor = False
         backbone_config = backbone_json
         preprocessor_config = read_config(
             directory, hub.PREPROCESSOR_CONFIG_FILE, label, required=False
@@ -449,6 +459,8 @@ def load_task(cls, directory, load_weights, overrides, label):
                     backbone.image_shape[:2]
                 )
         preprocessor = _deserialize(preprocessor_config)
+    elif keep_no_preprocessor:
+        preprocessor = None
     else:
         preprocessor = preset_registry.default_preprocessor(task_cls, backbone)
 

@@ -321,8 +321,15 @@ def check_weights(entry, load_weights):
 
 
 def check_unknown_arguments(cls, kwargs, accepted):
-    """Raises a clear error for overrides that no constructor accepts."""
-    unknown = sorted(set(kwargs) - set(accepted))
+    """Raises a clear error for overrides that no constructor accepts.
+
+    Besides `accepted`, Keras's `name` and `dtype` are accepted, and
+    keras-hub's `compile` for tasks.
+    """
+    accepted = set(accepted) | {"name", "dtype"}
+    if hasattr(cls, "backbone_cls"):
+        accepted.add("compile")
+    unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise ValueError(
             f"Unknown argument(s) for {cls.__name__}.from_preset: {unknown}. "

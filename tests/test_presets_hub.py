@@ -196,6 +196,18 @@ def test_other_overrides_keep_every_weight(saved):
         np.testing.assert_array_equal(a, b)
 
 
+def test_task_saved_without_preprocessor_loads_without_one(tmp_path):
+    model = kmm.MobileVMoE(kmm.MobileVMoEBackbone(**TINY), num_classes=3)
+    model.save_to_preset(str(tmp_path))
+    loaded = kmm.MobileVMoE.from_preset(str(tmp_path), compile=False)
+    assert loaded.preprocessor is None and not loaded.compiled
+    x = fixture()["x_test"][:2].astype("float32") / 127.5 - 1
+    np.testing.assert_array_equal(
+        to_numpy(loaded.predict(x, verbose=0)),
+        to_numpy(model.predict(x, verbose=0)),
+    )
+
+
 def test_backbone_only_preset_gets_a_new_head(tmp_path):
     backbone = kmm.MobileVMoEBackbone(**TINY)
     backbone.save_to_preset(str(tmp_path))
