@@ -853,3 +853,20 @@ def test_mone_save_to_preset_round_trip(tmp_path):
     np.testing.assert_allclose(to_numpy(loaded.predict(x, verbose=0)), expected, atol=1e-5)
     cheaper = kmm.MoNE.from_preset(str(tmp_path / "preset"), capacity_budget=0.2)
     assert cheaper.backbone.token_counts() == expert_token_counts(0.2, 16)
+
+
+def test_public_mone_api_has_examples():
+    public = [
+        kmm.MoNE, kmm.MoNEBackbone, kmm.capacity_distribution,
+        kmm.capacity.expert_token_counts, kmm.layers.NestedExpertBlock,
+        kmm.layers.NestedExpertRouter, kmm.layers.expert_preferred_routing,
+        kmm.layers.permute_tokens, kmm.layers.ClipConstraint,
+        kmm.flops.nested_block_flops, kmm.MoNE.from_preset,
+        kmm.MoNE.save_to_preset, kmm.MoNEBackbone.from_preset,
+        kmm.models.MoNEImageClassifierPreprocessor,
+        kmm.models.MoNEImageConverter,
+    ]
+    for obj in public:
+        assert ">>> " in (obj.__doc__ or ""), obj
+    assert kmm.MoNE is kmm.MoNEImageClassifier
+    assert kmm.models.MoNEBackbone is kmm.MoNEBackbone
