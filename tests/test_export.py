@@ -163,3 +163,20 @@ def test_cli_exports_a_preset_with_builtin_ops_only(tmp_path):
     assert out.exists() and report["bytes"] == out.stat().st_size
     assert report["stacked_expert_tensors"] == 4
     assert not [op for op in report["ops"] if op.startswith("Flex")]
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
+def test_mone_exports_at_fixed_budgets_with_parity(budget, tmp_path):
+    backbone = kmm.MoNEBackbone(
+        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
+        num_heads=2, mlp_dim=64, num_nested_experts=4, capacity_budget=0.5,
+    )
+    model = kmm.MoNE(backbone, num_classes=10)
+    model.backbone.capacity_budget = budget  # a built model, changed for export
+    report = to_tflite(model, tmp_path / f"mone_{budget}.tflite")
+    assert not [op for op in report["ops"] if op.startswith("Flex")]
+    runner = TFLiteClassifier(report["path"])
+    images = scaled_images(fixture()["x_test"][:20])
+    want = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    got = runner.predict(images)["logits"]
+    assert np.abs(got - want).max() <= 1e-4

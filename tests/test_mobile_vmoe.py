@@ -342,3 +342,17 @@ def test_learned_routing_rejects_renormalised_single_gate():
         kmm.MobileVMoE(
             tiny_backbone(normalize_gates=True), num_classes=10, routing="learned"
         )
+
+
+def test_fit_shuffles_arrays_sorted_by_class():
+    # keras-hub's Task.fit ignores shuffle=True for arrays; the fixture is
+    # sorted by class, so unshuffled batches would hold 1-2 classes each.
+    model = tiny_classifier()
+    x, y = fixture_batch(256)
+    assert np.all(np.diff(y) >= 0)
+    batch = next(iter(model._shuffled_batches(x, y, None, 64)))
+    assert len(set(np.asarray(batch[1]).tolist())) > 20
+    history = model.fit(
+        x, y, batch_size=64, epochs=1, verbose=0, validation_split=0.25
+    )
+    assert "val_loss" in history.history

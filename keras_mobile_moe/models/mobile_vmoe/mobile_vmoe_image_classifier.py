@@ -16,13 +16,14 @@ from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
 from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_image_classifier_preprocessor import (  # noqa: E501
     MobileVMoEImageClassifierPreprocessor,
 )
+from keras_mobile_moe.models.task_utils import ShuffledFitMixin
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
-class MobileVMoEImageClassifier(ImageClassifier):
+class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
     """Mobile V-MoE image classifier (`kmm.MobileVMoE`).
 
     Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354 (2023). A
