@@ -14,6 +14,7 @@ from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
 from keras_mobile_moe.models.mone.mone_image_classifier_preprocessor import (
     MoNEImageClassifierPreprocessor,
 )
+from keras_mobile_moe.models.task_utils import ShuffledFitMixin
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
@@ -41,7 +42,7 @@ def resolve_training_budgets(training_budgets, num_nested_experts):
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
-class MoNEImageClassifier(ImageClassifier):
+class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
     """MoNE image classifier (`kmm.MoNE`): nested experts + mean pooling +
     linear head.
 
