@@ -87,10 +87,11 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
     ...     hidden_dim=16, num_heads=2, mlp_dim=32, capacity_budget=0.6)
     >>> model = MoNEImageClassifier(backbone, num_classes=4)
     >>> images = np.random.rand(8, 32, 32, 3).astype("float32")
-    >>> history = model.fit(images, np.arange(8) % 4, epochs=1, verbose=0)
-    >>> model.capacity_budget = 0.3  # cheaper inference, same weights
     >>> tuple(model.predict(images, verbose=0).shape)
     (8, 4)
+    >>> model.capacity_budget = 0.3  # cheaper inference, same weights
+    >>> model.backbone.token_counts()
+    (7, 5, 3, 1)
     """
 
     backbone_cls = MoNEBackbone
