@@ -290,6 +290,12 @@ class NestedExpertBlock(keras.layers.Layer):
         return ops.reshape(out, (-1, num_tokens, self.hidden_dim))
 
     def call(self, inputs, expert_gates=None, training=None):
+        if inputs.shape[1] is None:
+            raise ValueError(
+                "NestedExpertBlock needs a static number of tokens (the "
+                "expert group sizes are Python ints). Received: tokens of "
+                f"shape {tuple(inputs.shape)}."
+            )
         groups = self.groups(inputs.shape[1])
 
         # Self-attention: in-projections from each group's d_j features to

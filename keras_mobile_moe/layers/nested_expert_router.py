@@ -30,9 +30,8 @@ def check_token_counts(token_counts, num_tokens, num_experts=None):
 def permute_tokens(tokens, order):
     """Reorders the tokens of every image: `out[b, p] = tokens[b, order[b, p]]`.
 
-    A gather of whole token rows from the flattened batch, which XLA lowers to
-    a cheap row copy (a `take_along_axis` with broadcast indices would
-    materialise an index per feature).
+    A gather of whole token rows from the flattened batch (one index per
+    token, not per feature), which XLA:CPU runs as a cheap row copy.
 
     Args:
         tokens: tensor `[batch, num_tokens, ...]`.
