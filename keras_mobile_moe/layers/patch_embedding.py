@@ -86,8 +86,18 @@ class PatchEmbedding(keras.layers.Layer):
                 f"Expected images of shape [batch, {', '.join(map(str, self.image_shape))}]"
                 f". Received: images of shape {tuple(inputs.shape)}."
             )
-        patches = self.projection(inputs)
-        tokens = ops.reshape(patches, (-1, self.num_patches, self.hidden_dim))
+        # The strided convolution as reshape + matmul (same weights): on
+        # XLA:CPU this is ~3x faster at patch 32 than the convolution.
+        p = self.patch_size
+        height, width, channels = self.image_shape
+        patches = ops.reshape(
+            inputs, (-1, height // p, p, width // p, p, channels)
+        )
+        patches = ops.transpose(patches, (0, 1, 3, 2, 4, 5))
+        patches = ops.reshape(patches, (-1, self.num_patches, p * p * channels))
+        kernel = ops.reshape(self.projection.kernel, (p * p * channels, -1))
+        tokens = ops.matmul(patches, ops.cast(kernel, patches.dtype))
+        tokens = tokens + ops.cast(self.projection.bias, tokens.dtype)
         if self.use_class_token:
             class_token = ops.broadcast_to(
                 ops.cast(self.class_token, tokens.dtype),
