@@ -43,6 +43,7 @@ class ShuffledFitMixin:
                 validation_split = None
             x = self._shuffled_batches(x, y, sample_weight, batch_size or 32)
             y = sample_weight = batch_size = None
+            shuffle = False  # done above; Keras warns if asked for a dataset
         return super().fit(
             x,
             y,
