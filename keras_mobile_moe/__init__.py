@@ -14,6 +14,8 @@ from keras_mobile_moe import capacity
 from keras_mobile_moe import flops
 from keras_mobile_moe import hub
 from keras_mobile_moe import preset_loader
+from keras_mobile_moe import superclasses
+from keras_mobile_moe import distribution
 from keras_mobile_moe.capacity import capacity_distribution
 from keras_mobile_moe.flops import count_flops
 from keras_mobile_moe.flops import flops_breakdown
@@ -24,4 +26,5 @@ from keras_mobile_moe.models import MobileVMoEImageClassifier
 from keras_mobile_moe.models import MoNE
 from keras_mobile_moe.models import MoNEBackbone
 from keras_mobile_moe.models import MoNEImageClassifier
+from keras_mobile_moe.superclasses import superclasses_from_confusion
 from keras_mobile_moe.version import __version__

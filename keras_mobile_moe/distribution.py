@@ -1,0 +1,1 @@
+"""Multi-device training distributions (work in progress)."""
