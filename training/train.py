@@ -1,0 +1,658 @@
+"""Trains a keras_mobile_moe preset architecture on CIFAR-100.
+
+Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354: dense ViTs and their
+Mobile V-MoE twins trained with the same recipe, CIFAR-100 images resized to
+the model input (224x224, patch 32). Holds out a stratified validation split
+of the training set; the test set is used once, for the final number.
+
+Writes into `--workdir`:
+  backup/          checkpoint of the last finished epoch (weights, optimizer,
+                   epoch); a re-run of the same command resumes from it
+  log.csv          one row per epoch (keras.callbacks.CSVLogger)
+  tensorboard/     TensorBoard logs (when tensorflow is installed)
+  preset/          the trained classifier as a keras-hub preset directory
+                   (loads with kmm.MobileVMoE.from_preset(dir)); metadata.json
+                   records the command, data, recipe, epochs and accuracy
+  results.json     architecture, FLOPs, params, accuracy, wall time, machine
+
+Usage:
+  KERAS_BACKEND=jax python training/train.py --preset 6x64_e10 \
+      --data_path ../shared/datasets/cifar100.npz --epochs 10 \
+      --superclasses groups.json --workdir runs/6x64_e10
+  # tiny smoke run on the committed fixture:
+  python training/train.py --preset 6x64_e10 --data fixture --epochs 1 \
+      --image_size 32 --patch_size 8 --override hidden_dim=16 ...
+"""
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import data as data_lib  # noqa: E402
+import recipes  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
+
+PRESET = flags.DEFINE_string("preset", "6x64_e10", "Preset architecture.")
+DATA = flags.DEFINE_enum(
+    "data", "full", ["full", "fixture"], "full CIFAR-100 or the committed fixture."
+)
+DATA_PATH = flags.DEFINE_string(
+    "data_path", None, "cifar100.npz (default: $KMM_CIFAR100_PATH)."
+)
+RECIPE = flags.DEFINE_string("recipe", "auto", "deit, vit or auto (by width).")
+EPOCHS = flags.DEFINE_integer("epochs", 10, "Training epochs.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size.")
+LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", None, "Peak learning rate (default: the recipe's, scaled)."
+)
+SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None, "Model input size (default: the preset's, 224)."
+)
+PATCH_SIZE = flags.DEFINE_integer("patch_size", None, "Patch size override.")
+OVERRIDE = flags.DEFINE_multi_string(
+    "override", [], "Extra from_preset overrides, key=value (JSON values)."
+)
+VAL_FRACTION = flags.DEFINE_float(
+    "val_fraction", 0.1, "Stratified validation share of the training set."
+)
+ROUTING = flags.DEFINE_enum(
+    "routing",
+    "superclass",
+    ["superclass", "learned", "random", "token"],
+    "MoE routing: super-class supervised, learned end to end, a seeded "
+    "random balanced class->expert map (supervised), or per-token V-MoE.",
+)
+SUPERCLASSES = flags.DEFINE_string(
+    "superclasses",
+    None,
+    "For --routing superclass: 'coarse' (CIFAR-100's 20 super-classes, E=20) "
+    "or a .npy/.json file of one group id per class (discover_superclasses.py)."
+    " Default: coarse if the model has 20 experts, else required.",
+)
+NUM_EXPERTS = flags.DEFINE_integer("num_experts", None, "Override E.")
+CAPACITY_FACTOR = flags.DEFINE_float(
+    "capacity_factor", 1.0, "Expert capacity factor for --routing token."
+)
+DISTRIBUTION = flags.DEFINE_enum(
+    "distribution", "none", ["none", "data", "expert"], "JAX distribution."
+)
+MAX_STEPS = flags.DEFINE_integer(
+    "max_steps_per_epoch", None, "Cap on steps per epoch (smoke runs)."
+)
+WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+VERBOSE = flags.DEFINE_integer(
+    "verbose", None, "fit verbosity (default: 1 on a terminal, else 2)."
+)
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_cifar100():
+    if DATA.value == "fixture":
+        return kmm.datasets.cifar100.load_fixture()
+    return kmm.datasets.cifar100.load_data(DATA_PATH.value)
+
+
+def coarse_table(dataset):
+    return kmm.datasets.cifar100.fine_to_coarse(
+        np.concatenate([dataset["y_train"], dataset["y_test"]]),
+        np.concatenate([dataset["y_train_coarse"], dataset["y_test_coarse"]]),
+    )
+
+
+def read_groups(path):
+    """One group id per class from a .npy or .json file."""
+    if path.endswith(".npy"):
+        groups = np.load(path, allow_pickle=False)
+    else:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+        if isinstance(content, dict):
+            content = content["superclass_ids"]
+        groups = np.asarray(content)
+    groups = np.asarray(groups).reshape(-1).astype(int)
+    if groups.min() < 0:
+        raise ValueError(f"{path}: negative group id.")
+    return groups
+
+
+def random_groups(num_classes, num_experts, seed):
+    """A seeded random balanced class -> expert map."""
+    rng = np.random.default_rng([seed, 104729])
+    return rng.permutation(np.arange(num_classes) % num_experts)
+
+
+# ---------------------------------------------------------------- model
+
+
+def parse_overrides(items):
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--override {item!r}: expected key=value.")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+        if isinstance(overrides[key], list):
+            overrides[key] = tuple(overrides[key])
+    return overrides
+
+
+def model_class(preset):
+    if preset in kmm.MobileVMoE.presets:
+        return kmm.MobileVMoE
+    if preset in kmm.MoNE.presets:
+        return kmm.MoNE
+    if os.path.isdir(preset):
+        return kmm.MobileVMoE
+    raise ValueError(
+        f"Received: --preset={preset!r}. Accepted: a Mobile V-MoE or MoNE "
+        f"preset name ({', '.join(sorted(kmm.MobileVMoE.presets))}, ...) or "
+        "a preset directory."
+    )
+
+
+def build_model(dataset, recipe, num_classes=100):
+    """The classifier (random weights) and a description of its routing."""
+    preset = PRESET.value
+    cls = model_class(preset)
+    entry = cls.presets.get(preset, {})
+    overrides = {"num_classes": num_classes}
+    if recipe.drop_path_rate:
+        overrides["drop_path_rate"] = recipe.drop_path_rate
+    if recipe.dropout:
+        overrides["dropout"] = recipe.dropout
+    if IMAGE_SIZE.value:
+        overrides["image_shape"] = (IMAGE_SIZE.value, IMAGE_SIZE.value, 3)
+    if PATCH_SIZE.value:
+        overrides["patch_size"] = PATCH_SIZE.value
+    overrides.update(parse_overrides(OVERRIDE.value))
+    routing = {"mode": None}
+    is_moe = cls is kmm.MobileVMoE and (
+        entry.get("backbone", {}).get("num_moe_layers", 2)
+        and overrides.get("num_moe_layers", 1)
+    )
+    if cls is kmm.MobileVMoE and "_e" not in preset and not os.path.isdir(preset):
+        is_moe = bool(overrides.get("num_moe_layers", 0))
+    if is_moe:
+        num_experts = NUM_EXPERTS.value or overrides.get("num_experts")
+        num_experts = num_experts or entry.get("backbone", {}).get("num_experts", 10)
+        mode = ROUTING.value
+        routing = {"mode": mode}
+        if mode == "superclass":
+            source = SUPERCLASSES.value or ("coarse" if num_experts == 20 else None)
+            if source is None:
+                raise ValueError(
+                    f"--routing superclass with {num_experts} experts needs "
+                    "--superclasses: 'coarse' (CIFAR-100's 20 super-classes; "
+                    "sets E=20) or a groups file written by "
+                    "training/discover_superclasses.py."
+                )
+            if source == "coarse":
+                groups = coarse_table(dataset)
+            else:
+                groups = read_groups(source)
+            if len(groups) != num_classes:
+                raise ValueError(
+                    f"--superclasses {source}: {len(groups)} entries, expected "
+                    f"one per class ({num_classes})."
+                )
+            num_experts = int(groups.max()) + 1
+            routing["superclasses"] = source
+        elif mode == "random":
+            groups = random_groups(num_classes, num_experts, SEED.value)
+        else:
+            groups = None
+        overrides["num_experts"] = int(num_experts)
+        if mode == "token":
+            overrides["router_type"] = "token"
+            overrides["capacity_factor"] = CAPACITY_FACTOR.value
+        if groups is not None:
+            overrides["superclass_ids"] = [int(g) for g in groups]
+            overrides["routing"] = "superclass"
+            routing["superclass_ids"] = overrides["superclass_ids"]
+        else:
+            overrides["routing"] = "learned"
+        routing["num_experts"] = int(num_experts)
+    try:
+        model = cls.from_preset(preset, load_weights=False, **overrides)
+    except (TypeError, ValueError) as error:
+        if ROUTING.value == "token" and "router_type" in str(error):
+            raise NotImplementedError(
+                "--routing token needs per-token routing in the backbone, "
+                "MobileVMoEBackbone(..., router_type='token', "
+                "capacity_factor=...), which this version of "
+                f"keras_mobile_moe does not have yet ({error})."
+            ) from error
+        raise
+    return model, routing, overrides
+
+
+def activated_params(model):
+    """Parameters one image uses: all but the experts it does not run."""
+    backbone = model.backbone
+    total = model.count_params()
+    if not getattr(backbone, "is_moe", False):
+        return total
+    unused = backbone.num_experts - backbone.top_k
+    per_expert = sum(
+        int(np.prod(w.shape)) // backbone.num_experts
+        for block in backbone.encoder_blocks
+        if getattr(block, "is_moe", False)
+        for w in block.mlp.weights
+    )
+    return total - unused * per_expert
+
+
+class Trainer(keras.Model):
+    """The classifier's graph (shared weights) trained on float targets.
+
+    keras-hub's `Task.fit` only takes arrays, `tf.data` or grain datasets and
+    the classifier's `compute_loss` reads integer labels for the router loss.
+    This functional model shares every layer of `classifier`, always returns
+    `{"logits", "router_logits"}` for MoE models and computes the loss on
+    float (one-hot or Mixup/CutMix soft) targets `y` [B, C]; the router's
+    target is the matching super-class mixture `y @ onehot(superclass_ids)`
+    [B, E], its cross-entropy (float32) added with `router_loss_weight`.
+    The classifier itself is what gets saved.
+    """
+
+    def __init__(self, classifier):
+        super().__init__(
+            inputs=classifier.input, outputs=classifier.output, name="trainer"
+        )
+        self.superclass_ids = None
+        if getattr(classifier, "router_loss", None) is not None:
+            self.superclass_ids = list(classifier.superclass_ids)
+            self.router_loss_weight = float(classifier.router_loss_weight)
+            self.router_loss_tracker = keras.metrics.Mean(name="router_loss")
+            self.router_accuracy = keras.metrics.CategoricalAccuracy(
+                name="router_accuracy"
+            )
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
+        loss = super().compute_loss(x, y, logits, sample_weight, training=training)
+        if self.superclass_ids is None or not isinstance(y_pred, dict):
+            return loss
+        router_logits = keras.ops.cast(y_pred["router_logits"], "float32")
+        table = keras.ops.one_hot(
+            keras.ops.convert_to_tensor(self.superclass_ids, dtype="int32"),
+            router_logits.shape[-1],
+        )
+        targets = keras.ops.matmul(keras.ops.cast(y, "float32"), table)
+        router_loss = keras.ops.mean(
+            keras.losses.categorical_crossentropy(
+                targets, router_logits, from_logits=True
+            )
+        )
+        self.router_loss_tracker.update_state(router_loss)
+        self.router_accuracy.update_state(targets, router_logits)
+        return loss + keras.ops.cast(self.router_loss_weight, loss.dtype) * (
+            keras.ops.cast(router_loss, loss.dtype)
+        )
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
+        return super().compute_metrics(x, y, logits, sample_weight)
+
+
+def make_optimizer(recipe, steps_per_epoch, epochs, batch_size):
+    peak = LEARNING_RATE.value or recipe.learning_rate(batch_size)
+    total = max(1, steps_per_epoch * epochs)
+    warmup = int(round(recipe.warmup(epochs) * steps_per_epoch))
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak,
+        decay_steps=max(1, total - warmup),
+        alpha=min(1.0, recipe.min_learning_rate / peak),
+        warmup_target=peak if warmup else None,
+        warmup_steps=warmup,
+    )
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=recipe.weight_decay,
+        clipnorm=recipe.clipnorm,
+    )
+    optimizer.exclude_from_weight_decay(
+        var_names=["bias", "gamma", "beta", "norm", "class_token", "position"]
+    )
+    return optimizer, peak
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` and `images_per_second` to the epoch logs."""
+
+    def __init__(self, images_per_epoch):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.start
+        if logs is not None:
+            logs["epoch_seconds"] = seconds
+            logs["train_images_per_second"] = self.images_per_epoch / seconds
+        logging.info(
+            "epoch %d: %.1f s, %.1f train images/s",
+            epoch + 1,
+            seconds,
+            self.images_per_epoch / seconds,
+        )
+
+
+def tensorboard_callback(workdir):
+    try:
+        import tensorboard  # noqa: F401
+        import tensorflow  # noqa: F401
+    except ImportError as error:
+        print(
+            "TensorBoard logging is off: keras.callbacks.TensorBoard writes "
+            f"its event files with tensorflow and tensorboard ({error}; pip "
+            "install 'keras-mobile-moe[training,tensorflow]'). CSV logging "
+            "is on.",
+            flush=True,
+        )
+        return None
+    return keras.callbacks.TensorBoard(
+        os.path.join(workdir, "tensorboard"), write_graph=False, update_freq="epoch"
+    )
+
+
+def backup_epoch(backup_dir):
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        return int(json.load(f)["epoch"])
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(trainer, batches, superclass_ids):
+    """(top-1, router accuracy or None) over all batches, one forward pass."""
+    both = trainer
+    correct = routed = total = 0
+    table = None if superclass_ids is None else np.asarray(superclass_ids)
+    for i in range(len(batches)):
+        x, y = batches[i]
+        out = both.predict_on_batch(x)
+        labels = np.argmax(y, axis=-1)
+        if isinstance(out, dict):
+            logits = out["logits"]
+            if table is not None:
+                route = np.argmax(np.asarray(out["router_logits"]), axis=-1)
+                routed += int(np.sum(route == table[labels]))
+        else:
+            logits = out
+        correct += int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
+        total += len(labels)
+    router = routed / total if table is not None else None
+    return correct / total, router
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def write_json(path, content):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    workdir = WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+    backend = keras.config.backend()
+    if DISTRIBUTION.value != "none":
+        if backend != "jax":
+            raise ValueError(
+                f"--distribution {DISTRIBUTION.value} runs on the JAX backend "
+                f"only; this is KERAS_BACKEND={backend}. Use "
+                "KERAS_BACKEND=jax or --distribution none."
+            )
+        try:
+            make = kmm.distribution.make_distribution
+        except AttributeError as error:
+            raise NotImplementedError(
+                "--distribution needs kmm.distribution.make_distribution, "
+                "which this version of keras_mobile_moe does not have yet."
+            ) from error
+        keras.distribution.set_distribution(make(DISTRIBUTION.value))
+
+    keras.utils.set_random_seed(SEED.value)
+    dataset = load_cifar100()
+    num_classes = 100
+    train_idx, val_idx = data_lib.stratified_split(
+        dataset["y_train"], VAL_FRACTION.value, SEED.value
+    )
+    model_probe = model_class(PRESET.value)
+    width = parse_overrides(OVERRIDE.value).get("hidden_dim")
+    if width is None:
+        if os.path.isdir(PRESET.value):
+            with open(os.path.join(PRESET.value, "config.json")) as f:
+                width = json.load(f)["config"]["hidden_dim"]
+        else:
+            entry = model_probe.presets[PRESET.value]
+            width = kmm.variants.VARIANTS[entry["variant"]]["hidden_dim"]
+    recipe = recipes.get_recipe(RECIPE.value, width)
+
+    model, routing, overrides = build_model(dataset, recipe, num_classes)
+    image_size = tuple(model.backbone.image_shape[:2])
+    preprocessor = model.preprocessor
+    model.preprocessor = None  # the pipeline below resizes and scales
+    batch_size = BATCH_SIZE.value
+    train = data_lib.CifarBatches(
+        dataset["x_train"][train_idx],
+        dataset["y_train"][train_idx],
+        batch_size,
+        num_classes,
+        image_size,
+        recipe=recipe,
+        seed=SEED.value,
+        max_steps=MAX_STEPS.value,
+    )
+    val = None
+    if len(val_idx):
+        val = data_lib.CifarBatches(
+            dataset["x_train"][val_idx],
+            dataset["y_train"][val_idx],
+            batch_size,
+            num_classes,
+            image_size,
+            max_steps=MAX_STEPS.value,
+        )
+    test = data_lib.CifarBatches(
+        dataset["x_test"], dataset["y_test"], batch_size, num_classes, image_size
+    )
+    optimizer, peak_lr = make_optimizer(recipe, len(train), EPOCHS.value, batch_size)
+    trainer = Trainer(model)
+    trainer.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=recipe.label_smoothing
+        ),
+        metrics=[keras.metrics.CategoricalAccuracy("accuracy")],
+    )
+
+    backup_dir = os.path.join(workdir, "backup")
+    resumed_from = backup_epoch(backup_dir)
+    train.epoch = resumed_from
+    print(
+        f"== {PRESET.value} ({type(model).__name__}, "
+        f"{model.count_params() / 1e6:.2f}M params, input {image_size}) on "
+        f"{backend}; recipe {recipe.name}, {EPOCHS.value} epochs x "
+        f"{len(train)} steps of {batch_size}, peak lr {peak_lr:.2e}; "
+        f"{len(train_idx)} train / {len(val_idx)} val / "
+        f"{len(dataset['y_test'])} test images; routing {routing.get('mode')}"
+        + (f"; resuming after epoch {resumed_from}" if resumed_from else ""),
+        flush=True,
+    )
+    callbacks = [
+        keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
+        EpochTimer(len(train) * batch_size),
+        keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=True),
+    ]
+    tensorboard = tensorboard_callback(workdir)
+    if tensorboard is not None:
+        callbacks.append(tensorboard)
+    verbose = VERBOSE.value
+    if verbose is None:
+        verbose = 1 if sys.stdout.isatty() else 2
+    fit_start = time.perf_counter()
+    trainer.fit(
+        train,
+        validation_data=val,
+        epochs=EPOCHS.value,
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+    fit_seconds = time.perf_counter() - fit_start
+
+    superclass_ids = getattr(model, "superclass_ids", None)
+    if getattr(model, "router_loss", None) is None:
+        superclass_ids = None
+    val_top1 = val_router = None
+    if val is not None:
+        val.max_steps = None
+        val_top1, val_router = evaluate(trainer, val, superclass_ids)
+    test_top1, test_router = evaluate(trainer, test, superclass_ids)
+    print(
+        f"val top-1 {val_top1}, test top-1 {test_top1:.4f}, "
+        f"test router accuracy {test_router}",
+        flush=True,
+    )
+
+    # The preset: the (never compiled) classifier with its preprocessor.
+    model.preprocessor = preprocessor
+    clean = model
+    preset_dir = os.path.join(workdir, "preset")
+    clean.save_to_preset(preset_dir)
+    flops = kmm.count_flops(clean)
+    training_info = {
+        "command": command,
+        "backend": backend,
+        "dataset": "cifar100" if DATA.value == "full" else "cifar100-fixture",
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "test_images": int(len(dataset["y_test"])),
+        "epochs": EPOCHS.value,
+        "steps_per_epoch": len(train),
+        "batch_size": batch_size,
+        "seed": SEED.value,
+        "recipe": recipe.as_dict(),
+        "peak_learning_rate": peak_lr,
+        "routing": {k: v for k, v in routing.items() if k != "superclass_ids"},
+        "val_top1": val_top1,
+        "test_top1": test_top1,
+        "test_router_accuracy": test_router,
+    }
+    metadata_path = os.path.join(preset_dir, "metadata.json")
+    with open(metadata_path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    metadata["training"] = training_info
+    write_json(metadata_path, metadata)
+    with open(os.path.join(preset_dir, "README.md"), "a", encoding="utf-8") as f:
+        f.write(
+            "\n## Training\n\n"
+            f"Trained with `training/train.py` on {training_info['dataset']} "
+            f"({len(train_idx)} training images, {len(val_idx)} held out for "
+            f"validation), {EPOCHS.value} epochs, seed {SEED.value}, "
+            f"{backend} backend, recipe `{recipe.name}`.\n\n"
+            f"- test top-1: {test_top1:.4f}\n"
+            f"- validation top-1: {val_top1}\n"
+            f"- test router accuracy: {test_router}\n\n"
+            f"Command:\n\n```\n{command}\n```\n"
+        )
+
+    arch = {
+        k: getattr(clean.backbone, k)
+        for k in (
+            "num_layers",
+            "hidden_dim",
+            "num_heads",
+            "mlp_dim",
+            "patch_size",
+            "num_experts",
+            "top_k",
+            "num_moe_layers",
+        )
+        if hasattr(clean.backbone, k)
+    }
+    arch["image_shape"] = list(clean.backbone.image_shape)
+    arch["is_moe"] = bool(getattr(clean.backbone, "is_moe", False))
+    results = {
+        "preset": PRESET.value,
+        "arch": arch,
+        "overrides": {
+            k: v for k, v in overrides.items() if k != "superclass_ids"
+        },
+        "flops": int(flops),
+        "params": int(clean.count_params()),
+        "activated_params": int(activated_params(clean)),
+        "epochs": EPOCHS.value,
+        "resumed_from_epoch": resumed_from,
+        "val_top1": val_top1,
+        "val_router_accuracy": val_router,
+        "test_top1": test_top1,
+        "test_router_accuracy": test_router,
+        "fit_seconds": fit_seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "machine": machine(),
+        "training": training_info,
+    }
+    log_path = os.path.join(workdir, "log.csv")
+    if os.path.isfile(log_path):
+        import csv
+
+        with open(log_path, encoding="utf-8") as f:
+            results["history"] = list(csv.DictReader(f))
+    write_json(os.path.join(workdir, "results.json"), results)
+    print(f"wrote {preset_dir} and {os.path.join(workdir, 'results.json')}")
+
+
+if __name__ == "__main__":
+    app.run(main)
