@@ -8,10 +8,15 @@ paper's numbers are those of XLA's cost analysis of a ViT with tanh-GELU
 (12x192 = 618M, 6x64 = 54M), which this count reproduces to 0.5%.
 """
 
+import numpy as np
+
 # FLOPs per element of the element-wise operations (XLA's cost model).
 LAYER_NORM = 6
 GELU_TANH = 8
 SOFTMAX = 4
+# Per (choice, slot) pair: the compare, select and max that find the token
+# of every expert slot in `TokenRoutedMoE` (measured against XLA).
+ROUTING_BOOKKEEPING = 3
 
 
 def transformer_block_flops(
@@ -39,9 +44,76 @@ def transformer_block_flops(
         + SOFTMAX * num_heads * n * n
         + n * d  # residual
     )
-    one_mlp = 2 * n * d * h + n * h + GELU_TANH * n * h + 2 * n * h * d + n * d
+    one_mlp = n * expert_mlp_flops_per_token(d, h)
     mlp = LAYER_NORM * n * d + mlp_copies * one_mlp + n * d  # + residual
     return {"attention": attention, "mlp": mlp}
+
+
+def expert_mlp_flops_per_token(hidden_dim, mlp_dim):
+    """FLOPs of one MLP (or expert) pass for one token (or expert slot).
+
+    Args:
+        hidden_dim: int. Token width D.
+        mlp_dim: int. MLP hidden width H.
+
+    Returns:
+        int. `2DH + H` (in-projection, bias) `+ 8H` (tanh-GELU)
+        `+ 2HD + D` (out-projection, bias).
+
+    Example:
+
+    >>> expert_mlp_flops_per_token(32, 64)
+    8800
+    """
+    d, h = hidden_dim, mlp_dim
+    return 2 * d * h + h + GELU_TANH * h + 2 * h * d + d
+
+
+def token_routed_moe_flops(num_tokens, hidden_dim, mlp_dim, num_experts,
+                           top_k=1, capacity_factor=1.0):
+    """FLOPs of one `TokenRoutedMoE` layer for one image (one group).
+
+    The router (a linear layer without bias to E logits, the softmax and
+    the top-k, counted per element), the experts at the realised capacity
+    (`E * C` slots, each one expert-MLP pass, filled or not: that is what
+    runs) and the gate-weighted combination of a token's k results. The
+    dispatch and combine are gathers (0 FLOPs); the slot bookkeeping
+    (positions by cumulative sum, the slot-to-token table) is integer work
+    of size `k * N * E * C` that XLA counts as well.
+
+    Args:
+        num_tokens: int. Tokens per image N.
+        hidden_dim: int. Token width D.
+        mlp_dim: int. Hidden width of every expert H.
+        num_experts: int. Experts E.
+        top_k: int. Experts per token k.
+        capacity_factor: float. See `TokenRoutedMoE`.
+
+    Returns:
+        A dict with `"router"` (router and slot bookkeeping) and
+        `"experts"` (expert MLPs and combine) FLOPs.
+
+    Example:
+
+    >>> parts = token_routed_moe_flops(17, 32, 64, 4)  # C = 5
+    >>> parts["experts"] == 4 * 5 * 8800 + 17 * 32
+    True
+    """
+    from keras_mobile_moe.layers.token_routed_moe import expert_capacity
+
+    n, d, e, k = num_tokens, hidden_dim, num_experts, top_k
+    capacity = expert_capacity(n, e, k, capacity_factor)
+    router = (
+        2 * n * d * e  # logits
+        + SOFTMAX * n * e  # float32 softmax
+        + n * e * k  # top-k selection
+        + ROUTING_BOOKKEEPING * k * n * e * capacity  # slot of each token
+    )
+    experts = (
+        e * capacity * expert_mlp_flops_per_token(d, mlp_dim)
+        + (2 * k - 1) * n * d  # gate scaling and the sum over the k experts
+    )
+    return {"router": router, "experts": experts}
 
 
 def mobile_vmoe_flops(backbone, num_classes=0):
@@ -50,6 +122,10 @@ def mobile_vmoe_flops(backbone, num_classes=0):
     Args:
         backbone: a `MobileVMoEBackbone`.
         num_classes: int. Width of the linear head (0 for the backbone alone).
+
+    With `router_type="token"`, `router` is the sum of the per-token
+    routers of all MoE blocks and `mlp` counts their experts at the
+    realised capacity (see `token_routed_moe_flops`).
 
     Returns:
         A dict of FLOPs per part: `patch_embedding`, `attention`, `mlp`,
@@ -61,8 +137,9 @@ def mobile_vmoe_flops(backbone, num_classes=0):
     num_tokens = num_patches + int(backbone.use_class_token)
     d = backbone.hidden_dim
     experts = backbone.num_experts
+    token_routed = backbone.is_moe and backbone.router_type == "token"
     router = 0
-    if backbone.is_moe:
+    if backbone.is_moe and not token_routed:
         pooling = num_tokens * d if backbone.router_pooling == "mean" else 0
         router = (
             pooling
@@ -84,6 +161,19 @@ def mobile_vmoe_flops(backbone, num_classes=0):
     num_dense = backbone.num_layers - backbone.num_moe_layers
     for i in range(backbone.num_layers):
         is_moe = i >= num_dense
+        if is_moe and token_routed:
+            block = transformer_block_flops(
+                num_tokens, d, backbone.num_heads, backbone.mlp_dims[i],
+                mlp_copies=0,
+            )
+            moe = token_routed_moe_flops(
+                num_tokens, d, backbone.mlp_dims[i], experts,
+                backbone.top_k, backbone.capacity_factor,
+            )
+            parts["attention"] += block["attention"]
+            parts["mlp"] += block["mlp"] + moe["experts"]
+            parts["router"] += moe["router"]
+            continue
         block = transformer_block_flops(
             num_tokens,
             d,
@@ -226,6 +316,13 @@ def count_flops(model):
     One multiply-add = 2 FLOPs (the paper's convention). For a Mobile V-MoE
     with k = 1 this equals the dense ViT of the same scale plus the router.
 
+    For a Mobile V-MoE with `router_type="token"` (per-token routing,
+    paper Fig. 3e), each MoE layer counts its router (`2 N D E` plus the
+    softmax, top-k and slot bookkeeping per element) and its experts at
+    the realised capacity: `E * C` expert-MLP slot passes, with
+    `C = ceil(capacity_factor * top_k * N / E)` (see
+    `token_routed_moe_flops`).
+
     For MoNE, at the model's current `capacity_budget`: linear layers
     count each token at the width of its nested expert.
 
@@ -244,3 +341,71 @@ def count_flops(model):
     619
     """
     return int(sum(flops_breakdown(model).values()))
+
+
+def activated_params(model):
+    """Parameters that one image can use (the paper's "activated
+    parameters per image", Daxberger et al. 2023, Fig. 3e).
+
+    Definition. A dense model: all parameters. Per-image routing
+    (`router_type="image"`): all parameters except the `E - top_k` experts
+    per MoE block that the image does not run. Per-token routing
+    (`router_type="token"`): all parameters except the experts that no
+    token of the image can reach; as every expert has at least one slot
+    and an image makes `top_k * N` expert choices, `min(E, top_k * N)`
+    experts per MoE block can receive its tokens (all E at any practical
+    size), so the count is all parameters. Routers, attention, embeddings
+    and the head (of a classifier) always count.
+
+    Args:
+        model: a `MobileVMoEImageClassifier` or `MobileVMoEBackbone`.
+
+    Returns:
+        int. Activated parameters per image.
+
+    Example:
+
+    >>> import keras_mobile_moe as kmm
+    >>> image = kmm.MobileVMoEBackbone.from_preset(
+    ...     "tiny_e10", load_weights=False)
+    >>> token = kmm.MobileVMoEBackbone.from_preset(
+    ...     "tiny_e10", load_weights=False, router_type="token")
+    >>> round(activated_params(image) / 1e6, 2), round(
+    ...     activated_params(token) / 1e6, 2)
+    (5.94, 11.27)
+    """
+    from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
+        MobileVMoEBackbone,
+    )
+
+    backbone = getattr(model, "backbone", None) or model
+    if not isinstance(backbone, MobileVMoEBackbone):
+        raise ValueError(
+            "activated_params does not know models of type "
+            f"{type(model).__name__}. Accepted: MobileVMoEImageClassifier, "
+            "MobileVMoEBackbone."
+        )
+    total = model.count_params()
+    if not backbone.is_moe:
+        return int(total)
+    height, width, _ = backbone.image_shape
+    patch = backbone.patch_size
+    num_tokens = (height // patch) * (width // patch) + int(
+        backbone.use_class_token
+    )
+    experts, top_k = backbone.num_experts, backbone.top_k
+    if backbone.router_type == "token":
+        reachable = min(experts, top_k * num_tokens)
+    else:
+        reachable = top_k
+    unused = 0
+    for block in backbone.encoder_blocks:
+        if block.is_moe:
+            moe = block.mlp
+            per_expert = sum(
+                int(np.prod(w.shape[1:]))
+                for w in (moe.kernel_in, moe.bias_in, moe.kernel_out,
+                          moe.bias_out)
+            )
+            unused += (experts - reachable) * per_expert
+    return int(total - unused)

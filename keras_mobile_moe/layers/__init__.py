@@ -12,6 +12,8 @@ from keras_mobile_moe.layers.nested_expert_router import (
 )
 from keras_mobile_moe.layers.nested_expert_router import permute_tokens
 from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
+from keras_mobile_moe.layers.token_routed_moe import TokenRoutedMoE
+from keras_mobile_moe.layers.token_routed_moe import expert_capacity
 from keras_mobile_moe.layers.transformer_encoder_block import (
     TransformerEncoderBlock,
 )

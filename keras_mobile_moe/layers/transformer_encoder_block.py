@@ -3,26 +3,41 @@ import keras
 from keras_mobile_moe.layers.drop_path import DropPath
 from keras_mobile_moe.layers.image_routed_moe import ImageRoutedMoE
 from keras_mobile_moe.layers.mlp import MLP
+from keras_mobile_moe.layers.token_routed_moe import TokenRoutedMoE
+from keras_mobile_moe.layers.token_routed_moe import check_non_negative_float
+from keras_mobile_moe.layers.token_routed_moe import check_positive_float
+from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
 class TransformerEncoderBlock(keras.layers.Layer):
-    """A pre-norm ViT encoder block whose MLP may be an image-routed MoE.
+    """A pre-norm ViT encoder block whose MLP may be a mixture of experts.
 
     `x = x + DropPath(MHSA(LN(x)))`, then `x = x + DropPath(MLP(LN(x)))`
     (Dosovitskiy et al., ICLR 2021). With `num_experts > 0` the MLP is an
     `ImageRoutedMoE` and the block is a Mobile V-MoE block (Daxberger et al.
-    2023, Fig. 2c): attention stays dense and shared.
+    2023, Fig. 2c): attention stays dense and shared. With
+    `router_type="token"` the MLP is a `TokenRoutedMoE` instead, with its
+    own per-token router (V-MoE, Riquelme et al. 2021; the per-token
+    ablation of Mobile V-MoE, Fig. 3e).
 
     Args:
         hidden_dim: int. Token width; must be divisible by `num_heads`.
         num_heads: int. Attention heads.
         mlp_dim: int. Hidden width of the MLP (of every expert).
         num_experts: int. 0 for a dense block, else the number of experts.
-        top_k: int. Experts per image (MoE blocks only).
+        top_k: int. Experts per image, or per token with
+            `router_type="token"` (MoE blocks only).
         normalize_gates: bool. See `ImageRoutedMoE`.
+        router_type: `"image"` (experts chosen per image by an outside
+            `ImageRouter`, passed in the call) or `"token"` (the block's
+            `TokenRoutedMoE` routes every token itself).
+        capacity_factor: float > 0. Expert capacity factor of token routing
+            (see `TokenRoutedMoE`); unused with `router_type="image"`.
+        aux_loss_weight: float >= 0. Load-balancing loss coefficient of
+            token routing; unused with `router_type="image"`.
         dropout_rate: float in [0, 1). Dropout in the MLP and after attention.
         attention_dropout_rate: float in [0, 1). Dropout on attention weights.
         drop_path_rate: float in [0, 1). Stochastic depth of both branches.
@@ -30,8 +45,10 @@ class TransformerEncoderBlock(keras.layers.Layer):
 
     Call arguments:
         inputs: tokens `[batch, num_tokens, hidden_dim]`.
-        expert_indices: int tensor `[batch, top_k]` (MoE blocks only).
-        expert_gates: float tensor `[batch, top_k]` (MoE blocks only).
+        expert_indices: int tensor `[batch, top_k]` (image-routed MoE
+            blocks only).
+        expert_gates: float tensor `[batch, top_k]` (image-routed MoE
+            blocks only).
         training: bool.
 
     Returns:
@@ -42,6 +59,11 @@ class TransformerEncoderBlock(keras.layers.Layer):
     >>> import numpy as np
     >>> block = TransformerEncoderBlock(hidden_dim=16, num_heads=2, mlp_dim=32)
     >>> tuple(block(np.ones((2, 5, 16), "float32")).shape)
+    (2, 5, 16)
+    >>> token_block = TransformerEncoderBlock(
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
+    ...     router_type="token")
+    >>> tuple(token_block(np.ones((2, 5, 16), "float32")).shape)
     (2, 5, 16)
     """
 
@@ -57,6 +79,9 @@ class TransformerEncoderBlock(keras.layers.Layer):
         attention_dropout_rate=0.0,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        router_type="image",
+        capacity_factor=1.0,
+        aux_loss_weight=0.01,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -80,6 +105,15 @@ class TransformerEncoderBlock(keras.layers.Layer):
         )
         self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.router_type = check_choice(
+            "router_type", router_type, ("image", "token")
+        )
+        self.capacity_factor = check_positive_float(
+            "capacity_factor", capacity_factor
+        )
+        self.aux_loss_weight = check_non_negative_float(
+            "aux_loss_weight", aux_loss_weight
+        )
 
     @property
     def is_moe(self):
@@ -115,7 +149,19 @@ class TransformerEncoderBlock(keras.layers.Layer):
             epsilon=eps, dtype=policy, name="mlp_norm"
         )
         self.mlp_norm.build(input_shape)
-        if self.is_moe:
+        if self.is_moe and self.router_type == "token":
+            self.mlp = TokenRoutedMoE(
+                num_experts=self.num_experts,
+                intermediate_dim=self.mlp_dim,
+                top_k=self.top_k,
+                capacity_factor=self.capacity_factor,
+                normalize_gates=self.normalize_gates,
+                aux_loss_weight=self.aux_loss_weight,
+                dropout_rate=self.dropout_rate,
+                dtype=policy,
+                name="moe",
+            )
+        elif self.is_moe:
             self.mlp = ImageRoutedMoE(
                 num_experts=self.num_experts,
                 intermediate_dim=self.mlp_dim,
@@ -150,7 +196,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
         x = inputs + self.drop_path(x, training=training)
 
         y = self.mlp_norm(x)
-        if self.is_moe:
+        if self.is_moe and self.router_type == "image":
             if expert_indices is None or expert_gates is None:
                 raise ValueError(
                     "An MoE TransformerEncoderBlock needs `expert_indices` "
@@ -181,6 +227,9 @@ class TransformerEncoderBlock(keras.layers.Layer):
                 "attention_dropout_rate": self.attention_dropout_rate,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "router_type": self.router_type,
+                "capacity_factor": self.capacity_factor,
+                "aux_loss_weight": self.aux_loss_weight,
             }
         )
         return config

@@ -5,6 +5,8 @@ from keras_mobile_moe import preset_loader
 from keras_mobile_moe import preset_registry
 from keras_mobile_moe.layers.image_router import ImageRouter
 from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
+from keras_mobile_moe.layers.token_routed_moe import check_non_negative_float
+from keras_mobile_moe.layers.token_routed_moe import check_positive_float
 from keras_mobile_moe.layers.transformer_encoder_block import (
     TransformerEncoderBlock,
 )
@@ -74,6 +76,14 @@ class MobileVMoEBackbone(Backbone):
     `mlp_dim=[4 * D] * (num_layers - L) + [k * 4 * D] * L` with
     `num_moe_layers=0`.
 
+    `router_type="token"` is the per-token routing ablation of paper
+    Fig. 3e (V-MoE style, Riquelme et al. 2021): there is no `ImageRouter`;
+    every MoE block has its own `TokenRoutedMoE` router that sends each
+    token to its `top_k` experts, with an expert capacity set by
+    `capacity_factor` per image, and adds a load-balancing loss
+    (`aux_loss_weight`) in training. Its per-image compute is bounded by
+    the capacity and it activates far more parameters per image.
+
     Args:
         image_shape: (height, width, channels) of the input images.
         patch_size: int. Side of the square patches.
@@ -90,6 +100,13 @@ class MobileVMoEBackbone(Backbone):
         router_pooling: `"token"` (class token) or `"mean"`: the image
             representation the router reads (not fixed by the paper).
         normalize_gates: bool. Rescale the k gates to sum to 1.
+        router_type: `"image"` (the paper's per-image router, default) or
+            `"token"` (a per-token router in every MoE block).
+        capacity_factor: float > 0. Expert capacity factor of token
+            routing: `C = ceil(capacity_factor * top_k * num_tokens / E)`
+            slots per expert and image (unused with `"image"`).
+        aux_loss_weight: float >= 0. Coefficient of the load-balancing loss
+            of token routing (unused with `"image"`).
         dropout_rate: float in [0, 1). Dropout in MLPs and after attention.
         attention_dropout_rate: float in [0, 1). Dropout on attention weights.
         drop_path_rate: float in [0, 1). Stochastic depth of the last block;
@@ -104,8 +121,9 @@ class MobileVMoEBackbone(Backbone):
 
     Returns:
         A dict with `"sequence_output"`: the normalised tokens
-        `[batch, num_tokens, hidden_dim]`, and, for MoE models,
-        `"router_logits"`: float32 `[batch, num_experts]`.
+        `[batch, num_tokens, hidden_dim]`, and, for MoE models with
+        `router_type="image"`, `"router_logits"`: float32
+        `[batch, num_experts]`.
 
     Example:
 
@@ -117,6 +135,12 @@ class MobileVMoEBackbone(Backbone):
     >>> outputs = backbone(np.zeros((2, 32, 32, 3), "float32"))
     >>> tuple(outputs["sequence_output"].shape), tuple(outputs["router_logits"].shape)
     ((2, 17, 16), (2, 4))
+    >>> token_routed = MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=3,
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
+    ...     num_moe_layers=1, router_type="token", capacity_factor=1.5)
+    >>> sorted(token_routed(np.zeros((2, 32, 32, 3), "float32")))
+    ['sequence_output']
     """
 
     def __init__(
@@ -137,6 +161,9 @@ class MobileVMoEBackbone(Backbone):
         attention_dropout_rate=0.0,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        router_type="image",
+        capacity_factor=1.0,
+        aux_loss_weight=0.01,
         dtype=None,
         **kwargs,
     ):
@@ -154,7 +181,15 @@ class MobileVMoEBackbone(Backbone):
         if num_moe_layers:
             check_int("top_k", top_k, minimum=1, maximum=num_experts)
         check_choice("router_pooling", router_pooling, ("token", "mean"))
-        if router_pooling == "token" and not use_class_token:
+        check_choice("router_type", router_type, ("image", "token"))
+        check_positive_float("capacity_factor", capacity_factor)
+        check_non_negative_float("aux_loss_weight", aux_loss_weight)
+        image_routed = bool(num_moe_layers) and router_type == "image"
+        if (
+            router_type == "image"
+            and router_pooling == "token"
+            and not use_class_token
+        ):
             raise ValueError(
                 "router_pooling='token' reads the class token, but "
                 "use_class_token=False. Accepted: router_pooling='mean', or "
@@ -187,12 +222,15 @@ class MobileVMoEBackbone(Backbone):
                     attention_dropout_rate=attention_dropout_rate,
                     drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
                     layer_norm_epsilon=layer_norm_epsilon,
+                    router_type=router_type,
+                    capacity_factor=capacity_factor,
+                    aux_loss_weight=aux_loss_weight,
                     dtype=dtype,
                     name=f"{'moe' if is_moe else 'dense'}_block_{i}",
                 )
             )
         self.router = None
-        if num_moe_layers:
+        if image_routed:
             self.router = ImageRouter(
                 num_experts=num_experts,
                 top_k=top_k,
@@ -209,12 +247,12 @@ class MobileVMoEBackbone(Backbone):
         x = self.patch_embedding(images)
         routing = ()
         for i, block in enumerate(self.encoder_blocks):
-            if i == num_dense:
+            if i == num_dense and image_routed:
                 router_logits, expert_indices, expert_gates = self.router(x)
                 routing = (expert_indices, expert_gates)
             x = block(x, *routing)
         outputs = {"sequence_output": self.final_norm(x)}
-        if num_moe_layers:
+        if image_routed:
             outputs["router_logits"] = router_logits
         super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
 
@@ -235,6 +273,9 @@ class MobileVMoEBackbone(Backbone):
         self.attention_dropout_rate = attention_dropout_rate
         self.drop_path_rate = drop_path_rate
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.router_type = router_type
+        self.capacity_factor = capacity_factor
+        self.aux_loss_weight = aux_loss_weight
 
     def call(self, inputs, training=None, mask=None):
         check_images(inputs, self.image_shape)
@@ -311,6 +352,11 @@ class MobileVMoEBackbone(Backbone):
         """Whether the backbone has MoE blocks (and so a router)."""
         return self.num_moe_layers > 0
 
+    @property
+    def is_token_routed(self):
+        """Whether the MoE blocks route per token (`router_type="token"`)."""
+        return self.is_moe and self.router_type == "token"
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -335,6 +381,9 @@ class MobileVMoEBackbone(Backbone):
                 "attention_dropout_rate": self.attention_dropout_rate,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "router_type": self.router_type,
+                "capacity_factor": self.capacity_factor,
+                "aux_loss_weight": self.aux_loss_weight,
             }
         )
         return config

@@ -37,7 +37,10 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
         - `"superclass"` (default): the router is supervised with the
           super-class of each label (`superclass_ids` needed for training).
         - `"learned"`: no router loss; the router learns end to end through
-          the gates that scale the expert outputs.
+          the gates that scale the expert outputs. The only choice for a
+          backbone with `router_type="token"` (paper Fig. 3e), whose
+          routers have no image-level logits; their load-balancing losses
+          reach `fit` through `add_loss` (they are in `model.losses`).
 
     Args:
         backbone: a `MobileVMoEBackbone`.
@@ -54,8 +57,8 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
 
     Call arguments:
         images: images `[batch, height, width, channels]`.
-        training: bool. In training, MoE models return
-            `{"logits", "router_logits"}`; otherwise the logits.
+        training: bool. In training, MoE models with per-image routing
+            return `{"logits", "router_logits"}`; otherwise the logits.
 
     Returns:
         Logits `[batch, num_classes]`.
@@ -72,6 +75,20 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
     >>> images = np.random.rand(8, 32, 32, 3).astype("float32")
     >>> history = model.fit(images, np.arange(8) % 4, epochs=1, verbose=0)
     >>> tuple(model.predict(images, verbose=0).shape)
+    (8, 4)
+
+    Per-token routing (V-MoE style, paper Fig. 3e) trains with
+    `routing="learned"`:
+
+    >>> token_backbone = MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
+    ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=2,
+    ...     num_moe_layers=1, router_type="token")
+    >>> token_model = MobileVMoEImageClassifier(
+    ...     token_backbone, num_classes=4, routing="learned")
+    >>> history = token_model.fit(
+    ...     images, np.arange(8) % 4, epochs=1, verbose=0)
+    >>> tuple(token_model.predict(images, verbose=0).shape)
     (8, 4)
     """
 
@@ -101,6 +118,15 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
             )
         check_rate("dropout", dropout)
         check_choice("routing", routing, ("superclass", "learned"))
+        token_routed = backbone.is_moe and backbone.router_type == "token"
+        if token_routed and routing != "learned":
+            raise ValueError(
+                f"Received: routing={routing!r} with a backbone of "
+                "router_type='token'. Super-class routing supervises the "
+                "per-image router, which a token-routed backbone does not "
+                "have. Accepted: routing='learned' (the per-token routers "
+                "train end to end, with their load-balancing losses)."
+            )
         if isinstance(router_loss_weight, bool) or not (
             isinstance(router_loss_weight, (int, float))
             and router_loss_weight >= 0
@@ -153,7 +179,7 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
         x = self.output_dropout(x)
         logits = self.output_dense(x)
         outputs = logits
-        if backbone.is_moe:
+        if backbone.is_moe and not token_routed:
             outputs = {
                 "logits": logits,
                 "router_logits": backbone_outputs["router_logits"],
