@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_mobile_moe as kmm
+from conftest import gradients
 from conftest import to_numpy
 from keras_mobile_moe import layers
 
@@ -160,6 +161,20 @@ def test_patch_embedding_matches_patch_flattening():
         tokens[:, 0], np.broadcast_to(to_numpy(layer.class_token)[0, 0] + pos[0], (2, 16)),
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize("batch", [12, 13])
+def test_patch_embedding_large_batches_match_one_image_at_a_time(batch):
+    # Batches above 8 take the chunked path on JAX (13 has no divisor <= 8
+    # and takes the plain one); both must equal the per-image result.
+    layer = layers.PatchEmbedding(hidden_dim=16, patch_size=8)
+    x = RNG.normal(size=(batch, 32, 32, 3)).astype("float32")
+    whole = to_numpy(layer(x))
+    one_by_one = np.concatenate([to_numpy(layer(x[i : i + 1])) for i in range(batch)])
+    np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-5)
+    model = keras.Sequential([keras.Input((32, 32, 3)), layer])
+    grads = gradients(model, lambda y: keras.ops.sum(y**2), x)
+    assert all(g is not None and np.isfinite(g).all() for g in grads)
 
 
 def test_drop_path_drops_whole_samples_and_keeps_mean():
