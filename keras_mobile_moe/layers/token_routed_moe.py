@@ -226,7 +226,10 @@ class TokenRoutedMoE(keras.layers.Layer):
         experts, k = self.num_experts, self.top_k
         capacity = self.capacity(num_tokens)
         logits = ops.cast(self.router(inputs), "float32")
-        probs = ops.softmax(logits, axis=-1)
+        if experts > 1:
+            probs = ops.softmax(logits, axis=-1)
+        else:  # a softmax over one expert is 1 (and Keras warns about it)
+            probs = ops.ones_like(logits)
         gates, indices = ops.top_k(probs, k)
         indices = ops.cast(indices, "int32")
 
