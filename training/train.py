@@ -95,6 +95,12 @@ MAX_STEPS = flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Cap on steps per epoch (smoke runs)."
 )
 WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+LOG_EVERY = flags.DEFINE_integer(
+    "log_every", 50, "Log progress every this many steps when not on a terminal."
+)
+STEP_DELAY = flags.DEFINE_float(
+    "step_delay", 0.0, "Seconds to sleep after every step (interruption tests)."
+)
 VERBOSE = flags.DEFINE_integer(
     "verbose", None, "fit verbosity (default: 1 on a terminal, else 2)."
 )
@@ -365,6 +371,31 @@ class EpochTimer(keras.callbacks.Callback):
         )
 
 
+class StepLogger(keras.callbacks.Callback):
+    """Progress lines (step, loss, images/s) every `every` steps, for logs."""
+
+    def __init__(self, every, steps, batch_size, delay=0.0):
+        super().__init__()
+        self.every, self.steps, self.batch_size = every, steps, batch_size
+        self.delay = delay
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.start = epoch, time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.delay:
+            time.sleep(self.delay)
+        if self.every and (batch + 1) % self.every == 0:
+            seconds = time.perf_counter() - self.start
+            logs = logs or {}
+            print(
+                f"epoch {self.epoch + 1} step {batch + 1}/{self.steps}: "
+                + ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
+                + f", {(batch + 1) * self.batch_size / seconds:.1f} images/s",
+                flush=True,
+            )
+
+
 def tensorboard_callback(workdir):
     try:
         import tensorboard  # noqa: F401
@@ -542,6 +573,15 @@ def main(argv):
     verbose = VERBOSE.value
     if verbose is None:
         verbose = 1 if sys.stdout.isatty() else 2
+    if verbose != 1 or STEP_DELAY.value:
+        callbacks.append(
+            StepLogger(
+                LOG_EVERY.value if verbose != 1 else 0,
+                len(train),
+                batch_size,
+                STEP_DELAY.value,
+            )
+        )
     fit_start = time.perf_counter()
     trainer.fit(
         train,

@@ -1,0 +1,219 @@
+"""training/train.py and discover_superclasses.py, end to end on the fixture.
+
+Each test runs the programs in subprocesses (on the backend of
+KERAS_BACKEND) with a tiny architecture (32x32 input, patch 8, 2 layers,
+width 16, 4 experts) on the committed CIFAR-100 fixture.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import keras_mobile_moe as kmm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "training", "train.py")
+DISCOVER = os.path.join(ROOT, "training", "discover_superclasses.py")
+TINY_ARGS = [
+    "--preset=6x64_e10",
+    "--data=fixture",
+    "--image_size=32",
+    "--patch_size=8",
+    "--override=num_layers=2",
+    "--override=hidden_dim=16",
+    "--override=num_heads=2",
+    "--override=mlp_dim=32",
+    "--routing=random",
+    "--num_experts=4",
+    "--batch_size=32",
+    "--seed=3",
+    "--verbose=2",
+]
+
+
+def env():
+    out = dict(os.environ)
+    out["KERAS_BACKEND"] = keras.config.backend()
+    out.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return out
+
+
+def train(workdir, *args, timeout=240):
+    result = subprocess.run(
+        [sys.executable, TRAIN, *TINY_ARGS, f"--workdir={workdir}", *args],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout
+
+
+def read_log(workdir):
+    with open(os.path.join(workdir, "log.csv"), encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("smoke"))
+    stdout = train(workdir, "--epochs=2", "--max_steps_per_epoch=4")
+    return workdir, stdout
+
+
+def test_smoke_run_writes_preset_results_and_logs(smoke_run):
+    workdir, stdout = smoke_run
+    assert "test top-1" in stdout
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    for key in (
+        "flops",
+        "params",
+        "activated_params",
+        "val_top1",
+        "test_top1",
+        "test_router_accuracy",
+        "wall_seconds",
+        "machine",
+    ):
+        assert results[key] is not None, key
+    assert results["epochs"] == 2
+    assert results["arch"]["num_experts"] == 4
+    assert results["activated_params"] < results["params"]
+    assert results["training"]["backend"] == keras.config.backend()
+    assert 0.0 <= results["test_router_accuracy"] <= 1.0
+    rows = read_log(workdir)
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert "router_accuracy" in rows[0] and "val_accuracy" in rows[0]
+    assert np.isfinite(float(rows[-1]["loss"]))
+
+    preset = os.path.join(workdir, "preset")
+    with open(os.path.join(preset, "metadata.json"), encoding="utf-8") as f:
+        training = json.load(f)["training"]
+    assert "train.py" in training["command"]
+    assert training["dataset"] == "cifar100-fixture"
+    assert training["test_top1"] == results["test_top1"]
+    model = kmm.MobileVMoE.from_preset(preset)
+    assert model.backbone.num_experts == 4
+    assert len(model.superclass_ids) == 100
+    images = kmm.datasets.cifar100.load_fixture()["x_test"][:4]
+    assert model.predict(images, verbose=0).shape == (4, 100)
+
+
+def test_same_seed_same_losses(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    train(str(tmp_path), "--epochs=2", "--max_steps_per_epoch=4")
+    first, second = read_log(workdir), read_log(str(tmp_path))
+    for key in ("loss", "router_loss", "val_loss"):
+        np.testing.assert_allclose(
+            [float(r[key]) for r in first],
+            [float(r[key]) for r in second],
+            rtol=1e-5,
+            err_msg=key,
+        )
+
+
+def test_resumes_after_being_killed(tmp_path):
+    workdir = str(tmp_path)
+    args = [
+        sys.executable,
+        TRAIN,
+        *TINY_ARGS,
+        f"--workdir={workdir}",
+        "--epochs=3",
+        "--max_steps_per_epoch=6",
+        "--step_delay=0.5",
+        "--val_fraction=0.05",
+    ]
+    metadata = os.path.join(workdir, "backup", "training_metadata.json")
+    process = subprocess.Popen(
+        args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.time() + 200
+        while not os.path.exists(metadata):
+            assert process.poll() is None, "train.py ended before epoch 1"
+            assert time.time() < deadline, "no checkpoint after 200 s"
+            time.sleep(0.1)
+        time.sleep(1.0)  # into epoch 2 (6 steps of >= 0.5 s)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    with open(metadata, encoding="utf-8") as f:
+        saved_epoch = json.load(f)["epoch"]
+    assert saved_epoch == 1
+    assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+    result = subprocess.run(
+        args, env=env(), capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "resuming after epoch 1" in result.stdout
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["resumed_from_epoch"] == 1
+    epochs = [int(r["epoch"]) for r in read_log(workdir)]
+    assert epochs[0] == 0 and epochs[-1] == 2 and 1 in epochs
+    assert "0" not in [r["epoch"] for r in read_log(workdir)[1:]]
+
+
+def test_discover_superclasses_writes_groups(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    out = str(tmp_path / "groups")
+    result = subprocess.run(
+        [
+            sys.executable,
+            DISCOVER,
+            f"--preset_dir={os.path.join(workdir, 'preset')}",
+            "--num_superclasses=4",
+            f"--out={out}",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "adjusted Rand index" in result.stdout
+    groups = np.load(out + ".npy")
+    assert groups.shape == (100,) and set(groups.tolist()) == {0, 1, 2, 3}
+    with open(out + ".json", encoding="utf-8") as f:
+        content = json.load(f)
+    assert content["superclass_ids"] == groups.tolist()
+    assert sum(len(g) for g in content["groups"]) == 100
+
+
+def test_token_and_distribution_flags_fail_clearly_or_run(tmp_path):
+    """--routing token: runs when the backbone has per-token routing, else a
+    clear error naming the missing feature."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            *[a for a in TINY_ARGS if not a.startswith("--routing")],
+            "--routing=token",
+            f"--workdir={tmp_path}",
+            "--epochs=1",
+            "--max_steps_per_epoch=2",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    if result.returncode != 0:
+        assert "router_type" in result.stderr, result.stderr[-3000:]
+    else:
+        with open(tmp_path / "results.json", encoding="utf-8") as f:
+            assert json.load(f)["test_router_accuracy"] is None
