@@ -1,0 +1,223 @@
+"""Builds the CIFAR-100 reproduction report from the per-run results.
+
+Reads `benchmarks/results/cifar100/*.json` (the `results.json` files written
+by `training/train.py`, one per run, copied there) and writes
+`benchmarks/results/cifar100.md` (dense vs Mobile V-MoE per scale, then every
+run) and `benchmarks/results/cifar100.png` (test top-1 against FLOPs, dense
+and MoE lines, like Fig. 1 of Daxberger et al., "Mobile V-MoEs", arXiv
+2309.04354).
+
+Usage:
+  python training/make_cifar100_report.py [--results_dir ...] [--out ...]
+"""
+
+import glob
+import json
+import os
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = flags.DEFINE_string(
+    "results_dir", os.path.join(ROOT, "benchmarks", "results", "cifar100"), "Input."
+)
+OUT = flags.DEFINE_string(
+    "out",
+    os.path.join(ROOT, "benchmarks", "results", "cifar100"),
+    "Output path without extension (.md and .png are written).",
+)
+
+
+def load_runs(directory):
+    runs = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        run["name"] = os.path.splitext(os.path.basename(path))[0]
+        arch = run["arch"]
+        run["scale"] = f"{arch['num_layers']}x{arch['hidden_dim']}"
+        routing = run["training"].get("routing", {}) or {}
+        run["routing_mode"] = routing.get("mode")
+        run["superclasses"] = routing.get("superclasses")
+        run["experts"] = arch.get("num_experts") if arch.get("is_moe") else 0
+        speeds = [
+            float(row["train_images_per_second"])
+            for row in run.get("history", [])
+            if row.get("train_images_per_second")
+        ]
+        run["images_per_second"] = max(speeds) if speeds else None
+        runs.append(run)
+    return runs
+
+
+def is_main_moe(run):
+    """The paper's MoE: E=10, super-classes discovered from the dense model."""
+    return (
+        run["arch"].get("is_moe")
+        and run["experts"] == 10
+        and run["routing_mode"] == "superclass"
+        and run["superclasses"] not in (None, "coarse")
+    )
+
+
+def pct(value):
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def pairs(runs):
+    by_scale = {}
+    for run in runs:
+        if not run["arch"].get("is_moe"):
+            by_scale.setdefault(run["scale"], {})["dense"] = run
+        elif is_main_moe(run):
+            by_scale.setdefault(run["scale"], {})["moe"] = run
+
+    def key(scale):
+        layers, width = scale.split("x")
+        return int(width), int(layers)
+
+    return [(s, by_scale[s]) for s in sorted(by_scale, key=key)]
+
+
+def inputs(runs):
+    return ", ".join(
+        sorted(
+            {
+                f"{r['arch']['image_shape'][0]}x{r['arch']['image_shape'][1]} "
+                f"patch {r['arch']['patch_size']}"
+                for r in runs
+            }
+        )
+    )
+
+
+def markdown(runs):
+    lines = [
+        "# CIFAR-100: dense ViT vs Mobile V-MoE",
+        "",
+        "Daxberger et al., \"Mobile V-MoEs\", arXiv 2309.04354 (Fig. 1 / "
+        "Table 2 setting): CIFAR-100 images resized to the model input "
+        f"({inputs(runs)}); "
+        "MoE = E=10 experts, k=1, last 2 blocks, super-classes discovered "
+        "from the dense model's validation confusion matrix "
+        "(`training/discover_superclasses.py`). Dense and MoE of a scale use "
+        "the same recipe, epochs and seed. Trained with `training/train.py`; "
+        "test top-1 on the 10,000 test images, the stratified 10% of the "
+        "training set held out for validation. Regenerate with "
+        "`python training/make_cifar100_report.py`.",
+        "",
+        "| scale | MFLOPs dense / MoE | params dense / MoE | activated params MoE "
+        "| dense top-1 % | MoE top-1 % | delta (pp) | MoE router acc. % | epochs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scale, pair in pairs(runs):
+        dense, moe = pair.get("dense"), pair.get("moe")
+        flops = " / ".join(
+            "–" if r is None else f"{r['flops'] / 1e6:.1f}" for r in (dense, moe)
+        )
+        params = " / ".join(
+            "–" if r is None else f"{r['params'] / 1e6:.2f}M" for r in (dense, moe)
+        )
+        active = "–" if moe is None else f"{moe['activated_params'] / 1e6:.2f}M"
+        delta = "–"
+        if dense and moe:
+            delta = f"{100 * (moe['test_top1'] - dense['test_top1']):+.2f}"
+        epochs = " / ".join("–" if r is None else str(r["epochs"]) for r in (dense, moe))
+        lines.append(
+            f"| {scale} | {flops} | {params} | {active} | "
+            f"{pct(dense and dense['test_top1'])} | {pct(moe and moe['test_top1'])} | "
+            f"{delta} | {pct(moe and moe['test_router_accuracy'])} | {epochs} |"
+        )
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "| run | preset | routing | E | epochs | val top-1 % | test top-1 % "
+        "| test router acc. % | train images/s | wall time | backend |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        routing = run["routing_mode"] or "dense"
+        if run["superclasses"]:
+            source = run["superclasses"]
+            routing += f" ({'coarse' if source == 'coarse' else 'discovered'})"
+        speed = run["images_per_second"]
+        lines.append(
+            f"| {run['name']} | {run['preset']} | {routing} | {run['experts']} | "
+            f"{run['epochs']} | {pct(run['val_top1'])} | {pct(run['test_top1'])} | "
+            f"{pct(run['test_router_accuracy'])} | "
+            f"{'–' if speed is None else f'{speed:.0f}'} | "
+            f"{run['wall_seconds'] / 60:.0f} min | {run['training']['backend']} |"
+        )
+    machines = sorted({run["machine"] for run in runs})
+    lines += [
+        "",
+        "Machine: " + "; ".join(machines) + ". Throughput is per run on a "
+        "shared machine (other jobs ran at the same time); compare it only "
+        "within a row.",
+        "",
+        "Commands: the `training.command` field of each JSON in "
+        "`benchmarks/results/cifar100/`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    table = pairs(runs)
+    for kind, label, style in (
+        ("dense", "dense ViT", "o-"),
+        ("moe", "Mobile V-MoE (E=10, k=1)", "s-"),
+    ):
+        points = sorted(
+            (p[kind]["flops"] / 1e6, 100 * p[kind]["test_top1"], s)
+            for s, p in table
+            if kind in p
+        )
+        if not points:
+            continue
+        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+        for x, y, scale in points:
+            ax.annotate(scale, (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    others = [r for r in runs if r["arch"].get("is_moe") and not is_main_moe(r)]
+    for run in others:
+        ax.plot(run["flops"] / 1e6, 100 * run["test_top1"], "^", color="gray")
+        ax.annotate(run["name"], (run["flops"] / 1e6, 100 * run["test_top1"]),
+                    textcoords="offset points", xytext=(4, -10), fontsize=7,
+                    color="gray")
+    epochs = sorted({r["epochs"] for r in runs})
+    ax.set_xscale("log")
+    ax.set_xlabel(f"MFLOPs per image ({inputs(runs)})")
+    ax.set_ylabel("CIFAR-100 test top-1 (%)")
+    ax.set_title(
+        "CIFAR-100, " + "/".join(map(str, epochs)) + " epoch(s), CPU", fontsize=10
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    runs = load_runs(RESULTS_DIR.value)
+    if not runs:
+        raise SystemExit(f"No results in {RESULTS_DIR.value}/*.json.")
+    with open(OUT.value + ".md", "w", encoding="utf-8") as f:
+        f.write(markdown(runs))
+    plot(runs, OUT.value + ".png")
+    print(markdown(runs))
+    print(f"wrote {OUT.value}.md and {OUT.value}.png")
+
+
+if __name__ == "__main__":
+    app.run(main)
