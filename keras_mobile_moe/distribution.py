@@ -16,8 +16,10 @@ to `keras.distribution.set_distribution` before the model is built:
 
 Both are plain Keras distributions: the same training code runs on one
 device, on several devices of one host, and on several hosts (call
-`keras.distribution.initialize()` first on every host). Keras implements
-distributions for the JAX backend only, hence the JAX requirement.
+`keras.distribution.initialize()`, which runs `jax.distributed.initialize()`,
+first on every host). The batch size given to `fit` is the global one; it
+must be divisible by the size of the mesh's batch axis. Keras' distribution
+API trains on the JAX backend only, hence the JAX requirement.
 """
 
 import keras
@@ -118,7 +120,7 @@ def make_distribution(
         raise RuntimeError(
             f"make_distribution(kind={kind!r}) needs the JAX backend; the "
             f"Keras backend is {backend!r}. Accepted: KERAS_BACKEND=jax "
-            "(Keras distributions are implemented for JAX only); on other "
+            "(Keras' distribution API trains on JAX only); on other "
             "backends train without a distribution."
         )
     devices = _check_devices(devices)
