@@ -46,6 +46,11 @@ def exported(trained, tmp_path_factory):
             quantization=mode,
             representative_data=images[:100] if mode == "int8" else None,
         )
+    # int8 with the routing path quantized too.
+    reports["int8_full"] = to_tflite(
+        model, folder / "int8_full.tflite", quantization="int8",
+        representative_data=images[:100], float_routing=False,
+    )
     return reports
 
 
@@ -56,7 +61,9 @@ def test_float32_matches_keras_to_1e_4(trained, exported):
     np.testing.assert_array_equal(outputs["router_logits"].argmax(-1), routes)
 
 
-@pytest.mark.parametrize("mode", ["none", "float16", "dynamic", "int8"])
+@pytest.mark.parametrize(
+    "mode", ["none", "float16", "dynamic", "int8", "int8_full"]
+)
 def test_files_use_builtin_ops_and_keep_per_image_routing(exported, mode):
     report = exported[mode]
     assert not [op for op in report["ops"] if op.startswith("Flex")]
@@ -71,9 +78,15 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
     size = {mode: exported[mode]["bytes"] for mode in exported}
     assert size["float16"] < 0.6 * size["none"]
     assert size["dynamic"] < 0.4 * size["none"]
-    assert size["int8"] < 0.4 * size["none"]
+    assert size["int8_full"] < 0.4 * size["none"]
+    # The float routing path (patch embedding, 2 dense blocks, router).
+    assert size["int8"] < 0.6 * size["none"]
+    assert exported["int8"]["float_layers"] == [
+        "patch_embedding", "dense_block_0", "dense_block_1", "router"
+    ]
+    assert exported["int8_full"]["float_layers"] == []
     agreement = {}
-    for mode in ("float16", "dynamic", "int8"):
+    for mode in ("float16", "dynamic", "int8", "int8_full"):
         outputs = TFLiteClassifier(exported[mode]["path"]).predict(images)
         agreement[mode] = (
             np.mean(outputs["logits"].argmax(-1) == logits.argmax(-1)),
@@ -82,9 +95,13 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
     print("top-1 / routing agreement:", agreement)
     assert min(agreement["float16"]) >= 0.99
     assert min(agreement["dynamic"]) >= 0.98
-    # Full int8 (activations too) on this small, briefly trained model: see
-    # benchmarks/results/tflite.md for the measured numbers.
-    assert min(agreement["int8"]) >= 0.8
+    # int8 with the routing path in float meets the routing goal (>= 99%;
+    # measured 99.0%); its top-1 agreement (measured 95.3%) is below the
+    # 97% goal on this small, briefly trained model. Everything int8:
+    # measured 91.6% / 96.0%.
+    assert agreement["int8"][1] >= 0.99
+    assert agreement["int8"][0] >= 0.93
+    assert min(agreement["int8_full"]) >= 0.88
 
 
 def test_dense_model_exports_too(tmp_path):

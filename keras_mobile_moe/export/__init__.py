@@ -7,4 +7,5 @@ from keras_mobile_moe.export.tflite import TFLiteClassifier
 from keras_mobile_moe.export.tflite import check_builtin_ops
 from keras_mobile_moe.export.tflite import check_sparse_routing
 from keras_mobile_moe.export.tflite import load_interpreter
+from keras_mobile_moe.export.tflite import routing_layers
 from keras_mobile_moe.export.tflite import to_tflite

@@ -37,6 +37,10 @@ NUM_CALIBRATION = flags.DEFINE_integer(
 RANDOM_WEIGHTS = flags.DEFINE_bool(
     "random_weights", False, "Export a preset's architecture with random weights."
 )
+FLOAT_ROUTING = flags.DEFINE_bool(
+    "float_routing", True,
+    "int8 only: keep the layers that decide the routing in float32.",
+)
 flags.mark_flags_as_mutual_exclusive(["preset", "model_file"], required=True)
 flags.mark_flags_as_mutual_exclusive(["out", "expert_split_dir"], required=True)
 
@@ -82,7 +86,10 @@ def main(argv):
             data = np.load(REPRESENTATIVE.value, allow_pickle=False)
         else:
             data = calibration_images(model, NUM_CALIBRATION.value)
-    report = to_tflite(model, OUT.value, QUANTIZATION.value, data)
+    report = to_tflite(
+        model, OUT.value, QUANTIZATION.value, data,
+        float_routing=FLOAT_ROUTING.value,
+    )
     print(
         f"wrote {report['path']}: {report['bytes'] / 1e6:.2f} MB, "
         f"quantization {report['quantization']}, builtin ops only: "
