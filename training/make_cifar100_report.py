@@ -150,6 +150,7 @@ def markdown(runs):
             f"{'–' if speed is None else f'{speed:.0f}'} | "
             f"{run['wall_seconds'] / 60:.0f} min | {run['training']['backend']} |"
         )
+    lines += superclass_section(os.path.join(RESULTS_DIR.value, "superclasses"))
     machines = sorted({run["machine"] for run in runs})
     lines += [
         "",
@@ -162,6 +163,38 @@ def markdown(runs):
         "",
     ]
     return "\n".join(lines)
+
+
+def superclass_section(directory):
+    """Discovered groups (cf. the paper's Table 1) from discovery JSONs."""
+    paths = sorted(glob.glob(os.path.join(directory, "*.json")))
+    if not paths:
+        return []
+    lines = [
+        "",
+        "## Discovered super-classes",
+        "",
+        "`training/discover_superclasses.py`: confusion matrix of the dense "
+        "model on the held-out validation split, spectral clustering into "
+        "E=10 balanced groups (`kmm.superclasses_from_confusion`); adjusted "
+        "Rand index (ARI) and purity against CIFAR-100's 20 coarse classes.",
+    ]
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+        name = os.path.splitext(os.path.basename(path))[0]
+        lines += [
+            "",
+            f"### {name}: from a dense model with validation top-1 "
+            f"{100 * found['val_top1']:.1f}%; ARI {found['adjusted_rand_index_vs_coarse']:.3f}, "
+            f"purity {found['purity_vs_coarse']:.3f}",
+            "",
+            "| expert | classes |",
+            "|---|---|",
+        ]
+        for i, group in enumerate(found["groups"]):
+            lines.append(f"| {i} | {', '.join(group)} |")
+    return lines
 
 
 def plot(runs, path):
