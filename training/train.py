@@ -659,6 +659,9 @@ def main(argv):
             "num_experts",
             "top_k",
             "num_moe_layers",
+            "router_type",
+            "capacity_factor",
+            "drop_path_rate",
         )
         if hasattr(clean.backbone, k)
     }
