@@ -355,7 +355,10 @@ def activated_params(model):
     and an image makes `top_k * N` expert choices, `min(E, top_k * N)`
     experts per MoE block can receive its tokens (all E at any practical
     size), so the count is all parameters. Routers, attention, embeddings
-    and the head (of a classifier) always count.
+    and the head (of a classifier) always count. On DeiT-Ti/16 (12x192,
+    patch 16, E=10, L=2, 1000 classes) this gives the paper's 11.05M for
+    per-token routing, and its 6.31M for per-image routing with two
+    experts per image.
 
     Args:
         model: a `MobileVMoEImageClassifier` or `MobileVMoEBackbone`.
