@@ -222,6 +222,8 @@ class TokenRoutedMoE(keras.layers.Layer):
             choice got a slot (`positions < C`); `"aux_loss"`: the float32
             load-balancing loss (before `aux_loss_weight`).
         """
+        if not self.built:
+            self.build(tuple(inputs.shape))
         num_tokens = inputs.shape[1]
         experts, k = self.num_experts, self.top_k
         capacity = self.capacity(num_tokens)
