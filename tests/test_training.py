@@ -217,3 +217,65 @@ def test_token_and_distribution_flags_fail_clearly_or_run(tmp_path):
     else:
         with open(tmp_path / "results.json", encoding="utf-8") as f:
             assert json.load(f)["test_router_accuracy"] is None
+
+
+def _load(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"kmm_training_{name}", os.path.join(ROOT, "training", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stratified_split_and_seeded_batches():
+    data_lib = _load("data")
+    recipes = _load("recipes")
+    fixture = kmm.datasets.cifar100.load_fixture()
+    labels = fixture["y_train"]
+    train_idx, val_idx = data_lib.stratified_split(labels, 0.25, seed=1)
+    assert len(np.intersect1d(train_idx, val_idx)) == 0
+    assert len(train_idx) + len(val_idx) == len(labels)
+    for c in np.unique(labels):
+        n = np.sum(labels == c)
+        assert np.sum(labels[val_idx] == c) == round(0.25 * n)
+    again = data_lib.stratified_split(labels, 0.25, seed=1)[1]
+    np.testing.assert_array_equal(again, val_idx)
+
+    batches = data_lib.CifarBatches(
+        fixture["x_train"], labels, 16, 100, (32, 32),
+        recipe=recipes.get_recipe("vit", 64), seed=5,
+    )
+    x0, y0 = batches[0]
+    np.testing.assert_array_equal(batches[0][0], x0)
+    assert x0.shape == (16, 32, 32, 3) and x0.min() >= -1 and x0.max() <= 1
+    assert len(np.unique(np.argmax(y0, -1))) > 4  # shuffled, not class-sorted
+    batches.on_epoch_end()
+    assert not np.array_equal(batches[0][1], y0)
+
+    evaluation = data_lib.CifarBatches(
+        fixture["x_test"], fixture["y_test"], 64, 100, (64, 64)
+    )
+    assert len(evaluation) == 4 and evaluation[3][0].shape == (8, 64, 64, 3)
+
+
+def test_deit_recipe_augments_with_soft_labels():
+    data_lib = _load("data")
+    recipes = _load("recipes")
+    recipe = recipes.get_recipe("auto", 192)
+    assert recipe.name == "deit" and recipe.soft_labels
+    fixture = kmm.datasets.cifar100.load_fixture()
+    batches = data_lib.CifarBatches(
+        fixture["x_train"], fixture["y_train"], 8, 100, (32, 32),
+        recipe=recipe, seed=2,
+    )
+    x, y = batches[0]
+    x_again, y_again = batches[0]
+    np.testing.assert_array_equal(x, x_again)
+    np.testing.assert_array_equal(y, y_again)
+    np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.isfinite(x)) and x.min() >= -1 and x.max() <= 1
+    with pytest.raises(ValueError, match="Accepted: 'auto'"):
+        recipes.get_recipe("adam", 64)
