@@ -18,6 +18,7 @@ from conftest import scaled_images
 from conftest import tiny_backbone
 from keras_mobile_moe.export import TFLiteClassifier
 from keras_mobile_moe.export import to_tflite
+from keras_mobile_moe.export import to_tflite_expert_split
 
 TRAINED = pathlib.Path(__file__).parent / "data" / "tiny_moe_cifar100.keras"
 
@@ -114,6 +115,23 @@ def test_dense_model_exports_too(tmp_path):
     assert np.abs(outputs["logits"] - want).max() <= 1e-4
 
 
+def test_token_routed_model_exports_with_parity(tmp_path):
+    # Per-token routing (V-MoE): every expert runs on its capacity slots, so
+    # the per-image check does not apply; the file must still match Keras.
+    model = kmm.MobileVMoE(
+        tiny_backbone(router_type="token"), num_classes=10, routing="learned"
+    )
+    report = to_tflite(model, tmp_path / "token.tflite")
+    assert report["stacked_expert_tensors"] == 0
+    assert "TOPK_V2" in report["ops"]
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3))
+    outputs = TFLiteClassifier(report["path"])(image.astype("float32"))
+    want = keras.ops.convert_to_numpy(model(image.astype("float32")))
+    assert np.abs(outputs["logits"] - want).max() <= 1e-4
+    with pytest.raises(ValueError, match="router_type='token'"):
+        to_tflite_expert_split(model, tmp_path / "split")
+
+
 def test_bad_arguments_raise(trained, tmp_path):
     model = trained[0]
     with pytest.raises(ValueError, match="quantization='int4'"):
@@ -133,7 +151,6 @@ def test_expert_split_matches_single_file_with_dense_sized_memory(
     trained, exported, tmp_path
 ):
     from keras_mobile_moe.export import ExpertSplitRunner
-    from keras_mobile_moe.export import to_tflite_expert_split
 
     model, images, logits, routes = trained
     manifest = to_tflite_expert_split(model, tmp_path / "split")

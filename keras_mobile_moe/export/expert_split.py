@@ -110,6 +110,13 @@ def to_tflite_expert_split(model, directory, quantization="none"):
             "to_tflite_expert_split needs a Mobile V-MoE classifier with MoE "
             f"layers; received {type(model).__name__}."
         )
+    if getattr(backbone, "is_token_routed", False):
+        raise ValueError(
+            "Expert-split export needs one router per image (router_type="
+            "'image'); this model routes every token (router_type='token'), "
+            "so all experts can run for one image. Export it as one file "
+            "with kmm.export.to_tflite."
+        )
     if backbone.top_k != 1:
         raise ValueError(
             f"Expert-split export needs top_k=1 (one expert per image); the "

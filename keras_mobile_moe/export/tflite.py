@@ -390,7 +390,11 @@ def inspect_tflite(model, path, quantization):
     ops = check_builtin_ops(interpreter)
     backbone = model.backbone
     stacked = 0
-    if getattr(backbone, "is_moe", False):
+    # Per-token routing runs every expert on its capacity slots by design;
+    # the check is for per-image routing, where one image runs k experts.
+    if getattr(backbone, "is_moe", False) and not getattr(
+        backbone, "is_token_routed", False
+    ):
         stacked = check_sparse_routing(
             interpreter, backbone.num_experts, _expert_kernel_shapes(model)
         )
