@@ -141,7 +141,11 @@ def markdown(runs):
         routing = run["routing_mode"] or "dense"
         if run["superclasses"]:
             source = run["superclasses"]
-            routing += f" ({'coarse' if source == 'coarse' else 'discovered'})"
+            if source == "coarse":
+                routing += " (CIFAR-100 coarse)"
+            else:
+                groups = os.path.splitext(os.path.basename(source))[0]
+                routing += f" (discovered: {groups})"
         speed = run["images_per_second"]
         lines.append(
             f"| {run['name']} | {run['preset']} | {routing} | {run['experts']} | "
