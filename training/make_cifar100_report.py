@@ -114,7 +114,7 @@ def markdown(runs):
     for scale, pair in pairs(runs):
         dense, moe = pair.get("dense"), pair.get("moe")
         flops = " / ".join(
-            "–" if r is None else f"{r['flops'] / 1e6:.1f}" for r in (dense, moe)
+            "–" if r is None else f"{r['flops'] / 1e6:.2f}" for r in (dense, moe)
         )
         params = " / ".join(
             "–" if r is None else f"{r['params'] / 1e6:.2f}M" for r in (dense, moe)
@@ -154,6 +154,10 @@ def markdown(runs):
             f"{'–' if speed is None else f'{speed:.0f}'} | "
             f"{run['wall_seconds'] / 60:.0f} min | {run['training']['backend']} |"
         )
+    notes = os.path.join(RESULTS_DIR.value, "NOTES.md")
+    if os.path.isfile(notes):
+        with open(notes, encoding="utf-8") as f:
+            lines += ["", f.read().strip()]
     lines += superclass_section(os.path.join(RESULTS_DIR.value, "superclasses"))
     machines = sorted({run["machine"] for run in runs})
     lines += [
