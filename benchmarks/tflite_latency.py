@@ -68,6 +68,7 @@ def main():
     args = parser.parse_args()
 
     rows = []
+    load_before = os.getloadavg()[0]
     workdir = pathlib.Path(tempfile.mkdtemp())
     for scale in args.scales:
         models = {kind: build(kind, scale) for kind in args.kinds}
@@ -110,7 +111,11 @@ def main():
     lines = [
         "# TFLite / LiteRT latency and size",
         "",
-        f"Machine: {machine()}. LiteRT interpreter with XNNPACK, one image "
+        f"Machine: {machine()}; 1-minute load average {load_before:.1f} at "
+        f"the start and {os.getloadavg()[0]:.1f} at the end of the run (other "
+        "jobs on the machine make absolute times and 2-thread runs noisy; the "
+        "ratios compare models timed alternately). LiteRT interpreter with "
+        "XNNPACK, one image "
         f"(224x224, patch 32), median of {args.repeats} calls, models "
         "alternated. Random weights (no trained preset is published yet, so "
         "no accuracy column); MoNE at its preset's capacity budget. Generated "
@@ -140,7 +145,9 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tflite.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "tflite.json").write_text(json.dumps(
-        {"machine": machine(), "repeats": args.repeats, "rows": rows}, indent=2
+        {"machine": machine(), "repeats": args.repeats,
+         "load_average": [load_before, os.getloadavg()[0]], "rows": rows},
+        indent=2
     ) + "\n")
     print("\n".join(lines))
     print(f"wrote {RESULTS / 'tflite.md'}")
