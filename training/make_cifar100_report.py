@@ -66,18 +66,37 @@ def pct(value):
 
 
 def pairs(runs):
-    by_scale = {}
+    """[((scale, seed), {"dense": run, "moe": run})], by width, depth, seed."""
+    table = {}
     for run in runs:
+        key = (run["scale"], run["training"]["seed"])
         if not run["arch"].get("is_moe"):
-            by_scale.setdefault(run["scale"], {})["dense"] = run
+            table.setdefault(key, {})["dense"] = run
         elif is_main_moe(run):
-            by_scale.setdefault(run["scale"], {})["moe"] = run
+            table.setdefault(key, {})["moe"] = run
 
-    def key(scale):
-        layers, width = scale.split("x")
-        return int(width), int(layers)
+    def order(key):
+        layers, width = key[0].split("x")
+        return int(width), int(layers), key[1]
 
-    return [(s, by_scale[s]) for s in sorted(by_scale, key=key)]
+    return [(k, table[k]) for k in sorted(table, key=order)]
+
+
+def mean_by_scale(runs, kind):
+    """[(MFLOPs, mean test top-1 %, scale, n)] over seeds, by FLOPs."""
+    values = {}
+    for (scale, _), pair in pairs(runs):
+        if kind in pair:
+            values.setdefault(scale, []).append(pair[kind])
+    return sorted(
+        (
+            rs[0]["flops"] / 1e6,
+            100 * sum(r["test_top1"] for r in rs) / len(rs),
+            scale,
+            len(rs),
+        )
+        for scale, rs in values.items()
+    )
 
 
 def inputs(runs):
@@ -107,11 +126,11 @@ def markdown(runs):
         "training set held out for validation. Regenerate with "
         "`python training/make_cifar100_report.py`.",
         "",
-        "| scale | MFLOPs dense / MoE | params dense / MoE | activated params MoE "
+        "| scale | seed | MFLOPs dense / MoE | params dense / MoE | activated params MoE "
         "| dense top-1 % | MoE top-1 % | delta (pp) | MoE router acc. % | epochs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for scale, pair in pairs(runs):
+    for (scale, seed), pair in pairs(runs):
         dense, moe = pair.get("dense"), pair.get("moe")
         flops = " / ".join(
             "–" if r is None else f"{r['flops'] / 1e6:.2f}" for r in (dense, moe)
@@ -125,7 +144,7 @@ def markdown(runs):
             delta = f"{100 * (moe['test_top1'] - dense['test_top1']):+.2f}"
         epochs = " / ".join("–" if r is None else str(r["epochs"]) for r in (dense, moe))
         lines.append(
-            f"| {scale} | {flops} | {params} | {active} | "
+            f"| {scale} | {seed} | {flops} | {params} | {active} | "
             f"{pct(dense and dense['test_top1'])} | {pct(moe and moe['test_top1'])} | "
             f"{delta} | {pct(moe and moe['test_router_accuracy'])} | {epochs} |"
         )
@@ -212,22 +231,27 @@ def plot(runs, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    table = pairs(runs)
     for kind, label, style in (
         ("dense", "dense ViT", "o-"),
         ("moe", "Mobile V-MoE (E=10, k=1)", "s-"),
     ):
-        points = sorted(
-            (p[kind]["flops"] / 1e6, 100 * p[kind]["test_top1"], s)
-            for s, p in table
-            if kind in p
-        )
+        points = mean_by_scale(runs, kind)
         if not points:
             continue
-        ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
-        for x, y, scale in points:
-            ax.annotate(scale, (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=8)
+        (line,) = ax.plot(
+            [p[0] for p in points], [p[1] for p in points], style, label=label
+        )
+        singles = [
+            (pair[kind]["flops"] / 1e6, 100 * pair[kind]["test_top1"])
+            for _, pair in pairs(runs)
+            if kind in pair
+        ]
+        ax.plot([p[0] for p in singles], [p[1] for p in singles], ".",
+                color=line.get_color(), alpha=0.5)
+        for x, y, scale, n in points:
+            text = scale if n == 1 else f"{scale} (mean of {n})"
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
     others = [r for r in runs if r["arch"].get("is_moe") and not is_main_moe(r)]
     for run in others:
         ax.plot(run["flops"] / 1e6, 100 * run["test_top1"], "^", color="gray")
