@@ -194,29 +194,48 @@ def test_discover_superclasses_writes_groups(smoke_run, tmp_path):
     assert sum(len(g) for g in content["groups"]) == 100
 
 
-def test_token_and_distribution_flags_fail_clearly_or_run(tmp_path):
-    """--routing token: runs when the backbone has per-token routing, else a
-    clear error naming the missing feature."""
+def test_token_routing_flag_trains(tmp_path):
+    """--routing token: per-token V-MoE routing (no image router)."""
+    workdir = tmp_path / "token"
+    train(workdir, "--routing=token", "--epochs=1", "--max_steps_per_epoch=2")
+    with open(workdir / "results.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["arch"]["router_type"] == "token"
+    assert results["test_router_accuracy"] is None
+    # Every expert can receive an image's tokens: all parameters count.
+    assert results["activated_params"] == results["params"]
+
+
+@pytest.mark.skipif(
+    keras.config.backend() != "jax",
+    reason="keras.distribution runs on JAX; covered in the JAX session",
+)
+@pytest.mark.parametrize("kind", ["data", "expert"])
+def test_distribution_flag_trains_on_two_devices(tmp_path, kind):
+    workdir = tmp_path / kind
     result = subprocess.run(
-        [
-            sys.executable,
-            TRAIN,
-            *[a for a in TINY_ARGS if not a.startswith("--routing")],
-            "--routing=token",
-            f"--workdir={tmp_path}",
-            "--epochs=1",
-            "--max_steps_per_epoch=2",
-        ],
-        env=env(),
+        [sys.executable, TRAIN, *TINY_ARGS, f"--workdir={workdir}",
+         f"--distribution={kind}", "--epochs=1", "--max_steps_per_epoch=2"],
+        env={**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
         capture_output=True,
         text=True,
         timeout=240,
     )
-    if result.returncode != 0:
-        assert "router_type" in result.stderr, result.stderr[-3000:]
-    else:
-        with open(tmp_path / "results.json", encoding="utf-8") as f:
-            assert json.load(f)["test_router_accuracy"] is None
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    with open(workdir / "results.json", encoding="utf-8") as f:
+        assert json.load(f)["epochs"] == 1
+
+
+def test_distribution_flag_needs_jax(tmp_path):
+    if keras.config.backend() == "jax":
+        pytest.skip("the error is for the TensorFlow and PyTorch backends")
+    result = subprocess.run(
+        [sys.executable, TRAIN, *TINY_ARGS, f"--workdir={tmp_path}",
+         "--distribution=data", "--epochs=1"],
+        env=env(), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode != 0
+    assert "--distribution data runs on the JAX backend" in result.stderr
 
 
 def _load(name):

@@ -44,22 +44,6 @@ REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per model.")
 SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
-def activated_params(model):
-    """Parameters one image uses: all but the experts it does not run."""
-    backbone = model.backbone
-    total = model.count_params()
-    if not backbone.is_moe:
-        return total
-    unused = backbone.num_experts - backbone.top_k
-    per_expert = sum(
-        int(np.prod(w.shape)) // backbone.num_experts
-        for block in backbone.encoder_blocks
-        if block.is_moe
-        for w in block.mlp.weights
-    )
-    return total - unused * per_expert
-
-
 def family_table(scales, repeats):
     print(f"\n== The Mobile V-MoE family ({keras.config.backend()}, {machine()})")
     print("latency: one 224x224 image, compiled, median of", repeats, "calls\n")
@@ -82,7 +66,7 @@ def family_table(scales, repeats):
         print(
             f"{scale:>7} | {dense.count_params() / 1e6:6.2f}M / "
             f"{moe.count_params() / 1e6:6.2f}M | "
-            f"{activated_params(moe) / 1e6:12.2f}M | "
+            f"{kmm.flops.activated_params(moe) / 1e6:12.2f}M | "
             f"{kmm.count_flops(dense) / 1e6:7.1f} / "
             f"{kmm.count_flops(moe) / 1e6:7.1f} | "
             f"{dense_ms:5.2f} / {moe_ms:5.2f} | {moe_ms / dense_ms:.2f}",

@@ -238,34 +238,16 @@ def build_model(dataset, recipe, num_classes=100):
         else:
             overrides["routing"] = "learned"
         routing["num_experts"] = int(num_experts)
-    try:
-        model = cls.from_preset(preset, load_weights=False, **overrides)
-    except (TypeError, ValueError) as error:
-        if ROUTING.value == "token" and "router_type" in str(error):
-            raise NotImplementedError(
-                "--routing token needs per-token routing in the backbone, "
-                "MobileVMoEBackbone(..., router_type='token', "
-                "capacity_factor=...), which this version of "
-                f"keras_mobile_moe does not have yet ({error})."
-            ) from error
-        raise
+    if DISTRIBUTION.value != "none":
+        # Set before the model is built, so its variables get their layouts;
+        # the expert mesh axis must divide the number of experts.
+        keras.distribution.set_distribution(
+            kmm.distribution.make_distribution(
+                DISTRIBUTION.value, num_experts=routing.get("num_experts")
+            )
+        )
+    model = cls.from_preset(preset, load_weights=False, **overrides)
     return model, routing, overrides
-
-
-def activated_params(model):
-    """Parameters one image uses: all but the experts it does not run."""
-    backbone = model.backbone
-    total = model.count_params()
-    if not getattr(backbone, "is_moe", False):
-        return total
-    unused = backbone.num_experts - backbone.top_k
-    per_expert = sum(
-        int(np.prod(w.shape)) // backbone.num_experts
-        for block in backbone.encoder_blocks
-        if getattr(block, "is_moe", False)
-        for w in block.mlp.weights
-    )
-    return total - unused * per_expert
 
 
 class Trainer(keras.Model):
@@ -485,14 +467,10 @@ def main(argv):
                 f"only; this is KERAS_BACKEND={backend}. Use "
                 "KERAS_BACKEND=jax or --distribution none."
             )
-        try:
-            make = kmm.distribution.make_distribution
-        except AttributeError as error:
-            raise NotImplementedError(
-                "--distribution needs kmm.distribution.make_distribution, "
-                "which this version of keras_mobile_moe does not have yet."
-            ) from error
-        keras.distribution.set_distribution(make(DISTRIBUTION.value))
+        if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1:
+            # Several hosts: join the job before any JAX computation (this
+            # runs jax.distributed.initialize()).
+            keras.distribution.initialize()
 
     keras.utils.set_random_seed(SEED.value)
     dataset = load_cifar100()
@@ -675,7 +653,7 @@ def main(argv):
         },
         "flops": int(flops),
         "params": int(clean.count_params()),
-        "activated_params": int(activated_params(clean)),
+        "activated_params": int(kmm.flops.activated_params(clean)),
         "epochs": EPOCHS.value,
         "resumed_from_epoch": resumed_from,
         "val_top1": val_top1,
