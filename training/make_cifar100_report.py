@@ -66,10 +66,10 @@ def pct(value):
 
 
 def pairs(runs):
-    """[((scale, seed), {"dense": run, "moe": run})], by width, depth, seed."""
+    """[((scale, epochs, seed), {"dense": run, "moe": run})], sorted."""
     table = {}
     for run in runs:
-        key = (run["scale"], run["training"]["seed"])
+        key = (run["scale"], run["epochs"], run["training"]["seed"])
         if not run["arch"].get("is_moe"):
             table.setdefault(key, {})["dense"] = run
         elif is_main_moe(run):
@@ -77,16 +77,16 @@ def pairs(runs):
 
     def order(key):
         layers, width = key[0].split("x")
-        return int(width), int(layers), key[1]
+        return int(width), int(layers), key[1], key[2]
 
     return [(k, table[k]) for k in sorted(table, key=order)]
 
 
-def mean_by_scale(runs, kind):
+def mean_by_scale(runs, kind, epochs):
     """[(MFLOPs, mean test top-1 %, scale, n)] over seeds, by FLOPs."""
     values = {}
-    for (scale, _), pair in pairs(runs):
-        if kind in pair:
+    for (scale, run_epochs, _), pair in pairs(runs):
+        if kind in pair and run_epochs == epochs:
             values.setdefault(scale, []).append(pair[kind])
     return sorted(
         (
@@ -130,7 +130,7 @@ def markdown(runs):
         "| dense top-1 % | MoE top-1 % | delta (pp) | MoE router acc. % | epochs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (scale, seed), pair in pairs(runs):
+    for (scale, _, seed), pair in pairs(runs):
         dense, moe = pair.get("dense"), pair.get("moe")
         flops = " / ".join(
             "–" if r is None else f"{r['flops'] / 1e6:.2f}" for r in (dense, moe)
@@ -231,20 +231,27 @@ def plot(runs, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    for kind, label, style in (
-        ("dense", "dense ViT", "o-"),
-        ("moe", "Mobile V-MoE (E=10, k=1)", "s-"),
-    ):
-        points = mean_by_scale(runs, kind)
+    all_epochs = sorted({r["epochs"] for r in runs})
+    for epochs, (kind, label, style) in [
+        (e, k) for e in all_epochs for k in (
+            ("dense", "dense ViT", "o-"),
+            ("moe", "Mobile V-MoE (E=10, k=1)", "s-"),
+        )
+    ]:
+        points = mean_by_scale(runs, kind, epochs)
         if not points:
             continue
+        if len(all_epochs) > 1:
+            label = f"{label}, {epochs} epoch{'s' if epochs > 1 else ''}"
+            if epochs != all_epochs[0]:
+                style = style.replace("-", "--")
         (line,) = ax.plot(
             [p[0] for p in points], [p[1] for p in points], style, label=label
         )
         singles = [
             (pair[kind]["flops"] / 1e6, 100 * pair[kind]["test_top1"])
-            for _, pair in pairs(runs)
-            if kind in pair
+            for (_, run_epochs, _), pair in pairs(runs)
+            if kind in pair and run_epochs == epochs
         ]
         ax.plot([p[0] for p in singles], [p[1] for p in singles], ".",
                 color=line.get_color(), alpha=0.5)
@@ -258,7 +265,7 @@ def plot(runs, path):
         ax.annotate(run["name"], (run["flops"] / 1e6, 100 * run["test_top1"]),
                     textcoords="offset points", xytext=(4, -10), fontsize=7,
                     color="gray")
-    epochs = sorted({r["epochs"] for r in runs})
+    epochs = all_epochs
     ax.set_xscale("log")
     ax.set_xlabel(f"MFLOPs per image ({inputs(runs)})")
     ax.set_ylabel("CIFAR-100 test top-1 (%)")
