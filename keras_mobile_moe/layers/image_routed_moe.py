@@ -10,6 +10,43 @@ from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
 
+def add_stacked_experts(layer, hidden_dim):
+    """Creates the stacked expert MLP weights of an MoE layer and its dropout.
+
+    Sets `kernel_in` `[E, D, H]`, `bias_in` `[E, H]`, `kernel_out`
+    `[E, H, D]`, `bias_out` `[E, D]` and `dropout` on `layer`, from its
+    `num_experts`, `intermediate_dim` and `dropout_rate`. Shared by
+    `ImageRoutedMoE` and `TokenRoutedMoE`.
+    """
+    experts, width = layer.num_experts, layer.intermediate_dim
+
+    # Glorot-uniform per expert, i.e. what a Dense MLP of the same shape
+    # gets; Keras' own glorot would fold the expert axis into the fan-in.
+    def glorot(fan_in, fan_out):
+        limit = math.sqrt(6.0 / (fan_in + fan_out))
+        return keras.initializers.RandomUniform(-limit, limit)
+
+    layer.kernel_in = layer.add_weight(
+        shape=(experts, hidden_dim, width),
+        initializer=glorot(hidden_dim, width),
+        name="kernel_in",
+    )
+    layer.bias_in = layer.add_weight(
+        shape=(experts, width), initializer="zeros", name="bias_in"
+    )
+    layer.kernel_out = layer.add_weight(
+        shape=(experts, width, hidden_dim),
+        initializer=glorot(width, hidden_dim),
+        name="kernel_out",
+    )
+    layer.bias_out = layer.add_weight(
+        shape=(experts, hidden_dim), initializer="zeros", name="bias_out"
+    )
+    layer.dropout = keras.layers.Dropout(
+        layer.dropout_rate, dtype=layer.dtype_policy, name="dropout"
+    )
+
+
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
 class ImageRoutedMoE(keras.layers.Layer):
     """A mixture of expert MLPs in which each image uses only its k experts.
@@ -87,34 +124,7 @@ class ImageRoutedMoE(keras.layers.Layer):
                 f" Received: input_shape={tuple(input_shape)}."
             )
         hidden_dim = input_shape[-1]
-        experts = self.num_experts
-        width = self.intermediate_dim
-
-        # Glorot-uniform per expert, i.e. what a Dense MLP of the same shape
-        # gets; Keras' own glorot would fold the expert axis into the fan-in.
-        def glorot(fan_in, fan_out):
-            limit = math.sqrt(6.0 / (fan_in + fan_out))
-            return keras.initializers.RandomUniform(-limit, limit)
-
-        self.kernel_in = self.add_weight(
-            shape=(experts, hidden_dim, width),
-            initializer=glorot(hidden_dim, width),
-            name="kernel_in",
-        )
-        self.bias_in = self.add_weight(
-            shape=(experts, width), initializer="zeros", name="bias_in"
-        )
-        self.kernel_out = self.add_weight(
-            shape=(experts, width, hidden_dim),
-            initializer=glorot(width, hidden_dim),
-            name="kernel_out",
-        )
-        self.bias_out = self.add_weight(
-            shape=(experts, hidden_dim), initializer="zeros", name="bias_out"
-        )
-        self.dropout = keras.layers.Dropout(
-            self.dropout_rate, dtype=self.dtype_policy, name="dropout"
-        )
+        add_stacked_experts(self, hidden_dim)
         self.built = True
 
     def call(self, inputs, expert_indices, expert_gates, training=None):

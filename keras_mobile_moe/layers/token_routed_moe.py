@@ -5,6 +5,7 @@ from keras import ops
 
 from keras_mobile_moe.layers.activations import get_activation
 from keras_mobile_moe.layers.activations import serialize_activation
+from keras_mobile_moe.layers.image_routed_moe import add_stacked_experts
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
@@ -173,37 +174,14 @@ class TokenRoutedMoE(keras.layers.Layer):
                 f"input_shape={tuple(input_shape)}."
             )
         hidden_dim = input_shape[-1]
-        experts = self.num_experts
-        width = self.intermediate_dim
-
-        # Glorot-uniform per expert, as a Dense MLP of the same shape gets.
-        def glorot(fan_in, fan_out):
-            limit = math.sqrt(6.0 / (fan_in + fan_out))
-            return keras.initializers.RandomUniform(-limit, limit)
-
         self.router = keras.layers.Dense(
-            experts, use_bias=False, dtype=self.dtype_policy, name="router"
+            self.num_experts,
+            use_bias=False,
+            dtype=self.dtype_policy,
+            name="router",
         )
         self.router.build(input_shape)
-        self.kernel_in = self.add_weight(
-            shape=(experts, hidden_dim, width),
-            initializer=glorot(hidden_dim, width),
-            name="kernel_in",
-        )
-        self.bias_in = self.add_weight(
-            shape=(experts, width), initializer="zeros", name="bias_in"
-        )
-        self.kernel_out = self.add_weight(
-            shape=(experts, width, hidden_dim),
-            initializer=glorot(width, hidden_dim),
-            name="kernel_out",
-        )
-        self.bias_out = self.add_weight(
-            shape=(experts, hidden_dim), initializer="zeros", name="bias_out"
-        )
-        self.dropout = keras.layers.Dropout(
-            self.dropout_rate, dtype=self.dtype_policy, name="dropout"
-        )
+        add_stacked_experts(self, hidden_dim)
         self.built = True
 
     def route(self, inputs):
