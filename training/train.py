@@ -26,7 +26,6 @@ Usage:
 
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -39,10 +38,13 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
 import data as data_lib  # noqa: E402
 import recipes  # noqa: E402
+from common import machine  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
 
@@ -427,19 +429,6 @@ def evaluate(trainer, batches, superclass_ids):
         total += len(labels)
     router = routed / total if table is not None else None
     return correct / total, router
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def write_json(path, content):
