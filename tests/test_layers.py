@@ -118,6 +118,31 @@ def test_moe_is_gate_weighted_sum_of_chosen_experts(normalize):
         np.testing.assert_allclose(outputs[b], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moe_large_batches_match_one_image_at_a_time(top_k, platform_path):
+    # Above 8 rows XLA:CPU scans the rows and accelerators gather the
+    # kernels; both must equal the per-image result and have gradients.
+    moe = layers.ImageRoutedMoE(num_experts=4, intermediate_dim=32, top_k=top_k)
+    x = RNG.normal(size=(12, 5, 16)).astype("float32")
+    indices = RNG.integers(0, 4, size=(12, top_k)).astype("int32")
+    gates = RNG.uniform(0.1, 1.0, size=(12, top_k)).astype("float32")
+    whole = to_numpy(moe(x, indices, gates))
+    one_by_one = np.concatenate(
+        [
+            to_numpy(moe(x[i : i + 1], indices[i : i + 1], gates[i : i + 1]))
+            for i in range(12)
+        ]
+    )
+    np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-5)
+    grads = gradients(moe, lambda y: keras.ops.sum(y**2), x, indices, gates)
+    assert all(g is not None and np.isfinite(g).all() for g in grads)
+    paths = [w.path for w in moe.trainable_variables]
+    grad_in = grads[next(i for i, p in enumerate(paths) if p.endswith("kernel_in"))]
+    used = np.unique(indices)
+    assert np.all(np.abs(grad_in[used]).sum(axis=(1, 2)) > 0)
+    assert np.all(grad_in[unused] == 0)
+
+
 def test_router_probabilities_and_top_k():
     router = layers.ImageRouter(num_experts=4, top_k=2)
     logits, indices, gates = router(TOKENS)
@@ -163,10 +188,24 @@ def test_patch_embedding_matches_patch_flattening():
     )
 
 
+@pytest.fixture(params=["xla_cpu", "accelerator"])
+def platform_path(request, monkeypatch):
+    """Runs a test on the XLA:CPU-tuned path and on the accelerator path."""
+    from keras_mobile_moe.layers import image_routed_moe
+    from keras_mobile_moe.layers import patch_embedding
+
+    on_cpu = request.param == "xla_cpu" and keras.config.backend() == "jax"
+    for module in (image_routed_moe, patch_embedding):
+        monkeypatch.setattr(module, "on_xla_cpu", lambda: on_cpu)
+    return request.param
+
+
 @pytest.mark.parametrize("batch", [12, 13])
-def test_patch_embedding_large_batches_match_one_image_at_a_time(batch):
-    # Batches above 8 take the chunked path on JAX (13 has no divisor <= 8
-    # and takes the plain one); both must equal the per-image result.
+def test_patch_embedding_large_batches_match_one_image_at_a_time(
+    batch, platform_path
+):
+    # Batches above 8 take the chunked path on XLA:CPU (13 has no divisor
+    # <= 8 and takes the plain one); all must equal the per-image result.
     layer = layers.PatchEmbedding(hidden_dim=16, patch_size=8)
     x = RNG.normal(size=(batch, 32, 32, 3)).astype("float32")
     whole = to_numpy(layer(x))

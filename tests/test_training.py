@@ -264,20 +264,22 @@ def test_stratified_split_and_seeded_batches():
     np.testing.assert_array_equal(again, val_idx)
 
     batches = data_lib.CifarBatches(
-        fixture["x_train"], labels, 16, 100, (32, 32),
+        fixture["x_train"], labels, 16, 100,
         recipe=recipes.get_recipe("vit", 64), seed=5,
     )
     x0, y0 = batches[0]
     np.testing.assert_array_equal(batches[0][0], x0)
-    assert x0.shape == (16, 32, 32, 3) and x0.min() >= -1 and x0.max() <= 1
+    assert x0.shape == (16, 32, 32, 3) and x0.min() >= 0 and x0.max() <= 255
     assert len(np.unique(np.argmax(y0, -1))) > 4  # shuffled, not class-sorted
     batches.on_epoch_end()
     assert not np.array_equal(batches[0][1], y0)
 
     evaluation = data_lib.CifarBatches(
-        fixture["x_test"], fixture["y_test"], 64, 100, (64, 64)
+        fixture["x_test"], fixture["y_test"], 64, 100
     )
-    assert len(evaluation) == 4 and evaluation[3][0].shape == (8, 64, 64, 3)
+    assert len(evaluation) == 4 and evaluation[3][0].shape == (8, 32, 32, 3)
+    # Evaluation batches are the images as they are (no augmentation).
+    np.testing.assert_array_equal(evaluation[0][0], fixture["x_test"][:64])
 
 
 def test_deit_recipe_augments_with_soft_labels():
@@ -287,7 +289,7 @@ def test_deit_recipe_augments_with_soft_labels():
     assert recipe.name == "deit" and recipe.soft_labels
     fixture = kmm.datasets.cifar100.load_fixture()
     batches = data_lib.CifarBatches(
-        fixture["x_train"], fixture["y_train"], 8, 100, (32, 32),
+        fixture["x_train"], fixture["y_train"], 8, 100,
         recipe=recipe, seed=2,
     )
     x, y = batches[0]
@@ -295,6 +297,34 @@ def test_deit_recipe_augments_with_soft_labels():
     np.testing.assert_array_equal(x, x_again)
     np.testing.assert_array_equal(y, y_again)
     np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-5)
-    assert np.all(np.isfinite(x)) and x.min() >= -1 and x.max() <= 1
+    assert np.all(np.isfinite(x)) and x.min() >= 0 and x.max() <= 255
     with pytest.raises(ValueError, match="Accepted: 'auto'"):
         recipes.get_recipe("adam", 64)
+
+
+def test_trainer_resizes_and_scales_like_the_preset():
+    # train.py feeds 32x32 images in [0, 255]; its Trainer upsamples and
+    # scales them in the graph. The saved preset must see the same inputs
+    # through its image converter.
+    train_lib = _load("train")
+    model = kmm.MobileVMoE.from_preset(
+        "6x64_e10",
+        load_weights=False,
+        num_classes=100,
+        image_shape=(64, 64, 3),
+        patch_size=16,
+        num_layers=2,
+        hidden_dim=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_experts=4,
+        routing="learned",
+    )
+    images = kmm.datasets.cifar100.load_fixture()["x_test"][:6]
+    expected = model.predict(images, verbose=0)
+    preprocessor, model.preprocessor = model.preprocessor, None
+    trainer = train_lib.Trainer(model)
+    out = trainer.predict_on_batch(images.astype("float32"))
+    np.testing.assert_allclose(out["logits"], expected, atol=1e-5, rtol=1e-5)
+    assert out["router_logits"].shape == (6, 4)
+    model.preprocessor = preprocessor

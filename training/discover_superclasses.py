@@ -59,11 +59,16 @@ CLUSTER_SEED = flags.DEFINE_integer("cluster_seed", 0, "k-means seed.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Inference batch size.")
 
 
-def confusion_matrix(model, batches, num_classes):
+def confusion_matrix(model, converter, batches, num_classes):
+    """Counts [true class, predicted class] over 32x32 batches in [0, 255].
+
+    `converter` is the preset's image converter (resize and scale, as in
+    training); `model` has no preprocessor of its own.
+    """
     confusion = np.zeros((num_classes, num_classes), np.int64)
     for i in range(len(batches)):
         x, y = batches[i]
-        logits = np.asarray(model.predict_on_batch(x))
+        logits = np.asarray(model.predict_on_batch(converter(x)))
         np.add.at(confusion, (np.argmax(y, -1), np.argmax(logits, -1)), 1)
     return confusion
 
@@ -110,6 +115,7 @@ def main(argv):
     _, val_idx = data_lib.stratified_split(dataset["y_train"], fraction, seed)
 
     model = kmm.MobileVMoE.from_preset(preset_dir)
+    converter = model.preprocessor.image_converter
     model.preprocessor = None
     num_classes = model.num_classes
     batches = data_lib.CifarBatches(
@@ -117,9 +123,8 @@ def main(argv):
         dataset["y_train"][val_idx],
         BATCH_SIZE.value,
         num_classes,
-        tuple(model.backbone.image_shape[:2]),
     )
-    confusion = confusion_matrix(model, batches, num_classes)
+    confusion = confusion_matrix(model, converter, batches, num_classes)
     accuracy = np.trace(confusion) / confusion.sum()
     groups = kmm.superclasses_from_confusion(
         confusion, NUM_SUPERCLASSES.value, seed=CLUSTER_SEED.value

@@ -262,13 +262,20 @@ class Trainer(keras.Model):
     float (one-hot or Mixup/CutMix soft) targets `y` [B, C]; the router's
     target is the matching super-class mixture `y @ onehot(superclass_ids)`
     [B, E], its cross-entropy (float32) added with `router_loss_weight`.
-    The classifier itself is what gets saved.
+    Its input is the loader's 32x32 images in [0, 255]. The classifier
+    itself is what gets saved.
     """
 
-    def __init__(self, classifier):
-        super().__init__(
-            inputs=classifier.input, outputs=classifier.output, name="trainer"
-        )
+    def __init__(self, classifier, source_size=(32, 32)):
+        # Resizing and scaling in the graph, as the preset's image converter
+        # does at inference: the loader moves 32x32 batches, the accelerator
+        # does the upsampling.
+        height, width = classifier.backbone.image_shape[:2]
+        images = keras.Input((*source_size, 3), name="images")
+        x = keras.layers.Resizing(height, width, interpolation="bilinear")(images)
+        x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
+        graph = keras.Model(classifier.input, classifier.output, name="classifier")
+        super().__init__(inputs=images, outputs=graph(x), name="trainer")
         self.superclass_ids = None
         if getattr(classifier, "router_loss", None) is not None:
             self.superclass_ids = list(classifier.superclass_ids)
@@ -481,14 +488,13 @@ def main(argv):
     model, routing, overrides = build_model(dataset, recipe, num_classes)
     image_size = tuple(model.backbone.image_shape[:2])
     preprocessor = model.preprocessor
-    model.preprocessor = None  # the pipeline below resizes and scales
+    model.preprocessor = None  # the Trainer resizes and scales in its graph
     batch_size = BATCH_SIZE.value
     train = data_lib.CifarBatches(
         dataset["x_train"][train_idx],
         dataset["y_train"][train_idx],
         batch_size,
         num_classes,
-        image_size,
         recipe=recipe,
         seed=SEED.value,
         max_steps=MAX_STEPS.value,
@@ -500,14 +506,13 @@ def main(argv):
             dataset["y_train"][val_idx],
             batch_size,
             num_classes,
-            image_size,
             max_steps=MAX_STEPS.value,
         )
     test = data_lib.CifarBatches(
-        dataset["x_test"], dataset["y_test"], batch_size, num_classes, image_size
+        dataset["x_test"], dataset["y_test"], batch_size, num_classes
     )
     optimizer, peak_lr = make_optimizer(recipe, len(train), EPOCHS.value, batch_size)
-    trainer = Trainer(model)
+    trainer = Trainer(model, dataset["x_train"].shape[1:3])
     trainer.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(

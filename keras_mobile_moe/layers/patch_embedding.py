@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_mobile_moe.layers.xla_cpu import on_xla_cpu
 from keras_mobile_moe.validation import check_int
 
 
@@ -98,10 +99,11 @@ class PatchEmbedding(keras.layers.Layer):
         # XLA:CPU this is ~3x faster at patch 32 than the convolution.
         batch = inputs.shape[0]
         chunk = _chunk_size(batch)
-        if keras.config.backend() == "jax" and chunk > 1:
+        if on_xla_cpu() and chunk > 1:
             # XLA:CPU rearranges a whole batch of 224x224 images into patches
             # ~3x slower than it does a few images at a time (cache-sized
             # pieces); at 49 tokens that copy was ~30% of a dense ViT's time.
+            # Accelerators do the whole batch at once.
             height, width, channels = self.image_shape
             chunks = ops.reshape(
                 inputs, (batch // chunk, chunk, height, width, channels)
