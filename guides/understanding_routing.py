@@ -32,6 +32,7 @@ import tempfile
 import matplotlib
 
 matplotlib.use("Agg")  # write files, no window
+import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -96,7 +97,7 @@ def route_and_classify(images, batch_size=250):
         else:
             pooled = tokens[:, int(model.backbone.use_class_token) :].mean(1)
         router.append(np.asarray(outputs["router_logits"]))
-        logits.append(np.asarray(model.output_dense(pooled)))
+        logits.append(keras.ops.convert_to_numpy(model.output_dense(pooled)))
     return np.concatenate(router), np.concatenate(logits)
 
 
