@@ -369,6 +369,12 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
                 f"Preset {label}: loading {filename} failed: {error}"
             ) from error
     for warning in caught:
+        message = str(warning.message)
+        if "Skipping variable loading for optimizer" in message:
+            # A task saved after compile()/fit() carries its optimizer state;
+            # the freshly built task has no optimizer to load it into, and
+            # the model's own weights were checked above.
+            continue
         if f"{os.sep}saving{os.sep}" in (warning.filename or ""):
             raise ValueError(
                 f"Preset {label}: Keras could not load every weight of "

@@ -1,6 +1,7 @@
 """FLOPs against the paper and XLA; the preset registry."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -125,9 +126,13 @@ def test_preset_files_are_valid_and_match_the_variant_table():
             assert entry["name"].endswith("_mone")
             assert config["num_nested_experts"] == 4
             continue
-        moe = entry["name"].endswith("_e10")
-        assert config["num_moe_layers"] == (2 if moe else 0)
-        assert config["num_experts"] == (10 if moe else 0)
+        # "6x64", "6x64_cifar100": dense; "6x64_e10", "6x64_e20_cifar100":
+        # E=10 / E=20 experts in the last 2 blocks.
+        experts = re.fullmatch(r"\d+x\d+(?:_e(\d+))?(?:_[a-z0-9]+)?", entry["name"])
+        assert experts, entry["name"]
+        num_experts = int(experts.group(1) or 0)
+        assert config["num_moe_layers"] == (2 if num_experts else 0)
+        assert config["num_experts"] == num_experts
 
 
 @pytest.mark.parametrize("name", ["6x64", "6x64_e10", "12x64_e10", "6x96_e10"])

@@ -208,6 +208,20 @@ def test_task_saved_without_preprocessor_loads_without_one(tmp_path):
     )
 
 
+def test_preset_saved_after_fit_loads(tmp_path):
+    # save_to_preset after compile()/fit() also writes the optimizer state;
+    # loading keeps the model's weights and leaves the optimizer out.
+    model = tiny_classifier()
+    model.compile(optimizer="adam")
+    data = fixture()
+    model.fit(
+        data["x_train"][:8], data["y_train"][:8] % 6, epochs=1, verbose=0
+    )
+    model.save_to_preset(str(tmp_path))
+    loaded = kmm.MobileVMoE.from_preset(str(tmp_path))
+    np.testing.assert_allclose(logits(loaded), logits(model), atol=1e-5)
+
+
 def test_backbone_only_preset_gets_a_new_head(tmp_path):
     backbone = kmm.MobileVMoEBackbone(**TINY)
     backbone.save_to_preset(str(tmp_path))

@@ -93,6 +93,9 @@ def test_smoke_run_writes_preset_results_and_logs(smoke_run):
     assert 0.0 <= results["test_router_accuracy"] <= 1.0
     rows = read_log(workdir)
     assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert results["train_seconds"] == pytest.approx(
+        sum(float(r["epoch_seconds"]) for r in rows)
+    )
     assert "router_accuracy" in rows[0] and "val_accuracy" in rows[0]
     assert np.isfinite(float(rows[-1]["loss"]))
 
@@ -328,3 +331,82 @@ def test_trainer_resizes_and_scales_like_the_preset():
     np.testing.assert_allclose(out["logits"], expected, atol=1e-5, rtol=1e-5)
     assert out["router_logits"].shape == (6, 4)
     model.preprocessor = preprocessor
+
+
+def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
+    workdir, _ = smoke_run
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+        trained = json.load(f)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(trained))
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "training", "evaluate.py"),
+            f"--preset_dir={os.path.join(workdir, 'preset')}",
+            "--data=fixture",
+            f"--results={results}",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    updated = json.loads(results.read_text())
+    # The preset through its own image converter scores what train.py's
+    # in-graph resize scored on the same 200 test images.
+    assert updated["test_top1"] == pytest.approx(trained["test_top1"])
+    assert updated["test_router_accuracy"] == pytest.approx(
+        trained["test_router_accuracy"]
+    )
+    assert updated["test_at_training"]["test_top1"] == trained["test_top1"]
+    assert updated["test_evaluation"]["test_images"] == 200
+    assert "test top-1" in result.stdout
+
+
+def test_publish_preset_stores_compact_weights_and_a_registry_entry(
+    smoke_run, tmp_path
+):
+    import h5py
+
+    from keras_mobile_moe import preset_registry
+
+    workdir, _ = smoke_run
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "publish_preset.py"),
+            f"--preset_dir={os.path.join(workdir, 'preset')}",
+            "--name=6x64_e4_fixture",
+            f"--results={os.path.join(workdir, 'results.json')}",
+            f"--presets_dir={tmp_path}",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    entry = json.loads((tmp_path / "6x64_e4_fixture.json").read_text())
+    preset_registry.validate_entry(entry, "test")
+    assert entry["weights"] == "6x64_e4_fixture"
+    assert entry["backbone"]["num_experts"] == 4
+    assert len(entry["task"]["superclass_ids"]) == 100
+    with h5py.File(tmp_path / "6x64_e4_fixture" / "model.weights.h5") as f:
+        dtypes = set()
+        f.visititems(
+            lambda _, item: dtypes.add(item.dtype)
+            if isinstance(item, h5py.Dataset) and item.size > 1
+            else None
+        )
+    assert dtypes == {np.dtype("float16")}
+    original = kmm.MobileVMoE.from_preset(os.path.join(workdir, "preset"))
+    compact = kmm.MobileVMoE.from_preset(str(tmp_path / "6x64_e4_fixture"))
+    assert entry["params"] == compact.count_params()
+    images = kmm.datasets.cifar100.load_fixture()["x_test"][:32]
+    np.testing.assert_allclose(
+        compact.predict(images, verbose=0),
+        original.predict(images, verbose=0),
+        atol=0.05,
+    )

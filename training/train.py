@@ -665,6 +665,11 @@ def main(argv):
 
         with open(log_path, encoding="utf-8") as f:
             results["history"] = list(csv.DictReader(f))
+        # Every epoch's time, also those of sessions before a resume (which
+        # may have run on another machine; `machine` is this session's).
+        results["train_seconds"] = sum(
+            float(row.get("epoch_seconds") or 0) for row in results["history"]
+        )
     write_json(os.path.join(workdir, "results.json"), results)
     print(f"wrote {preset_dir} and {os.path.join(workdir, 'results.json')}")
 
