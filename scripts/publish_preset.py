@@ -163,6 +163,39 @@ def main():
         "flops": int(kmm.count_flops(original)),
     }
     (presets / f"{args.name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+
+    # The model card and metadata say what the published numbers are.
+    evaluation = results.get("test_evaluation")
+    published = {
+        "name": args.name,
+        "test_top1": entry["accuracy"]["top1"],
+        "test_router_accuracy": entry["accuracy"].get("router_accuracy"),
+        "test_evaluation": evaluation or "train.py, at the end of training",
+        "weights_storage": metadata["weights_storage"],
+        "note": args.training_note or None,
+    }
+    metadata["published"] = published
+    metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    card = target / "README.md"
+    lines = [
+        "",
+        f"## Published as `{args.name}`",
+        "",
+        f"- test top-1: {published['test_top1']:.4f} on CIFAR-100's 10,000 "
+        "test images"
+        + (
+            f" (re-evaluated with `{evaluation['command']}`)"
+            if evaluation
+            else ""
+        ),
+    ]
+    if published["test_router_accuracy"] is not None:
+        lines.append(f"- test router accuracy: {published['test_router_accuracy']:.4f}")
+    lines.append(f"- weights: {published['weights_storage']}")
+    if args.training_note:
+        lines.append(f"- note: {args.training_note}")
+    with open(card, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
     size = (target / WEIGHTS).stat().st_size
     print(f"wrote {presets / args.name}.json and {target}/ "
           f"({size / 1e6:.2f} MB of weights, float32 original "
