@@ -7,6 +7,7 @@ on JAX or PyTorch.
 """
 
 import pathlib
+import re
 
 import keras
 import numpy as np
@@ -17,54 +18,75 @@ from conftest import fixture
 from conftest import scaled_images
 from conftest import tiny_backbone
 from keras_mobile_moe.export import TFLiteClassifier
+from keras_mobile_moe.export import agreement
+from keras_mobile_moe.export import fixture_images
+from keras_mobile_moe.export import keras_decisions
+from keras_mobile_moe.export import load_interpreter
 from keras_mobile_moe.export import to_tflite
 from keras_mobile_moe.export import to_tflite_expert_split
 
 TRAINED = pathlib.Path(__file__).parent / "data" / "tiny_moe_cifar100.keras"
+ROUTING = ["patch_embedding", "dense_block_0", "dense_block_1", "router"]
 
 
 @pytest.fixture(scope="module")
 def trained():
     model = keras.saving.load_model(TRAINED)
-    data = fixture()
-    images = scaled_images(np.concatenate([data["x_train"], data["x_test"]]))
-    logits = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
-    routes = keras.ops.convert_to_numpy(
-        model.backbone.predict(images, verbose=0)["router_logits"]
-    ).argmax(-1)
-    return model, images, logits, routes
+    images, labels = fixture_images(model)  # all 1000 fixture images
+    reference = keras_decisions(model, images)
+    return model, images, labels, reference
 
 
 @pytest.fixture(scope="module")
 def exported(trained, tmp_path_factory):
     model, images, _, _ = trained
     folder = tmp_path_factory.mktemp("tflite")
+    calibration = images[:100]
+    variants = {
+        "none": dict(quantization="none"),
+        "float16": dict(quantization="float16"),
+        "dynamic": dict(quantization="dynamic"),
+        # Defaults: routing path and residual stream in float32.
+        "int8": dict(quantization="int8"),
+        "int8_routing": dict(quantization="int8", float_residual_stream=False),
+        "int8_full": dict(
+            quantization="int8", float_routing=False, float_residual_stream=False
+        ),
+    }
     reports = {}
-    for mode in ("none", "float16", "dynamic", "int8"):
-        reports[mode] = to_tflite(
-            model,
-            folder / f"{mode}.tflite",
-            quantization=mode,
-            representative_data=images[:100] if mode == "int8" else None,
-        )
-    # int8 with the routing path quantized too.
-    reports["int8_full"] = to_tflite(
-        model, folder / "int8_full.tflite", quantization="int8",
-        representative_data=images[:100], float_routing=False,
-    )
+    for name, options in variants.items():
+        if options["quantization"] == "int8":
+            options["representative_data"] = calibration
+        reports[name] = to_tflite(model, folder / f"{name}.tflite", **options)
     return reports
 
 
 def test_float32_matches_keras_to_1e_4(trained, exported):
-    _, images, logits, routes = trained
+    _, images, _, reference = trained
     outputs = TFLiteClassifier(exported["none"]["path"]).predict(images)
-    assert np.abs(outputs["logits"] - logits).max() <= 1e-4
-    np.testing.assert_array_equal(outputs["router_logits"].argmax(-1), routes)
+    assert np.abs(outputs["logits"] - reference["logits"]).max() <= 1e-4
+    # The chosen expert is an int32 output of the file: the router's TopK.
+    assert outputs["expert_index"].dtype == np.int32
+    assert outputs["expert_index"].shape == (len(images), 1)
+    np.testing.assert_array_equal(
+        outputs["expert_index"], reference["expert_index"]
+    )
+    np.testing.assert_array_equal(
+        outputs["router_logits"].argmax(-1), reference["expert_index"][:, 0]
+    )
+    # The Keras reference is the model's own routing decision.
+    router_logits = keras.ops.convert_to_numpy(
+        trained[0].backbone.predict(images, verbose=0)["router_logits"]
+    )
+    np.testing.assert_array_equal(
+        reference["expert_index"][:, 0], router_logits.argmax(-1)
+    )
+    assert len(np.unique(reference["expert_index"])) == 4
 
 
-@pytest.mark.parametrize(
-    "mode", ["none", "float16", "dynamic", "int8", "int8_full"]
-)
+@pytest.mark.parametrize("mode", [
+    "none", "float16", "dynamic", "int8", "int8_routing", "int8_full",
+])
 def test_files_use_builtin_ops_and_keep_per_image_routing(exported, mode):
     report = exported[mode]
     assert not [op for op in report["ops"] if op.startswith("Flex")]
@@ -74,35 +96,132 @@ def test_files_use_builtin_ops_and_keep_per_image_routing(exported, mode):
     assert report["stacked_expert_tensors"] >= 4
 
 
+def _ops(path):
+    """(op name, input dtypes, output names) of a file's ops, in order."""
+    interpreter = load_interpreter(path, xnnpack=False)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    return [
+        (op["op_name"], [tensors[i]["dtype"] for i in op["inputs"] if i >= 0],
+         [tensors[i]["name"] for i in op["outputs"]])
+        for op in ops
+    ]
+
+
+def test_int8_routing_path_is_float_up_to_the_topk(exported):
+    # The router's dense layer, softmax and TopK: float inputs (the
+    # converter names the dense layer's output after the model output
+    # `router_logits`, so a deny list by layer name alone missed it).
+    ops = _ops(exported["int8"]["path"])
+    topk = [op for op in ops if op[0] == "TOPK_V2"]
+    assert len(topk) == 1 and topk[0][1][0] == np.float32
+    softmax_index = max(
+        i for i, op in enumerate(ops)
+        if op[0] == "SOFTMAX" and any("router" in n for n in op[2])
+    )
+    router_dense = ops[softmax_index - 1]
+    assert router_dense[0] == "FULLY_CONNECTED"
+    assert router_dense[1][0] == np.float32
+    # All int8: the TopK ranks int8 probabilities.
+    full = _ops(exported["int8_full"]["path"])
+    assert [op[1][0] for op in full if op[0] == "TOPK_V2"] == [np.int8]
+    # The residual stream of the MoE blocks (their additions and the
+    # LayerNorms' first op) is float32 by default, int8 with
+    # float_residual_stream=False; the expert matmuls are int8 in both.
+    def input_dtypes(path, op_name, pattern):
+        return {
+            op[1][0] for op in _ops(path)
+            if op[0] == op_name and any(re.search(pattern, n) for n in op[2])
+        }
+    residual = r"/moe_block_\d_1/add(_1)?$"
+    norm_mean = r"/moe_block_\d_1/(attention|mlp)_norm_1/moments/mean$"
+    experts = r"/moe_block_\d_1/moe_1/MatMul"
+    for pattern, op_name in ((residual, "ADD"), (norm_mean, "MEAN")):
+        assert input_dtypes(exported["int8"]["path"], op_name, pattern) == {
+            np.float32
+        }
+        assert input_dtypes(
+            exported["int8_routing"]["path"], op_name, pattern
+        ) == {np.int8}
+    for mode in ("int8", "int8_routing", "int8_full"):
+        assert input_dtypes(
+            exported[mode]["path"], "BATCH_MATMUL", experts
+        ) == {np.int8}
+
+
 def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
-    _, images, logits, routes = trained
+    model, images, labels, _ = trained
     size = {mode: exported[mode]["bytes"] for mode in exported}
     assert size["float16"] < 0.6 * size["none"]
     assert size["dynamic"] < 0.4 * size["none"]
     assert size["int8_full"] < 0.4 * size["none"]
     # The float routing path (patch embedding, 2 dense blocks, router).
-    assert size["int8"] < 0.6 * size["none"]
-    assert exported["int8"]["float_layers"] == [
-        "patch_embedding", "dense_block_0", "dense_block_1", "router"
+    for mode in ("int8", "int8_routing"):
+        assert size[mode] < 0.6 * size["none"]
+    assert exported["int8"]["float_layers"] == ROUTING + [
+        "attention_norm", "mlp_norm", "final_norm", "predictions"
     ]
+    assert exported["int8"]["float_residual_stream"] is True
+    assert exported["int8_routing"]["float_layers"] == ROUTING
+    assert exported["int8_routing"]["float_residual_stream"] is False
     assert exported["int8_full"]["float_layers"] == []
-    agreement = {}
-    for mode in ("float16", "dynamic", "int8", "int8_full"):
-        outputs = TFLiteClassifier(exported[mode]["path"]).predict(images)
-        agreement[mode] = (
-            np.mean(outputs["logits"].argmax(-1) == logits.argmax(-1)),
-            np.mean(outputs["router_logits"].argmax(-1) == routes),
-        )
-    print("top-1 / routing agreement:", agreement)
-    assert min(agreement["float16"]) >= 0.99
-    assert min(agreement["dynamic"]) >= 0.98
-    # int8 with the routing path in float meets the routing goal (>= 99%;
-    # measured 99.0%); its top-1 agreement (measured 95.3%) is below the
-    # 97% goal on this small, briefly trained model. Everything int8:
-    # measured 91.6% / 96.0%.
-    assert agreement["int8"][1] >= 0.99
-    assert agreement["int8"][0] >= 0.93
-    assert min(agreement["int8_full"]) >= 0.88
+    result = {
+        mode: agreement(model, exported[mode]["path"], images, labels)
+        for mode in exported
+    }
+    print("top-1 / routing agreement:", {
+        mode: (r["top1"], r["routing"]) for mode, r in result.items()
+    })
+    assert result["none"]["top1"] == result["none"]["routing"] == 1.0
+    assert result["float16"]["top1"] >= 0.99
+    assert result["float16"]["routing"] >= 0.99
+    assert result["dynamic"]["top1"] >= 0.97
+    assert result["dynamic"]["routing"] >= 0.98
+    # Issue #6's goal: int8 agrees on top-1 for >= 97% of the images and on
+    # the chosen expert for >= 99%. Measured on this model (1000 fixture
+    # images, calibrated on the first 100): int8 defaults 97.8% / 100%,
+    # routing path only float 95.8% / 100%, all int8 91.6% / 96.0%.
+    assert result["int8"]["top1"] >= 0.97
+    for mode in ("int8", "int8_routing"):
+        assert result[mode]["routing"] >= 0.995
+    assert result["int8_routing"]["top1"] >= 0.93
+    assert result["int8_full"]["top1"] >= 0.88
+    assert result["int8_full"]["routing"] >= 0.93
+    # Quantization costs agreement, not accuracy: within 2 points.
+    for mode in exported:
+        assert abs(
+            result[mode]["tflite_accuracy"] - result[mode]["keras_accuracy"]
+        ) <= 0.02
+
+
+def test_agreement_detects_a_different_model_and_old_files(
+    trained, exported, tmp_path
+):
+    model, images, _, _ = trained
+    subset = images[::10]
+    # A file exported from another model (same shapes, other weights).
+    other = kmm.MobileVMoE.from_config(model.get_config())
+    other_path = to_tflite(other, tmp_path / "other.tflite")["path"]
+    result = agreement(model, other_path, subset)
+    assert result["top1"] < 0.5 and result["routing"] < 0.9
+    assert len(result["top1_disagreements"]) == round(
+        (1 - result["top1"]) * len(subset)
+    )
+    # A file without the expert_index output (a dense model's) cannot be
+    # measured for routing: an error, not a silent fallback to the logits.
+    dense_config = {**model.backbone.get_config(), "num_moe_layers": 0}
+    dense = kmm.MobileVMoE(
+        kmm.MobileVMoEBackbone.from_config(dense_config), num_classes=100
+    )
+    dense_path = to_tflite(dense, tmp_path / "dense.tflite")["path"]
+    with pytest.raises(ValueError, match="no 'expert_index'"):
+        agreement(model, dense_path, subset)
+    with pytest.raises(ValueError, match=r"images with shape \(4, 16, 16, 3\)"):
+        agreement(model, exported["none"]["path"], np.zeros((4, 16, 16, 3)))
+    with pytest.raises(ValueError, match="labels with 3 entries"):
+        agreement(model, exported["none"]["path"], subset, labels=[1, 2, 3])
+    with pytest.raises(ValueError, match="split='val'"):
+        fixture_images(model, "val")
 
 
 def test_dense_model_exports_too(tmp_path):
@@ -145,6 +264,28 @@ def test_bad_arguments_raise(trained, tmp_path):
         )
     with pytest.raises(ValueError, match="exports classifier tasks"):
         to_tflite(model.backbone, tmp_path / "x.tflite")
+    calibration = trained[1][:4]
+    with pytest.raises(ValueError, match="float_layers='final_norm'"):
+        to_tflite(
+            model, tmp_path / "x.tflite", quantization="int8",
+            representative_data=calibration, float_layers="final_norm",
+        )
+    with pytest.raises(ValueError, match="quantization='float16'"):
+        to_tflite(
+            model, tmp_path / "x.tflite", quantization="float16",
+            float_layers=["final_norm"],
+        )
+    with pytest.raises(ValueError, match="float_residual_stream='yes'"):
+        to_tflite(
+            model, tmp_path / "x.tflite", quantization="int8",
+            representative_data=calibration, float_residual_stream="yes",
+        )
+    with pytest.raises((ValueError, RuntimeError), match=r"\['no_such_layer'\]"):
+        to_tflite(
+            model, tmp_path / "x.tflite", quantization="int8",
+            representative_data=calibration,
+            float_layers=["final_norm", "no_such_layer"],
+        )
 
 
 def test_expert_split_matches_single_file_with_dense_sized_memory(
@@ -152,7 +293,8 @@ def test_expert_split_matches_single_file_with_dense_sized_memory(
 ):
     from keras_mobile_moe.export import ExpertSplitRunner
 
-    model, images, logits, routes = trained
+    model, images, _, reference = trained
+    routes = reference["expert_index"][:, 0]
     manifest = to_tflite_expert_split(model, tmp_path / "split")
     assert len(manifest["experts"]) == model.backbone.num_experts
     runner = ExpertSplitRunner(tmp_path / "split")

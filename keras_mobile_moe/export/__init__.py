@@ -1,5 +1,8 @@
 """Export to TFLite / LiteRT for phones (`kmm.export.to_tflite`)."""
 
+from keras_mobile_moe.export.parity import agreement
+from keras_mobile_moe.export.parity import fixture_images
+from keras_mobile_moe.export.parity import keras_decisions
 from keras_mobile_moe.export.expert_split import ExpertSplitRunner
 from keras_mobile_moe.export.expert_split import to_tflite_expert_split
 from keras_mobile_moe.export.tflite import QUANTIZATIONS

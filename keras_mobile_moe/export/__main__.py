@@ -41,6 +41,14 @@ FLOAT_ROUTING = flags.DEFINE_bool(
     "float_routing", True,
     "int8 only: keep the layers that decide the routing in float32.",
 )
+FLOAT_RESIDUAL_STREAM = flags.DEFINE_bool(
+    "float_residual_stream", True,
+    "int8 only: keep the residual stream (block additions) in float32.",
+)
+FLOAT_LAYERS = flags.DEFINE_list(
+    "float_layers", [],
+    "int8 only: more layer names to keep in float32 (e.g. final_norm).",
+)
 flags.mark_flags_as_mutual_exclusive(["preset", "model_file"], required=True)
 flags.mark_flags_as_mutual_exclusive(["out", "expert_split_dir"], required=True)
 
@@ -89,6 +97,8 @@ def main(argv):
     report = to_tflite(
         model, OUT.value, QUANTIZATION.value, data,
         float_routing=FLOAT_ROUTING.value,
+        float_residual_stream=FLOAT_RESIDUAL_STREAM.value,
+        float_layers=FLOAT_LAYERS.value,
     )
     print(
         f"wrote {report['path']}: {report['bytes'] / 1e6:.2f} MB, "
