@@ -5,13 +5,19 @@ For each scale (default 6x64, 12x64, 12x192 at 224x224, patch 32), the dense
 preset, its MoE twin (E=10, k=1) and its MoNE twin (budget of the preset) are
 exported on the TensorFlow backend, checked for builtin ops only, and timed
 with the `ai_edge_litert` interpreter (XNNPACK), alternating the models so
-they share the machine's noise. Accuracy on the CIFAR-100 test split is
-reported where a trained preset exists (none is published yet).
+they share the machine's noise. Where a trained CIFAR-100 preset is
+published (`{scale}_cifar100`, `{scale}_e10_cifar100`) its weights are used,
+and the accuracy of every file and of the Keras model is measured on a
+class-balanced cut of the CIFAR-100 test split (`--accuracy_images`, from
+`$KMM_CIFAR100_PATH`), with the file's top-1 and routing agreement with
+Keras (`kmm.export.agreement`); other models have random weights (latency
+does not depend on them).
 
 Writes benchmarks/results/tflite.md and tflite.json.
 
 Usage:
-    KERAS_BACKEND=tensorflow python benchmarks/tflite_latency.py [--repeats 30]
+    KMM_CIFAR100_PATH=../shared/datasets/cifar100.npz \
+        python benchmarks/tflite_latency.py [--repeats 30]
 """
 
 import argparse
@@ -27,9 +33,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+from keras import ops as kmm_ops  # noqa: E402
+
 import keras_mobile_moe as kmm  # noqa: E402
 from common import machine  # noqa: E402
 from keras_mobile_moe.export import TFLiteClassifier  # noqa: E402
+from keras_mobile_moe.export import agreement  # noqa: E402
 from keras_mobile_moe.export import to_tflite  # noqa: E402
 from keras_mobile_moe.export.__main__ import calibration_images  # noqa: E402
 
@@ -38,11 +47,30 @@ MODES = ("none", "float16", "dynamic", "int8")
 
 
 def build(kind, scale):
-    if kind == "dense":
-        return kmm.MobileVMoE.from_preset(scale, load_weights=False)
-    if kind == "moe":
-        return kmm.MobileVMoE.from_preset(f"{scale}_e10", load_weights=False)
-    return kmm.MoNE.from_preset(f"{scale}_mone", load_weights=False)
+    """(model, trained preset name or None): trained weights where published."""
+    cls = kmm.MoNE if kind == "mone" else kmm.MobileVMoE
+    plain = {"dense": scale, "moe": f"{scale}_e10", "mone": f"{scale}_mone"}[kind]
+    trained = f"{plain}_cifar100"
+    if trained in cls.presets:
+        return cls.from_preset(trained), trained
+    return cls.from_preset(plain, load_weights=False), None
+
+
+def test_cut(per_class):
+    """A class-balanced cut of the CIFAR-100 test split, or None without data."""
+    if not os.environ.get(kmm.datasets.cifar100.ENV_VAR):
+        return None
+    data = kmm.datasets.cifar100.load_data()
+    labels = data["y_test"]
+    pick = np.concatenate(
+        [np.flatnonzero(labels == c)[:per_class] for c in range(100)]
+    )
+    return data["x_test"][pick], labels[pick]
+
+
+def model_inputs(model, images):
+    converted = model.preprocessor.image_converter(images)
+    return np.asarray(kmm_ops.convert_to_numpy(converted), "float32")
 
 
 def time_interleaved(runners, image, repeats):
@@ -65,13 +93,25 @@ def main():
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--calibration", type=int, default=100)
+    parser.add_argument(
+        "--accuracy_images", type=int, default=1000,
+        help="Test images (a multiple of 100) for trained presets' accuracy.",
+    )
     args = parser.parse_args()
+    cut = test_cut(max(1, args.accuracy_images // 100))
 
     rows = []
     load_before = os.getloadavg()[0]
     workdir = pathlib.Path(tempfile.mkdtemp())
     for scale in args.scales:
-        models = {kind: build(kind, scale) for kind in args.kinds}
+        built = {kind: build(kind, scale) for kind in args.kinds}
+        models = {kind: model for kind, (model, _) in built.items()}
+        trained = {kind: name for kind, (_, name) in built.items()}
+        test_inputs = {
+            kind: model_inputs(model, cut[0])
+            for kind, model in models.items()
+            if trained[kind] and cut is not None
+        }
         flops = {kind: kmm.count_flops(m) for kind, m in models.items()}
         calibration = calibration_images(models["dense"], args.calibration)
         image = calibration[:1]
@@ -85,6 +125,10 @@ def main():
                     representative_data=calibration if mode == "int8" else None,
                 )
                 paths[kind], sizes[kind] = report["path"], report["bytes"]
+            scores = {
+                kind: agreement(models[kind], paths[kind], inputs, cut[1])
+                for kind, inputs in test_inputs.items()
+            }
             for threads in (1, 2):
                 runners = {
                     kind: TFLiteClassifier(path, num_threads=threads)
@@ -96,7 +140,11 @@ def main():
                         "scale": scale, "kind": kind, "quantization": mode,
                         "threads": threads, "bytes": sizes[kind],
                         "median_ms": latency[kind], "flops": flops[kind],
-                        "accuracy": None,
+                        "preset": trained[kind],
+                        "accuracy": scores[kind]["tflite_accuracy"] if kind in scores else None,
+                        "keras_accuracy": scores[kind]["keras_accuracy"] if kind in scores else None,
+                        "top1_agreement": scores[kind]["top1"] if kind in scores else None,
+                        "routing_agreement": scores[kind]["routing"] if kind in scores else None,
                     })
                 print(f"{scale} {mode:>8} {threads} thread(s): " + ", ".join(
                     f"{k} {latency[k]:.2f} ms" for k in models), flush=True)
@@ -117,14 +165,25 @@ def main():
         "ratios compare models timed alternately). LiteRT interpreter with "
         "XNNPACK, one image "
         f"(224x224, patch 32), median of {args.repeats} calls, models "
-        "alternated. Random weights (no trained preset is published yet, so "
-        "no accuracy column); MoNE at its preset's capacity budget. Generated "
-        "by `benchmarks/tflite_latency.py`.",
+        "alternated. Models with a published CIFAR-100 preset use its "
+        "weights, and their accuracy is measured on "
+        + (f"{len(cut[1])} test images ({len(cut[1]) // 100} per class)"
+           if cut is not None else "no data (KMM_CIFAR100_PATH unset)")
+        + " for the file and for the Keras model (in brackets), with the "
+        "file's top-1 and routing agreement with Keras; the other models have "
+        "random weights. MoNE at its preset's capacity budget. int8 keeps "
+        "the routing path and the residual stream in float32 (the default of "
+        "`kmm.export.to_tflite`). Generated by `benchmarks/tflite_latency.py`.",
         "",
-        "| scale | model | quantization | MB | MFLOPs | ms (1 thread) | "
-        "ms (2 threads) | vs dense (1 thread) | int8 speed-up vs float32 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scale | model | weights | quantization | MB | MFLOPs | ms (1 thread) | "
+        "ms (2 threads) | vs dense (1 thread) | int8 speed-up vs float32 "
+        "| test top-1 % (Keras) | agreement top-1 / routing % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def pct(value):
+        return "–" if value is None else f"{100 * value:.1f}"
+
     for scale in args.scales:
         for kind in args.kinds:
             for mode in args.modes:
@@ -136,11 +195,18 @@ def main():
                     speedup = (
                         f"{find(scale, kind, 'none', 1)['median_ms'] / one['median_ms']:.2f}x"
                     )
+                accuracy = "–"
+                if one["accuracy"] is not None:
+                    accuracy = f"{pct(one['accuracy'])} ({pct(one['keras_accuracy'])})"
+                agree = "–"
+                if one["top1_agreement"] is not None:
+                    agree = f"{pct(one['top1_agreement'])} / {pct(one['routing_agreement'])}"
                 lines.append(
-                    f"| {scale} | {kind} | {mode} | {one['bytes'] / 1e6:.2f} | "
+                    f"| {scale} | {kind} | {one['preset'] or 'random'} | {mode} | "
+                    f"{one['bytes'] / 1e6:.2f} | "
                     f"{one['flops'] / 1e6:.1f} | {one['median_ms']:.2f} | "
                     f"{two['median_ms']:.2f} | "
-                    f"{ratio:.3f} | {speedup} |"
+                    f"{ratio:.3f} | {speedup} | {accuracy} | {agree} |"
                 )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tflite.md").write_text("\n".join(lines) + "\n")

@@ -243,7 +243,11 @@ Before fine-tuning, the router still makes the choices it learned for the
 old table, which agree with the new groups only where the two tables happen
 to overlap. Fine-tuning teaches it the new groups (the router loss) while
 the classification loss adapts the experts and the head to the new classes.
-With more epochs both numbers keep rising.
+Router accuracy rises quickly. Top-1 need not: while the router re-learns
+its table, images move between experts, and with 6,000 images and 3 epochs
+(our run on CIFAR-100: router accuracy 14% -> 27%, top-1 37.7% -> 36.9%)
+the fine-tuned model is about where the linear probe left it. More images,
+epochs and augmentation are what raise it.
 
 ## Save and reload
 
@@ -254,18 +258,8 @@ included.
 """
 
 preset_dir = os.path.join(OUTPUT_DIR, "fine_tuned_preset")
-# A preset holds the model, not the training state: copy the weights into a
-# fresh (never trained) classifier of the same architecture and save that.
-# (Saved directly, the trained model would also store its optimizer's
-# variables, which `from_preset` currently refuses to load.)
-clean = kmm.MobileVMoE.from_preset(
-    PRESET,
-    load_weights=False,
-    num_classes=num_new_classes,
-    superclass_ids=superclass_ids.tolist(),
-)
-clean.set_weights(model.get_weights())
-clean.save_to_preset(preset_dir)
+# The optimizer state is saved too; from_preset loads the model without it.
+model.save_to_preset(preset_dir)
 reloaded = kmm.MobileVMoE.from_preset(preset_dir)
 difference = float(
     np.max(

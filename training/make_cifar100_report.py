@@ -134,8 +134,8 @@ def markdown(runs):
         "`python training/make_cifar100_report.py`.",
         "",
         "| scale | seed | MFLOPs dense / MoE | params dense / MoE | activated params MoE "
-        "| dense top-1 % | MoE top-1 % | delta (pp) | MoE router acc. % | epochs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dense top-1 % | MoE top-1 % | delta (pp) | val delta (pp) | MoE router acc. % | epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (scale, _, seed), pair in pairs(runs):
         dense, moe = pair.get("dense"), pair.get("moe")
@@ -147,13 +147,16 @@ def markdown(runs):
         )
         active = "–" if moe is None else f"{moe['activated_params'] / 1e6:.2f}M"
         delta = "–"
+        val_delta = "–"
         if dense and moe:
             delta = f"{100 * (moe['test_top1'] - dense['test_top1']):+.2f}"
+            if dense.get("val_top1") is not None and moe.get("val_top1") is not None:
+                val_delta = f"{100 * (moe['val_top1'] - dense['val_top1']):+.2f}"
         epochs = " / ".join("–" if r is None else str(r["epochs"]) for r in (dense, moe))
         lines.append(
             f"| {scale} | {seed} | {flops} | {params} | {active} | "
             f"{pct(dense and dense['test_top1'])} | {pct(moe and moe['test_top1'])} | "
-            f"{delta} | {pct(moe and moe['test_router_accuracy'])} | {epochs} |"
+            f"{delta} | {val_delta} | {pct(moe and moe['test_router_accuracy'])} | {epochs} |"
         )
     lines += [
         "",
