@@ -309,7 +309,7 @@ def test_trainer_resizes_and_scales_like_the_preset():
     # train.py feeds 32x32 images in [0, 255]; its Trainer upsamples and
     # scales them in the graph. The saved preset must see the same inputs
     # through its image converter.
-    train_lib = _load("train")
+    trainer_lib = _load("trainer")
     model = kmm.MobileVMoE.from_preset(
         "6x64_e10",
         load_weights=False,
@@ -326,7 +326,7 @@ def test_trainer_resizes_and_scales_like_the_preset():
     images = kmm.datasets.cifar100.load_fixture()["x_test"][:6]
     expected = model.predict(images, verbose=0)
     preprocessor, model.preprocessor = model.preprocessor, None
-    trainer = train_lib.Trainer(model)
+    trainer = trainer_lib.Trainer(model)
     out = trainer.predict_on_batch(images.astype("float32"))
     np.testing.assert_allclose(out["logits"], expected, atol=1e-5, rtol=1e-5)
     assert out["router_logits"].shape == (6, 4)

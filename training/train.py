@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
 import data as data_lib  # noqa: E402
 import recipes  # noqa: E402
+from trainer import Trainer  # noqa: E402
 from common import machine  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
@@ -250,68 +251,6 @@ def build_model(dataset, recipe, num_classes=100):
         )
     model = cls.from_preset(preset, load_weights=False, **overrides)
     return model, routing, overrides
-
-
-class Trainer(keras.Model):
-    """The classifier's graph (shared weights) trained on float targets.
-
-    keras-hub's `Task.fit` only takes arrays, `tf.data` or grain datasets and
-    the classifier's `compute_loss` reads integer labels for the router loss.
-    This functional model shares every layer of `classifier`, always returns
-    `{"logits", "router_logits"}` for MoE models and computes the loss on
-    float (one-hot or Mixup/CutMix soft) targets `y` [B, C]; the router's
-    target is the matching super-class mixture `y @ onehot(superclass_ids)`
-    [B, E], its cross-entropy (float32) added with `router_loss_weight`.
-    Its input is the loader's 32x32 images in [0, 255]. The classifier
-    itself is what gets saved.
-    """
-
-    def __init__(self, classifier, source_size=(32, 32)):
-        # Resizing and scaling in the graph, as the preset's image converter
-        # does at inference: the loader moves 32x32 batches, the accelerator
-        # does the upsampling.
-        height, width = classifier.backbone.image_shape[:2]
-        images = keras.Input((*source_size, 3), name="images")
-        x = keras.layers.Resizing(height, width, interpolation="bilinear")(images)
-        x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
-        graph = keras.Model(classifier.input, classifier.output, name="classifier")
-        super().__init__(inputs=images, outputs=graph(x), name="trainer")
-        self.superclass_ids = None
-        if getattr(classifier, "router_loss", None) is not None:
-            self.superclass_ids = list(classifier.superclass_ids)
-            self.router_loss_weight = float(classifier.router_loss_weight)
-            self.router_loss_tracker = keras.metrics.Mean(name="router_loss")
-            self.router_accuracy = keras.metrics.CategoricalAccuracy(
-                name="router_accuracy"
-            )
-
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
-        loss = super().compute_loss(x, y, logits, sample_weight, training=training)
-        if self.superclass_ids is None or not isinstance(y_pred, dict):
-            return loss
-        router_logits = keras.ops.cast(y_pred["router_logits"], "float32")
-        table = keras.ops.one_hot(
-            keras.ops.convert_to_tensor(self.superclass_ids, dtype="int32"),
-            router_logits.shape[-1],
-        )
-        targets = keras.ops.matmul(keras.ops.cast(y, "float32"), table)
-        router_loss = keras.ops.mean(
-            keras.losses.categorical_crossentropy(
-                targets, router_logits, from_logits=True
-            )
-        )
-        self.router_loss_tracker.update_state(router_loss)
-        self.router_accuracy.update_state(targets, router_logits)
-        return loss + keras.ops.cast(self.router_loss_weight, loss.dtype) * (
-            keras.ops.cast(router_loss, loss.dtype)
-        )
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
-        return super().compute_metrics(x, y, logits, sample_weight)
 
 
 def make_optimizer(recipe, steps_per_epoch, epochs, batch_size):
