@@ -46,9 +46,10 @@ def env():
     return out
 
 
-def train(workdir, *args, timeout=240):
+def run_program(script, *args, timeout=240):
+    """Runs a training/ or scripts/ program; asserts it succeeds; its stdout."""
     result = subprocess.run(
-        [sys.executable, TRAIN, *TINY_ARGS, f"--workdir={workdir}", *args],
+        [sys.executable, script, *args],
         env=env(),
         capture_output=True,
         text=True,
@@ -56,6 +57,12 @@ def train(workdir, *args, timeout=240):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
+
+
+def train(workdir, *args, timeout=240):
+    return run_program(
+        TRAIN, *TINY_ARGS, f"--workdir={workdir}", *args, timeout=timeout
+    )
 
 
 def read_log(workdir):
@@ -174,21 +181,13 @@ def test_resumes_after_being_killed(tmp_path):
 def test_discover_superclasses_writes_groups(smoke_run, tmp_path):
     workdir, _ = smoke_run
     out = str(tmp_path / "groups")
-    result = subprocess.run(
-        [
-            sys.executable,
-            DISCOVER,
-            f"--preset_dir={os.path.join(workdir, 'preset')}",
-            "--num_superclasses=4",
-            f"--out={out}",
-        ],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    stdout = run_program(
+        DISCOVER,
+        f"--preset_dir={os.path.join(workdir, 'preset')}",
+        "--num_superclasses=4",
+        f"--out={out}",
     )
-    assert result.returncode == 0, result.stderr[-5000:]
-    assert "adjusted Rand index" in result.stdout
+    assert "adjusted Rand index" in stdout
     groups = np.load(out + ".npy")
     assert groups.shape == (100,) and set(groups.tolist()) == {0, 1, 2, 3}
     with open(out + ".json", encoding="utf-8") as f:
@@ -339,20 +338,12 @@ def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
         trained = json.load(f)
     results = tmp_path / "results.json"
     results.write_text(json.dumps(trained))
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "training", "evaluate.py"),
-            f"--preset_dir={os.path.join(workdir, 'preset')}",
-            "--data=fixture",
-            f"--results={results}",
-        ],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    stdout = run_program(
+        os.path.join(ROOT, "training", "evaluate.py"),
+        f"--preset_dir={os.path.join(workdir, 'preset')}",
+        "--data=fixture",
+        f"--results={results}",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     updated = json.loads(results.read_text())
     # The preset through its own image converter scores what train.py's
     # in-graph resize scored on the same 200 test images.
@@ -362,7 +353,7 @@ def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
     )
     assert updated["test_at_training"]["test_top1"] == trained["test_top1"]
     assert updated["test_evaluation"]["test_images"] == 200
-    assert "test top-1" in result.stdout
+    assert "test top-1" in stdout
 
 
 def test_publish_preset_stores_compact_weights_and_a_registry_entry(
@@ -373,21 +364,13 @@ def test_publish_preset_stores_compact_weights_and_a_registry_entry(
     from keras_mobile_moe import preset_registry
 
     workdir, _ = smoke_run
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "scripts", "publish_preset.py"),
-            f"--preset_dir={os.path.join(workdir, 'preset')}",
-            "--name=6x64_e4_fixture",
-            f"--results={os.path.join(workdir, 'results.json')}",
-            f"--presets_dir={tmp_path}",
-        ],
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    run_program(
+        os.path.join(ROOT, "scripts", "publish_preset.py"),
+        f"--preset_dir={os.path.join(workdir, 'preset')}",
+        "--name=6x64_e4_fixture",
+        f"--results={os.path.join(workdir, 'results.json')}",
+        f"--presets_dir={tmp_path}",
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     entry = json.loads((tmp_path / "6x64_e4_fixture.json").read_text())
     preset_registry.validate_entry(entry, "test")
     assert entry["weights"] == "6x64_e4_fixture"
