@@ -13,7 +13,7 @@ A `keras.utils.PyDataset` that feeds `fit`/`evaluate` on every backend
 - float32 images in [0, 255] at 32x32 and float one-hot (soft after
   Mixup/CutMix) targets. The resize to the model's input size (224 for the
   paper's models) and the scaling to [-1, 1] happen inside the trained graph
-  (`train.Trainer`), on the accelerator: 32x32 batches are 49x smaller to
+  (`trainer.Trainer`), on the accelerator: 32x32 batches are 49x smaller to
   move than 224x224 ones.
 
 All randomness of batch `i` in epoch `e` comes from `(seed, e, i)`, so a run is

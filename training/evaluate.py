@@ -25,14 +25,16 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
+import data as data_lib  # noqa: E402
 from common import machine  # noqa: E402
+from trainer import evaluate  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
 
@@ -45,25 +47,15 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 250, "Inference batch size.")
 RESULTS = flags.DEFINE_string("results", None, "results.json to update.")
 
 
-def evaluate(model, images, labels, batch_size):
+def preset_accuracies(model, images, labels, batch_size):
     """(top-1, router accuracy or None) of a classifier preset on raw images."""
     converter = model.preprocessor.image_converter
     graph = keras.Model(model.input, model.output)  # logits and router logits
     table = None
     if getattr(model, "router_loss", None) is not None:
-        table = np.asarray(model.superclass_ids)
-    correct = routed = 0
-    for start in range(0, len(labels), batch_size):
-        x = converter(images[start : start + batch_size])
-        y = labels[start : start + batch_size]
-        out = graph.predict_on_batch(x)
-        logits = out["logits"] if isinstance(out, dict) else out
-        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == y))
-        if table is not None:
-            route = np.argmax(np.asarray(out["router_logits"]), -1)
-            routed += int(np.sum(route == table[y]))
-    total = len(labels)
-    return correct / total, (routed / total if table is not None else None)
+        table = model.superclass_ids
+    batches = data_lib.CifarBatches(images, labels, batch_size, model.num_classes)
+    return evaluate(lambda x: graph.predict_on_batch(converter(x)), batches, table)
 
 
 def main(argv):
@@ -78,7 +70,9 @@ def main(argv):
             kmm.datasets.cifar100.ENV_VAR, "download"
         )
     model = kmm.MobileVMoE.from_preset(PRESET_DIR.value)
-    top1, router = evaluate(model, data["x_test"], data["y_test"], BATCH_SIZE.value)
+    top1, router = preset_accuracies(
+        model, data["x_test"], data["y_test"], BATCH_SIZE.value
+    )
     print(
         f"{PRESET_DIR.value}: test top-1 {top1:.4f}, router accuracy {router} "
         f"on {len(data['y_test'])} test images",

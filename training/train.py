@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 import data as data_lib  # noqa: E402
 import recipes  # noqa: E402
 from trainer import Trainer  # noqa: E402
+from trainer import evaluate  # noqa: E402
 from common import machine  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
@@ -355,28 +356,6 @@ def backup_epoch(backup_dir):
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(trainer, batches, superclass_ids):
-    """(top-1, router accuracy or None) over all batches, one forward pass."""
-    both = trainer
-    correct = routed = total = 0
-    table = None if superclass_ids is None else np.asarray(superclass_ids)
-    for i in range(len(batches)):
-        x, y = batches[i]
-        out = both.predict_on_batch(x)
-        labels = np.argmax(y, axis=-1)
-        if isinstance(out, dict):
-            logits = out["logits"]
-            if table is not None:
-                route = np.argmax(np.asarray(out["router_logits"]), axis=-1)
-                routed += int(np.sum(route == table[labels]))
-        else:
-            logits = out
-        correct += int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
-        total += len(labels)
-    router = routed / total if table is not None else None
-    return correct / total, router
-
-
 def write_json(path, content):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -509,8 +488,12 @@ def main(argv):
     val_top1 = val_router = None
     if val is not None:
         val.max_steps = None
-        val_top1, val_router = evaluate(trainer, val, superclass_ids)
-    test_top1, test_router = evaluate(trainer, test, superclass_ids)
+        val_top1, val_router = evaluate(
+            trainer.predict_on_batch, val, superclass_ids
+        )
+    test_top1, test_router = evaluate(
+        trainer.predict_on_batch, test, superclass_ids
+    )
     print(
         f"val top-1 {val_top1}, test top-1 {test_top1:.4f}, "
         f"test router accuracy {test_router}",

@@ -1,10 +1,11 @@
 """The model `train.py` fits: the classifier's graph on 32x32 batches.
 
 Kept apart from `train.py` (which defines absl flags) so that tests and
-other programs can import it.
+other programs (`evaluate.py`) can import it.
 """
 
 import keras
+import numpy as np
 
 
 class Trainer(keras.Model):
@@ -67,3 +68,31 @@ class Trainer(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
         return super().compute_metrics(x, y, logits, sample_weight)
+
+
+def evaluate(predict, batches, superclass_ids):
+    """(top-1, router accuracy or None) over all batches, one forward pass.
+
+    Args:
+        predict: batch of images -> logits, or a dict with `logits` and
+            `router_logits`.
+        batches: a `data.CifarBatches` (one-hot labels).
+        superclass_ids: the class -> expert table, or None (no router score).
+    """
+    correct = routed = total = 0
+    table = None if superclass_ids is None else np.asarray(superclass_ids)
+    for i in range(len(batches)):
+        x, y = batches[i]
+        out = predict(x)
+        labels = np.argmax(y, axis=-1)
+        if isinstance(out, dict):
+            logits = out["logits"]
+            if table is not None:
+                route = np.argmax(np.asarray(out["router_logits"]), axis=-1)
+                routed += int(np.sum(route == table[labels]))
+        else:
+            logits = out
+        correct += int(np.sum(np.argmax(np.asarray(logits), axis=-1) == labels))
+        total += len(labels)
+    router = routed / total if table is not None else None
+    return correct / total, router
