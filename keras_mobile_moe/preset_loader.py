@@ -564,6 +564,7 @@ def backbone_from_preset(cls, preset, load_weights=True, overrides=None):
     check_load_weights(load_weights)
     entry = preset_registry.find(preset, cls.preset_family)
     if entry is not None:
+        entry = preset_registry.trained_entry(entry, load_weights)
         if not load_weights or not entry.get("weights"):
             return preset_registry.build_backbone(
                 cls, entry, load_weights, overrides
@@ -609,6 +610,7 @@ def task_from_preset(cls, preset, load_weights=True, overrides=None):
         )
     entry = preset_registry.find(preset, cls.preset_family)
     if entry is not None:
+        entry = preset_registry.trained_entry(entry, load_weights)
         if not load_weights or not entry.get("weights"):
             return preset_registry.build_task(cls, entry, load_weights, overrides)
         directory, label = entry_directory(entry, load_weights)

@@ -19,6 +19,13 @@ Each preset is one JSON file (shipped in the wheel as the package
 
 Aliases point at the same entry. `from_preset` reads the registry through
 `keras_mobile_moe.preset_loader`.
+
+Names follow timm's `architecture.tag`: `"6x64_e10"` is an architecture,
+`"6x64_e10.cifar100"` the same architecture trained on CIFAR-100 (its entry
+may change the input size or the head). A tag is also loadable through every
+alias of its architecture (`"tiny_e10.cifar100"` = `"12x192_e10.cifar100"`).
+Loading an architecture name with weights picks its best trained tag
+(`trained_entry`); `load_weights=False` builds the architecture untrained.
 """
 
 import difflib
@@ -143,6 +150,21 @@ def _read_registry(directory):
             if name in registry:
                 raise ValueError(f"Duplicate preset name {name!r} in {path}.")
             registry[name] = entry
+    for entry in {id(e): e for e in registry.values()}.values():
+        architecture, dot, tag = entry["name"].partition(".")
+        if not dot:
+            continue
+        base = registry.get(architecture)
+        if base is None or base["family"] != entry["family"]:
+            raise ValueError(
+                f"Preset {entry['name']!r}: the name is 'architecture.tag' "
+                f"but {architecture!r} is not a built-in "
+                f"{entry['family']!r} preset."
+            )
+        for alias in base.get("aliases", []):
+            name = f"{alias}.{tag}"
+            if registry.setdefault(name, entry) is not entry:
+                raise ValueError(f"Duplicate preset name {name!r}.")
     return registry
 
 
@@ -318,6 +340,64 @@ def check_weights(entry, load_weights):
             "(its registry entry has weights=null). Pass load_weights=False "
             "to build the architecture with random weights."
         )
+
+
+def trained_presets(family):
+    """The canonical names of a family's presets that have weights.
+
+    Example:
+
+    >>> "6x64_e10.cifar100" in trained_presets("mobile_vmoe")
+    True
+    """
+    return sorted(
+        {e["name"] for e in presets_of(family).values() if e.get("weights")}
+    )
+
+
+def trained_entry(entry, load_weights):
+    """The entry `from_preset` loads for `entry` (timm's default tag).
+
+    An architecture name without weights asked for with `load_weights=True`
+    resolves to its trained tag (`"6x64_e10"` -> `"6x64_e10.cifar100"`), the
+    one with the best recorded test top-1; an entry with weights, or
+    `load_weights=False`, stays as it is.
+
+    Args:
+        entry: a registry entry.
+        load_weights: bool.
+
+    Returns:
+        A registry entry.
+
+    Raises:
+        ValueError: weights asked for and the architecture has no trained
+            tag; the message lists the trained presets.
+
+    Example:
+
+    >>> entry = load_registry()["6x64_e10"]
+    >>> trained_entry(entry, True)["name"]
+    '6x64_e10.cifar100'
+    >>> trained_entry(entry, False)["name"]
+    '6x64_e10'
+    """
+    if not load_weights or entry.get("weights"):
+        return entry
+    tags = [
+        e
+        for e in {id(e): e for e in presets_of(entry["family"]).values()}.values()
+        if e["name"].partition(".")[0] == entry["name"] and e.get("weights")
+    ]
+    if not tags:
+        raise ValueError(
+            f"Preset {entry['name']!r} has no published weights yet "
+            "(its registry entry has weights=null and no trained tag "
+            f"'{entry['name']}.<tag>' exists). Pass load_weights=False to "
+            "build the architecture with random weights, or load a trained "
+            f"preset: {trained_presets(entry['family'])}."
+        )
+    return max(tags, key=lambda e: (e.get("accuracy") or {}).get("top1") or 0)
 
 
 def check_unknown_arguments(cls, kwargs, accepted):

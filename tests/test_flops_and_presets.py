@@ -3,6 +3,7 @@
 import json
 import re
 
+import keras
 import numpy as np
 import pytest
 
@@ -126,9 +127,11 @@ def test_preset_files_are_valid_and_match_the_variant_table():
             assert entry["name"].endswith("_mone")
             assert config["num_nested_experts"] == 4
             continue
-        # "6x64", "6x64_cifar100": dense; "6x64_e10", "6x64_e20_cifar100":
+        # "6x64", "6x64.cifar100": dense; "6x64_e10", "6x64_e20_cifar100":
         # E=10 / E=20 experts in the last 2 blocks.
-        experts = re.fullmatch(r"\d+x\d+(?:_e(\d+))?(?:_[a-z0-9]+)?", entry["name"])
+        experts = re.fullmatch(
+            r"\d+x\d+(?:_e(\d+))?(?:[._][a-z0-9_]+)?", entry["name"]
+        )
         assert experts, entry["name"]
         num_experts = int(experts.group(1) or 0)
         assert config["num_moe_layers"] == (2 if num_experts else 0)
@@ -167,6 +170,40 @@ def test_unknown_preset_lists_close_matches_and_accepted_forms():
     assert "hf://" in str(info.value) and "directory" in str(info.value)
 
 
-def test_preset_without_weights_says_so():
-    with pytest.raises(ValueError, match="has no published weights yet"):
-        kmm.MobileVMoE.from_preset("6x64_e10")
+def test_preset_without_weights_says_so_and_lists_the_trained_ones():
+    with pytest.raises(ValueError, match="has no published weights yet") as info:
+        kmm.MobileVMoE.from_preset("tiny_e10")
+    assert "'6x64_e10.cifar100'" in str(info.value)
+    assert "load_weights=False" in str(info.value)
+
+
+def test_architecture_name_loads_its_trained_tag():
+    # timm's `architecture.tag`: the plain name with weights is the best
+    # trained tag; load_weights=False is the untrained architecture.
+    model = kmm.MobileVMoE.from_preset("6x64_e10")
+    tagged = kmm.MobileVMoE.from_preset("6x64_e10.cifar100")
+    old_name = kmm.MobileVMoE.from_preset("6x64_e10_cifar100")
+    assert model.num_classes == tagged.num_classes == old_name.num_classes == 100
+    for a, b, c in zip(model.weights, tagged.weights, old_name.weights):
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
+        )
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(c)
+        )
+    assert kmm.MobileVMoE.from_preset("6x64_e10", load_weights=False).num_classes == 1000
+    backbone = kmm.MobileVMoEBackbone.from_preset("6x64_e10")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(backbone.weights[0]),
+        keras.ops.convert_to_numpy(tagged.backbone.weights[0]),
+    )
+
+
+def test_tags_are_reachable_through_the_architecture_aliases():
+    registry = preset_registry.load_registry()
+    for name, entry in registry.items():
+        architecture, dot, tag = entry["name"].partition(".")
+        if not dot:
+            continue
+        for alias in registry[architecture].get("aliases", []):
+            assert registry[f"{alias}.{tag}"] is entry
