@@ -52,7 +52,7 @@ from keras_mobile_moe.export import ExpertSplitRunner
 from keras_mobile_moe.export import TFLiteClassifier
 
 SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
-PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10_cifar100")
+PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
 OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
     prefix="kmm_deploy_"
 )

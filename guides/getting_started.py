@@ -27,9 +27,9 @@ KERAS_BACKEND=jax python guides/getting_started.py     # or tensorflow / torch
 Every guide in `guides/` reads the same environment variables:
 
 - `KMM_GUIDE_PRESET`: the Mobile V-MoE preset to load (a built-in name, a
-  preset directory or `hf://org/repo`); default `6x64_e10_cifar100`, a
+  preset directory or `hf://org/repo`); default `6x64_e10.cifar100`, a
   6-layer, width-64 Mobile V-MoE with 10 experts trained on CIFAR-100.
-- `KMM_GUIDE_DENSE_PRESET`: its dense twin, default `6x64_cifar100`.
+- `KMM_GUIDE_DENSE_PRESET`: its dense twin, default `6x64.cifar100`.
 - `KMM_CIFAR100_PATH`: the full CIFAR-100 `.npz`; without it the guides use
   the small CIFAR-100 cut that ships with the package (and say so).
 - `KMM_GUIDE_OUTPUT_DIR`: where plots and files go (default: a new
@@ -50,8 +50,8 @@ import numpy as np
 import keras_mobile_moe as kmm
 
 SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
-PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10_cifar100")
-DENSE_PRESET = os.environ.get("KMM_GUIDE_DENSE_PRESET", "6x64_cifar100")
+PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
+DENSE_PRESET = os.environ.get("KMM_GUIDE_DENSE_PRESET", "6x64.cifar100")
 OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
     prefix="kmm_getting_started_"
 )

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
 SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
-PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10_cifar100")
+PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
 OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
     prefix="kmm_routing_"
 )

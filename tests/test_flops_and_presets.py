@@ -207,3 +207,20 @@ def test_tags_are_reachable_through_the_architecture_aliases():
             continue
         for alias in registry[architecture].get("aliases", []):
             assert registry[f"{alias}.{tag}"] is entry
+
+
+def test_compile_auto_learning_rate_follows_where_the_weights_came_from():
+    def learning_rate(model):
+        model.compile()
+        return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+    scratch = kmm.MobileVMoE.from_preset("6x64_e10", load_weights=False)
+    pretrained = kmm.MobileVMoE.from_preset("6x64_e10.cifar100")
+    new_head = kmm.MobileVMoE.from_preset(
+        "6x64_e10.cifar100", num_classes=20, superclass_ids=[c % 10 for c in range(20)]
+    )
+    mone = kmm.MoNE.from_preset("6x64_mone", load_weights=False)
+    assert learning_rate(scratch) == pytest.approx(3e-4)
+    assert learning_rate(pretrained) == pytest.approx(3e-5)
+    assert learning_rate(new_head) == pytest.approx(1e-4)
+    assert learning_rate(mone) == pytest.approx(3e-4)

@@ -1,6 +1,32 @@
 """Behaviour shared by the classifier tasks of every family."""
 
+import keras
 import numpy as np
+
+# AdamW learning rates of `compile(optimizer="auto")`, by where the weights
+# came from. Fine-tuning a trained preset at the from-scratch rate lost 4.5
+# points of test top-1 in one epoch; 3e-5 kept it, and a new head (random)
+# learned fastest at 1e-4 (benchmarks/results/finetune_defaults.md).
+AUTO_LEARNING_RATES = {"scratch": 3e-4, "new_head": 1e-4, "pretrained": 3e-5}
+
+
+def weights_source(load_weights, overrides):
+    """How `from_preset` initialised a task: `"scratch"` (random weights),
+    `"new_head"` (loaded weights, a rebuilt head for a new `num_classes`) or
+    `"pretrained"` (every weight loaded)."""
+    if not load_weights:
+        return "scratch"
+    return "new_head" if "num_classes" in overrides else "pretrained"
+
+
+def auto_optimizer(task):
+    """The optimizer of `compile(optimizer="auto")`: AdamW with weight decay
+    0.05 at the learning rate of `AUTO_LEARNING_RATES` for the task's
+    `weights_source` (`"scratch"` for a task built directly)."""
+    source = getattr(task, "weights_source", "scratch")
+    return keras.optimizers.AdamW(
+        AUTO_LEARNING_RATES[source], weight_decay=0.05
+    )
 
 
 def _is_array(x):

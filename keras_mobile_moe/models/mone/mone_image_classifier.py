@@ -14,6 +14,7 @@ from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
 from keras_mobile_moe.models.mone.mone_image_classifier_preprocessor import (
     MoNEImageClassifierPreprocessor,
 )
+from keras_mobile_moe.models import task_utils
 from keras_mobile_moe.models.task_utils import ShuffledFitMixin
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
@@ -203,18 +204,23 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
     def compile(
         self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs
     ):
-        """Configures training; `"auto"` picks defaults that train from scratch.
+        """Configures training; `"auto"` picks defaults for how the model
+        got its weights.
 
         Args:
-            optimizer: `"auto"` (AdamW, learning rate 3e-4, weight decay
-                0.05) or a Keras optimizer.
+            optimizer: `"auto"` or a Keras optimizer. `"auto"` is AdamW with
+                weight decay 0.05 at learning rate 3e-4 from scratch, 1e-4
+                for a preset loaded with a new head (`num_classes=...`) and
+                3e-5 for fine-tuning a fully loaded preset (a higher rate
+                lowered a trained preset's accuracy: see
+                `benchmarks/results/finetune_defaults.md`).
             loss: `"auto"` (sparse categorical cross-entropy on the logits)
                 or a Keras loss.
             metrics: `"auto"` (accuracy) or Keras metrics.
             **kwargs: passed to `keras.Model.compile`.
         """
         if optimizer == "auto":
-            optimizer = keras.optimizers.AdamW(3e-4, weight_decay=0.05)
+            optimizer = task_utils.auto_optimizer(self)
         if metrics == "auto":
             metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
@@ -251,7 +257,9 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
         >>> model.capacity_budget, model.backbone.token_counts()
         (0.3, (22, 15, 9, 3))
         """
-        return preset_loader.task_from_preset(cls, preset, load_weights, kwargs)
+        task = preset_loader.task_from_preset(cls, preset, load_weights, kwargs)
+        task.weights_source = task_utils.weights_source(load_weights, kwargs)
+        return task
 
     def save_to_preset(self, preset_dir, max_shard_size=None):
         """Saves the classifier as a keras-hub preset directory.
