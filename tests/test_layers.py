@@ -8,6 +8,7 @@ import keras_mobile_moe as kmm
 from conftest import gradients
 from conftest import to_numpy
 from keras_mobile_moe import layers
+from keras_mobile_moe.layers import xla_cpu
 
 RNG = np.random.default_rng(0)
 TOKENS = RNG.normal(size=(3, 5, 16)).astype("float32")
@@ -190,15 +191,27 @@ def test_patch_embedding_matches_patch_flattening():
 
 
 @pytest.fixture(params=["xla_cpu", "accelerator"])
-def platform_path(request, monkeypatch):
+def platform_path(request):
     """Runs a test on the XLA:CPU-tuned path and on the accelerator path."""
-    from keras_mobile_moe.layers import image_routed_moe
-    from keras_mobile_moe.layers import patch_embedding
+    xla_cpu.set_xla_cpu_paths("on" if request.param == "xla_cpu" else "off")
+    yield request.param
+    xla_cpu.set_xla_cpu_paths("auto")
 
-    on_cpu = request.param == "xla_cpu" and keras.config.backend() == "jax"
-    for module in (image_routed_moe, patch_embedding):
-        monkeypatch.setattr(module, "on_xla_cpu", lambda: on_cpu)
-    return request.param
+
+def test_xla_cpu_switch_modes_and_environment(monkeypatch):
+    monkeypatch.setattr(xla_cpu, "_mode", None)
+    monkeypatch.setenv("KMM_XLA_CPU_PATHS", "off")
+    assert xla_cpu.xla_cpu_paths_mode() == "off" and not xla_cpu.on_xla_cpu()
+    monkeypatch.setenv("KMM_XLA_CPU_PATHS", "on")
+    assert xla_cpu.on_xla_cpu() == (keras.config.backend() == "jax")
+    xla_cpu.set_xla_cpu_paths("off")  # the setter wins over the environment
+    assert not xla_cpu.on_xla_cpu()
+    monkeypatch.setenv("KMM_XLA_CPU_PATHS", "fast")
+    monkeypatch.setattr(xla_cpu, "_mode", None)
+    with pytest.raises(ValueError, match=r"KMM_XLA_CPU_PATHS='fast'.*'auto'"):
+        xla_cpu.on_xla_cpu()
+    with pytest.raises(ValueError, match=r"mode='yes'"):
+        xla_cpu.set_xla_cpu_paths("yes")
 
 
 @pytest.mark.parametrize("batch", [12, 13])

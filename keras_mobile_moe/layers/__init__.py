@@ -17,3 +17,4 @@ from keras_mobile_moe.layers.token_routed_moe import expert_capacity
 from keras_mobile_moe.layers.transformer_encoder_block import (
     TransformerEncoderBlock,
 )
+from keras_mobile_moe.layers.xla_cpu import set_xla_cpu_paths
