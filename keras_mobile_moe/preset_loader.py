@@ -28,12 +28,14 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 import warnings
 
 import keras
 
+from keras_mobile_moe import atomic_io
 from keras_mobile_moe import hub
 from keras_mobile_moe import preset_registry
 from keras_mobile_moe import version
@@ -625,23 +627,96 @@ def task_from_preset(cls, preset, load_weights=True, overrides=None):
 
 
 # --- saving -----------------------------------------------------------------
+#
+# A save never destroys what was there: the preset is written into a staging
+# directory next to `preset_dir`, completed (metadata, sha256, model card),
+# fsynced, and swapped with `preset_dir` in one step
+# (`atomic_io.replace_directory`). A kill or an I/O error at any point leaves
+# the previous preset as it was. Files of `preset_dir` that are not part of
+# a keras_mobile_moe preset are carried into the new directory (hard links,
+# no copy); preset files that keras_mobile_moe did not write are only
+# replaced with `overwrite=True`.
 
 _SAVING = threading.local()
+# Files a save may produce (keras-hub writes model.weights.json when it
+# shards, which saving_preset refuses).
+SAVED_FILES = hub.PRESET_FILES + ("model.weights.json",)
 
 
-def _remove_stale_files(preset_dir):
-    for name in hub.PRESET_FILES + ("model.weights.json",):
-        path = os.path.join(preset_dir, name)
-        if not os.path.isfile(path):
+def _written_by_us(preset_dir):
+    """Whether the preset files in `preset_dir` were written by a
+    keras_mobile_moe save (its metadata.json says so)."""
+    path = os.path.join(preset_dir, hub.METADATA_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(metadata, dict) and "keras_mobile_moe_version" in metadata
+
+
+def _is_generated_card(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return hub.MODEL_CARD_MARKER in f.read()
+    except OSError:
+        return False
+
+
+def _foreign_preset_files(preset_dir):
+    """Preset-named files in `preset_dir` that keras_mobile_moe did not
+    write (a user's README.md is never replaced, so it is not listed)."""
+    if not os.path.isdir(preset_dir) or _written_by_us(preset_dir):
+        return []
+    return [
+        name
+        for name in SAVED_FILES
+        if name != hub.README_FILE
+        and os.path.lexists(os.path.join(preset_dir, name))
+    ]
+
+
+def _carry_over(preset_dir, staging):
+    """Links into `staging` every entry of the old `preset_dir` that the new
+    save does not replace and that is not a stale file of an earlier save."""
+    ours = _written_by_us(preset_dir)
+    written = set(os.listdir(staging))
+    for name in os.listdir(preset_dir):
+        if name in written:
             continue
+        path = os.path.join(preset_dir, name)
         if name == hub.README_FILE:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                if hub.MODEL_CARD_MARKER not in f.read():
-                    continue
-        os.remove(path)
+            if _is_generated_card(path):
+                continue  # our card of an earlier save
+        elif ours and name in SAVED_FILES:
+            continue  # a file of an earlier save that this one does not write
+        atomic_io.link_or_copy_tree(path, os.path.join(staging, name))
 
 
-def _finish_preset(model, preset_dir):
+def _task_names(model):
+    """keras-hub's metadata `tasks` for a backbone: the keras-hub task base
+    classes (e.g. `ImageClassifier`) of the tasks built on its class."""
+    from keras_hub.models import Task
+
+    backbone = getattr(model, "backbone", model)
+    names = set()
+    stack = list(Task.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if getattr(cls, "backbone_cls", None) is not type(backbone):
+            continue
+        for base in cls.__mro__[1:]:
+            if isinstance(base, type) and issubclass(base, Task):
+                names.add(base.__name__)
+                break
+    return sorted(names)
+
+
+def _finish_preset(model, preset_dir, write_card=True):
+    """Completes a saved preset in `preset_dir` (the staging directory):
+    metadata (version, family, FLOPs, tasks, sha256 of every weights file)
+    and, unless the user has their own README.md, a model card."""
     from keras_mobile_moe import flops
 
     metadata_path = os.path.join(preset_dir, hub.METADATA_FILE)
@@ -653,6 +728,11 @@ def _finish_preset(model, preset_dir):
         model_flops = flops.count_flops(model)
     except ValueError:
         model_flops = None
+    weights = [
+        name
+        for name in hub.WEIGHTS_FILES
+        if os.path.isfile(os.path.join(preset_dir, name))
+    ]
     metadata.update(
         {
             "keras_mobile_moe_version": version.__version__,
@@ -661,33 +741,64 @@ def _finish_preset(model, preset_dir):
             "flops": model_flops,
             "files_sha256": {
                 name: file_sha256(os.path.join(preset_dir, name))
-                for name in hub.WEIGHTS_FILES
-                if os.path.isfile(os.path.join(preset_dir, name))
+                for name in weights
             },
         }
     )
-    with open(metadata_path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(metadata, indent=4) + "\n")
+    if "tasks" in metadata:
+        metadata["tasks"] = _task_names(model)
+    atomic_io.write_text(metadata_path, json.dumps(metadata, indent=4) + "\n")
     readme = os.path.join(preset_dir, hub.README_FILE)
-    if not os.path.exists(readme):
-        with open(readme, "w", encoding="utf-8") as f:
-            f.write(hub.model_card(preset_dir))
+    if write_card and not os.path.exists(readme):
+        atomic_io.write_text(readme, hub.model_card(preset_dir))
+
+
+def check_preset_dir(preset_dir):
+    """Returns `preset_dir` as a str after checking it can be saved to."""
+    if isinstance(preset_dir, os.PathLike):
+        preset_dir = os.fspath(preset_dir)
+    if not isinstance(preset_dir, str) or not preset_dir:
+        raise ValueError(
+            f"Received: preset_dir={preset_dir!r}. Expected a directory path."
+        )
+    if "://" in preset_dir:
+        raise ValueError(
+            f"Received: preset_dir={preset_dir!r}. save_to_preset writes a "
+            "local directory; save there, then publish it with "
+            "kmm.upload_preset('hf://org/repo', preset_dir)."
+        )
+    if os.path.exists(preset_dir) and not os.path.isdir(preset_dir):
+        raise ValueError(
+            f"Received: preset_dir={preset_dir!r}, which is a file. Expected "
+            "a directory path (it is created if needed)."
+        )
+    return preset_dir
 
 
 @contextlib.contextmanager
-def saving_preset(model, preset_dir, max_shard_size=None):
-    """Wraps keras-hub's `save_to_preset`: clears the preset files of an
-    earlier save in `preset_dir`, and afterwards adds our metadata (version,
-    family, FLOPs, sha256 of the weights files) and a model card.
+def saving_preset(model, preset_dir, max_shard_size=None, overwrite=False):
+    """Wraps keras-hub's `save_to_preset` to save atomically.
+
+    Yields the directory keras-hub must write into: a staging sibling of
+    `preset_dir` for the outermost save (nested saves, e.g. of a task's
+    backbone, get the directory they are given). Afterwards it adds our
+    metadata (version, family, FLOPs, sha256 of every weights file) and a
+    model card, carries over the user's other files, and swaps the staging
+    directory with `preset_dir` in one step. On any error the staging
+    directory is removed and `preset_dir` is left as it was.
 
     Args:
         model: the backbone or task being saved.
         preset_dir: str or path-like. The directory to write.
         max_shard_size: must be None: presets keep their weights in one
             `model.weights.h5`.
+        overwrite: bool. Whether preset files (`config.json`,
+            `metadata.json`, ...) that keras_mobile_moe did not write may be
+            replaced. Files of an earlier keras_mobile_moe save are always
+            replaced; other files are always kept.
 
     Returns:
-        A context manager; run keras-hub's saving inside it.
+        A context manager yielding the directory to write into.
 
     Example:
 
@@ -707,31 +818,45 @@ def saving_preset(model, preset_dir, max_shard_size=None):
             "presets keep their weights in one model.weights.h5; expected "
             "None."
         )
-    if isinstance(preset_dir, os.PathLike):
-        preset_dir = os.fspath(preset_dir)
-    if not isinstance(preset_dir, str) or not preset_dir:
+    if not isinstance(overwrite, bool):
         raise ValueError(
-            f"Received: preset_dir={preset_dir!r}. Expected a directory path."
+            f"Received: overwrite={overwrite!r}. Expected True or False."
         )
-    if "://" in preset_dir:
-        raise ValueError(
-            f"Received: preset_dir={preset_dir!r}. save_to_preset writes a "
-            "local directory; save there, then publish it with "
-            "kmm.upload_preset('hf://org/repo', preset_dir)."
-        )
-    if os.path.exists(preset_dir) and not os.path.isdir(preset_dir):
-        raise ValueError(
-            f"Received: preset_dir={preset_dir!r}, which is a file. Expected "
-            "a directory path (it is created if needed)."
-        )
+    preset_dir = check_preset_dir(preset_dir)
     depth = getattr(_SAVING, "depth", 0)
-    if depth == 0:
-        os.makedirs(preset_dir, exist_ok=True)
-        _remove_stale_files(preset_dir)
-    _SAVING.depth = depth + 1
+    if depth > 0:
+        _SAVING.depth = depth + 1
+        try:
+            yield preset_dir
+        finally:
+            _SAVING.depth = depth
+        return
+    target = os.path.realpath(preset_dir)
+    foreign = _foreign_preset_files(target)
+    if foreign and not overwrite:
+        raise FileExistsError(
+            f"Received: preset_dir={preset_dir!r}, which already holds "
+            f"{foreign} not written by keras_mobile_moe (its metadata.json "
+            "does not say so). save_to_preset does not replace files it did "
+            "not write. Accepted: an empty or new directory, a preset saved "
+            "by keras_mobile_moe, or overwrite=True to replace these files "
+            "(other files in the directory are always kept)."
+        )
+    atomic_io.remove_leftovers(target)
+    staging = atomic_io.staging_directory(target)
     try:
-        yield
-    finally:
-        _SAVING.depth = depth
-    if depth == 0:
-        _finish_preset(model, preset_dir)
+        _SAVING.depth = 1
+        try:
+            yield staging
+        finally:
+            _SAVING.depth = 0
+        user_card = os.path.isfile(
+            os.path.join(target, hub.README_FILE)
+        ) and not _is_generated_card(os.path.join(target, hub.README_FILE))
+        _finish_preset(model, staging, write_card=not user_card)
+        if os.path.isdir(target):
+            _carry_over(target, staging)
+        atomic_io.replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 import keras_mobile_moe as kmm
+from keras_mobile_moe import atomic_io
 from keras_mobile_moe import preset_loader
 
 PRESETS = pathlib.Path(__file__).resolve().parents[1] / "presets"
@@ -72,9 +73,33 @@ def main():
     presets = pathlib.Path(args.presets_dir)
     target = presets / args.name
     original = kmm.MobileVMoE.from_preset(str(source))
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    # Everything is written into a staging folder next to the target and
+    # swapped in at the end (the registry entry last): an error or a kill
+    # leaves the previously published preset as it was.
+    final_target = target
+    presets.mkdir(parents=True, exist_ok=True)
+    atomic_io.remove_leftovers(final_target)
+    target = pathlib.Path(atomic_io.staging_directory(final_target))
+    try:
+        entry = publish_into(args, source, presets, target, original)
+        atomic_io.replace_directory(target, final_target)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    target = final_target
+    atomic_io.write_text(
+        presets / f"{args.name}.json", json.dumps(entry, indent=2) + "\n"
+    )
+    size = (target / WEIGHTS).stat().st_size
+    print(f"wrote {presets / args.name}.json and {target}/ "
+          f"({size / 1e6:.2f} MB of weights, float32 original "
+          f"{(source / WEIGHTS).stat().st_size / 1e6:.2f} MB)")
+
+
+
+def publish_into(args, source, presets, target, original):
+    """Writes the published preset folder into `target` (a staging folder);
+    returns its registry entry."""
     for path in source.iterdir():
         if path.name not in WEIGHT_FILES and path.is_file():
             shutil.copy(path, target / path.name)
@@ -162,7 +187,6 @@ def main():
         "params": int(original.count_params()),
         "flops": int(kmm.count_flops(original)),
     }
-    (presets / f"{args.name}.json").write_text(json.dumps(entry, indent=2) + "\n")
 
     # The model card and metadata say what the published numbers are.
     evaluation = results.get("test_evaluation")
@@ -196,10 +220,7 @@ def main():
         lines.append(f"- note: {args.training_note}")
     with open(card, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    size = (target / WEIGHTS).stat().st_size
-    print(f"wrote {presets / args.name}.json and {target}/ "
-          f"({size / 1e6:.2f} MB of weights, float32 original "
-          f"{(source / WEIGHTS).stat().st_size / 1e6:.2f} MB)")
+    return entry
 
 
 if __name__ == "__main__":

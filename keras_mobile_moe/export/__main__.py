@@ -68,6 +68,18 @@ def calibration_images(model, count):
 
 
 def main(argv):
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+        if os.environ.get("KMM_EXPORT_SUBPROCESS"):
+            raise  # to_tflite reads the traceback and reports the error
+        from keras_mobile_moe.export.tflite import cli_message
+
+        print(f"error: {cli_message(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run(argv):
     del argv
     import keras
     import numpy as np

@@ -11,11 +11,14 @@ single-file model's.
 """
 
 import json
+import os
 import pathlib
+import shutil
 
 import keras
 from keras import ops
 
+from keras_mobile_moe import atomic_io
 from keras_mobile_moe.export.tflite import TFLiteClassifier
 from keras_mobile_moe.export.tflite import check_builtin_ops
 from keras_mobile_moe.export.tflite import convert_functional
@@ -127,8 +130,34 @@ def to_tflite_expert_split(model, directory, quantization="none"):
             f"Received: quantization={quantization!r}. Expected one of "
             "['none', 'float16', 'dynamic'] for expert-split export."
         )
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    # The files only work together: they are written into a staging
+    # directory and swapped in at once (other files in `directory` are
+    # kept), so an error or a kill leaves the previous export as it was.
+    target = pathlib.Path(directory)
+    atomic_io.remove_leftovers(target)
+    staging = pathlib.Path(atomic_io.staging_directory(target))
+    try:
+        manifest = _write_expert_split(model, staging, quantization)
+        if target.is_dir():
+            for entry in os.listdir(target):
+                if _is_export_file(entry) or (staging / entry).exists():
+                    continue
+                atomic_io.link_or_copy_tree(target / entry, staging / entry)
+        atomic_io.replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _is_export_file(name):
+    return name in ("trunk.tflite", MANIFEST) or (
+        name.startswith("expert_") and name.endswith(".tflite")
+    )
+
+
+def _write_expert_split(model, directory, quantization):
+    backbone = model.backbone
     if keras.config.backend() != "tensorflow":
         convert_in_subprocess(
             model,
@@ -141,7 +170,7 @@ def to_tflite_expert_split(model, directory, quantization="none"):
     files = {}
     for name, part in parts.items():
         path = directory / name
-        path.write_bytes(convert_functional(part, quantization))
+        atomic_io.write_bytes(path, convert_functional(part, quantization))
         check_builtin_ops(load_interpreter(path, xnnpack=False))
         files[name] = {"file": name, "bytes": path.stat().st_size}
     manifest = {
@@ -149,7 +178,7 @@ def to_tflite_expert_split(model, directory, quantization="none"):
         "experts": list(files.values()),
         "quantization": quantization,
     }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    atomic_io.write_json(directory / MANIFEST, manifest)
     return manifest
 
 

@@ -21,6 +21,8 @@ import tempfile
 import keras
 import numpy as np
 
+from keras_mobile_moe import atomic_io
+
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
 
 
@@ -294,13 +296,66 @@ def _check_arguments(model, quantization, representative_data):
                 "the model's input format (n >= 1, ~100 is typical)."
             )
         data = np.asarray(representative_data)
-        if data.ndim != 4 or tuple(data.shape[1:]) != image_shape:
+        if data.dtype == bool or data.dtype.kind not in "uif":
             raise ValueError(
-                f"representative_data has shape {data.shape}; expected "
-                f"[n, {', '.join(map(str, image_shape))}]."
+                f"Received: representative_data of dtype {data.dtype}. "
+                "Expected float32 images in the model's input format."
             )
-        return data.astype("float32")
+        if data.ndim != 4 or tuple(data.shape[1:]) != image_shape or not len(
+            data
+        ):
+            raise ValueError(
+                f"Received: representative_data of shape {data.shape}. "
+                f"Expected [n, {', '.join(map(str, image_shape))}] with "
+                "n >= 1."
+            )
+        data = data.astype("float32")
+        check_calibration_values(model, data)
+        return data
     return None
+
+
+def model_input_range(model):
+    """`(low, high)` of the model's inputs (what its preprocessor makes of
+    raw images in its converter's `value_range`), or None without one."""
+    converter = getattr(getattr(model, "preprocessor", None), "image_converter",
+                        None)
+    if converter is None:
+        return None
+    low, high = getattr(converter, "value_range", (0, 255))
+    scale = np.asarray(1.0 if converter.scale is None else converter.scale,
+                       "float64")
+    offset = np.asarray(0.0 if converter.offset is None else converter.offset,
+                        "float64")
+    ends = np.stack([low * scale + offset, high * scale + offset])
+    return float(ends.min()), float(ends.max())
+
+
+def check_calibration_values(model, data, argument="representative_data"):
+    """Raises unless calibration images are finite and in the model's input
+    range (int8 scales are fitted to them: raw 0-255 pixels for a model that
+    takes [-1, 1] wreck the quantization; inf crashes the converter)."""
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise ValueError(
+            f"Received: {argument} holding {int(data.size - finite.sum())} "
+            "NaN or inf values. Expected finite images in the model's input "
+            "format."
+        )
+    expected = model_input_range(model)
+    if expected is None:
+        return
+    low, high = expected
+    margin = 0.1 * (high - low)
+    lowest, highest = float(data.min()), float(data.max())
+    if lowest < low - margin or highest > high + margin:
+        raise ValueError(
+            f"Received: {argument} with values in [{lowest:g}, {highest:g}]. "
+            f"Expected images in the model's input format, [{low:g}, "
+            f"{high:g}] (after its preprocessor). Raw pixels must go through "
+            "the preprocessor first: model.preprocessor.image_converter("
+            "images)."
+        )
 
 
 def _image_router(model):
@@ -578,22 +633,29 @@ def to_tflite(
             residual_blocks, stream = _residual_stream(model)
             kept += [name for name in stream if name not in kept]
         kept += [name for name in float_layers if name not in kept]
-    if keras.config.backend() == "tensorflow":
-        flatbuffer = convert_functional(
-            _serving_model(model), quantization, data, kept, float_ops,
-            residual_blocks, required_layers=list(float_layers),
-        )
-        path.write_bytes(flatbuffer)
-    else:
-        convert_in_subprocess(
-            model,
-            ["--out", str(path), "--quantization", quantization,
-             f"--float_routing={float_routing}",
-             f"--float_residual_stream={float_residual_stream}",
-             f"--float_layers={','.join(float_layers)}"],
-            data,
-        )
-    report = inspect_tflite(model, path, quantization)
+    # Written into a temporary sibling and renamed over `path` once it is
+    # complete and checked: an error (disk full, a failed conversion, a
+    # non-builtin op) or a kill leaves the previous file as it was.
+    with atomic_io.atomic_path(path) as temporary:
+        temporary = pathlib.Path(temporary)
+        if keras.config.backend() == "tensorflow":
+            flatbuffer = convert_functional(
+                _serving_model(model), quantization, data, kept, float_ops,
+                residual_blocks, required_layers=list(float_layers),
+            )
+            with open(temporary, "wb") as f:
+                f.write(flatbuffer)
+        else:
+            convert_in_subprocess(
+                model,
+                ["--out", str(temporary), "--quantization", quantization,
+                 f"--float_routing={float_routing}",
+                 f"--float_residual_stream={float_residual_stream}",
+                 f"--float_layers={','.join(float_layers)}"],
+                data,
+            )
+        report = inspect_tflite(model, temporary, quantization)
+    report["path"] = str(path)
     report["float_layers"] = list(kept)
     report["float_residual_stream"] = bool(residual_blocks)
     return report
@@ -636,15 +698,76 @@ def convert_in_subprocess(model, arguments, data=None):
             data_file = os.path.join(workdir, "representative.npy")
             np.save(data_file, data)
             command += ["--representative_file", data_file]
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        env = {
+            **os.environ, "KERAS_BACKEND": "tensorflow",
+            "KMM_EXPORT_SUBPROCESS": "1",
+        }
         result = subprocess.run(
             command, env=env, capture_output=True, text=True, check=False
         )
         if result.returncode != 0:
             raise RuntimeError(
-                "TFLite conversion on the TensorFlow backend failed:\n"
-                + result.stderr[-4000:]
+                "TFLite conversion on the TensorFlow backend failed: "
+                + subprocess_error(result.stderr, result.returncode)
             )
+
+
+_LOG_PREFIXES = ("I0000", "W0000", "E0000", "F0000", "WARNING: All log",
+                 "To enable the following")
+
+
+def subprocess_error(stderr, returncode=None):
+    """The real error of a failed conversion subprocess, first: the last
+    exception line(s) of its traceback, then the end of its log without
+    TensorFlow's info lines."""
+    lines = stderr.splitlines()
+    start = None
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            start = i
+    error = []
+    if start is not None:
+        for line in lines[start + 1:]:
+            if error or (line and not line[0].isspace()):
+                if line.startswith(_LOG_PREFIXES):
+                    continue
+                error.append(line)
+    log = [line for line in lines if not line.startswith(_LOG_PREFIXES)]
+    if not error:
+        code = "" if returncode is None else f" (exit status {returncode})"
+        error = [f"the converter process failed{code} without a Python "
+                 "error; its log ends:"]
+    tail = "\n".join(log)[-3000:]
+    return "\n".join(error).strip() + "\n\nConverter log (end):\n" + tail
+
+
+# Python arguments named in library errors -> the flags of the export
+# command line (`python -m keras_mobile_moe.export`).
+CLI_NAMES = (
+    ("Pass load_weights=False", "Pass --random_weights"),
+    ("pass load_weights=False", "pass --random_weights"),
+    ("load_weights=False", "--random_weights"),
+    ("representative_data", "--representative_file"),
+    ("float_routing=", "--float_routing="),
+    ("float_residual_stream=", "--float_residual_stream="),
+    ("Received: quantization=", "Received: --quantization="),
+    ("Received: float_layers=", "Received: --float_layers="),
+)
+
+
+def cli_message(error):
+    """A library error as a message for the export command line: it names
+    the command's flags instead of Python arguments.
+
+    Example:
+
+    >>> cli_message(ValueError("Pass load_weights=False to build it."))
+    'Pass --random_weights to build it.'
+    """
+    message = str(error)
+    for python_name, flag in CLI_NAMES:
+        message = message.replace(python_name, flag)
+    return message
 
 
 class TFLiteClassifier:

@@ -12,6 +12,7 @@ from keras_mobile_moe.layers.transformer_encoder_block import (
 )
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_model_memory
 from keras_mobile_moe.validation import check_rate
 
 
@@ -197,6 +198,13 @@ class MobileVMoEBackbone(Backbone):
             )
         check_rate("drop_path_rate", drop_path_rate)
         mlp_dims = per_layer_mlp_dims(mlp_dim, num_layers)
+        check_int("hidden_dim", hidden_dim, minimum=1)
+        check_model_memory(
+            type(self).__name__, image_shape, patch_size, num_layers,
+            hidden_dim, mlp_dims,
+            num_heads if isinstance(num_heads, int) else 1,
+            [1] * (num_layers - num_moe_layers) + [num_experts] * num_moe_layers,
+        )
 
         # === Layers ===
         num_dense = num_layers - num_moe_layers
@@ -307,7 +315,7 @@ class MobileVMoEBackbone(Backbone):
             cls, preset, load_weights, kwargs
         )
 
-    def save_to_preset(self, preset_dir, max_shard_size=None):
+    def save_to_preset(self, preset_dir, max_shard_size=None, overwrite=False):
         """Saves the backbone as a keras-hub preset directory.
 
         Writes `config.json`, `model.weights.h5`, `metadata.json` (versions,
@@ -318,6 +326,13 @@ class MobileVMoEBackbone(Backbone):
         Args:
             preset_dir: str or path-like. The directory (created if needed).
             max_shard_size: None (weights are kept in one file).
+            overwrite: bool. Whether to replace preset files (`config.json`,
+                `metadata.json`, ...) in `preset_dir` that keras_mobile_moe
+                did not write; without it such a folder raises
+                `FileExistsError`. The save is atomic: the preset is written
+                next to `preset_dir` and swapped in at once, so an error or a
+                kill leaves the previous preset loadable; other files in the
+                folder are kept.
 
         Returns:
             None.
@@ -334,8 +349,10 @@ class MobileVMoEBackbone(Backbone):
         ...     backbone.count_params())
         True
         """
-        with preset_loader.saving_preset(self, preset_dir, max_shard_size):
-            super().save_to_preset(preset_dir, max_shard_size=None)
+        with preset_loader.saving_preset(
+            self, preset_dir, max_shard_size, overwrite=overwrite
+        ) as target:
+            super().save_to_preset(target, max_shard_size=None)
 
     @preset_registry.classproperty
     def presets(cls):

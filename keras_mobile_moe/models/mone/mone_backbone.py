@@ -18,6 +18,7 @@ from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
     check_images,
 )
 from keras_mobile_moe.validation import check_int
+from keras_mobile_moe.validation import check_model_memory
 from keras_mobile_moe.validation import check_rate
 
 
@@ -111,6 +112,11 @@ class MoNEBackbone(Backbone):
         check_nested_width(hidden_dim, num_nested_experts)
         check_capacity_budget(capacity_budget, num_nested_experts)
         check_rate("drop_path_rate", drop_path_rate)
+        if isinstance(mlp_dim, int) and isinstance(num_heads, int):
+            check_model_memory(
+                type(self).__name__, image_shape, patch_size, num_layers,
+                hidden_dim, [mlp_dim] * num_layers, num_heads,
+            )
 
         # === Layers ===
         self.patch_embedding = PatchEmbedding(
@@ -259,7 +265,7 @@ class MoNEBackbone(Backbone):
             cls, preset, load_weights, kwargs
         )
 
-    def save_to_preset(self, preset_dir, max_shard_size=None):
+    def save_to_preset(self, preset_dir, max_shard_size=None, overwrite=False):
         """Saves the backbone as a keras-hub preset directory.
 
         Writes `config.json` (with the current `capacity_budget`),
@@ -269,6 +275,13 @@ class MoNEBackbone(Backbone):
         Args:
             preset_dir: str or path-like. The directory (created if needed).
             max_shard_size: None (weights are kept in one file).
+            overwrite: bool. Whether to replace preset files (`config.json`,
+                `metadata.json`, ...) in `preset_dir` that keras_mobile_moe
+                did not write; without it such a folder raises
+                `FileExistsError`. The save is atomic: the preset is written
+                next to `preset_dir` and swapped in at once, so an error or a
+                kill leaves the previous preset loadable; other files in the
+                folder are kept.
 
         Returns:
             None.
@@ -284,8 +297,10 @@ class MoNEBackbone(Backbone):
         >>> MoNEBackbone.from_preset(folder, capacity_budget=0.7).capacity_budget
         0.7
         """
-        with preset_loader.saving_preset(self, preset_dir, max_shard_size):
-            super().save_to_preset(preset_dir, max_shard_size=None)
+        with preset_loader.saving_preset(
+            self, preset_dir, max_shard_size, overwrite=overwrite
+        ) as target:
+            super().save_to_preset(target, max_shard_size=None)
 
     @preset_registry.classproperty
     def presets(cls):

@@ -261,7 +261,7 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
         task.weights_source = task_utils.weights_source(load_weights, kwargs)
         return task
 
-    def save_to_preset(self, preset_dir, max_shard_size=None):
+    def save_to_preset(self, preset_dir, max_shard_size=None, overwrite=False):
         """Saves the classifier as a keras-hub preset directory.
 
         Writes the backbone files (`config.json`, `model.weights.h5`), the
@@ -272,6 +272,13 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
         Args:
             preset_dir: str or path-like. The directory (created if needed).
             max_shard_size: None (weights are kept in one file).
+            overwrite: bool. Whether to replace preset files (`config.json`,
+                `metadata.json`, ...) in `preset_dir` that keras_mobile_moe
+                did not write; without it such a folder raises
+                `FileExistsError`. The save is atomic: the preset is written
+                next to `preset_dir` and swapped in at once, so an error or a
+                kill leaves the previous preset loadable; other files in the
+                folder are kept.
 
         Returns:
             None.
@@ -287,8 +294,10 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
         >>> MoNEImageClassifier.from_preset(folder).num_classes
         10
         """
-        with preset_loader.saving_preset(self, preset_dir, max_shard_size):
-            super().save_to_preset(preset_dir, max_shard_size=None)
+        with preset_loader.saving_preset(
+            self, preset_dir, max_shard_size, overwrite=overwrite
+        ) as target:
+            super().save_to_preset(target, max_shard_size=None)
 
     @preset_registry.classproperty
     def presets(cls):
