@@ -335,3 +335,13 @@ def test_the_cli_prints_the_flag_in_its_error(tmp_path):
     assert result.returncode == 1
     assert "--random_weights" in result.stderr
     assert "load_weights=False" not in result.stderr
+
+
+def test_on_batch_calls_are_checked_too(model):
+    with pytest.raises(ValueError, match=r"values in \[100, 103\]"):
+        model.train_on_batch(PIXELS, LABELS + 100)
+    with pytest.raises(ValueError, match="scaled to"):
+        model.test_on_batch(PIXELS / 255.0, LABELS)
+    with pytest.raises(ValueError, match="single image"):
+        model.predict_on_batch(PIXELS[0])
+    assert model.predict_on_batch(PIXELS).shape == (8, NUM_CLASSES)

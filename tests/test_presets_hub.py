@@ -43,7 +43,9 @@ def images():
 
 
 def logits(model):
-    return to_numpy(model.predict(model.preprocessor(images()), verbose=0))
+    # Raw pixels: predict runs the preprocessor (and rejects images that
+    # were already scaled to [-1, 1]).
+    return to_numpy(model.predict(images(), verbose=0))
 
 
 def weights(model):
@@ -660,7 +662,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
     images = np.load(sys.argv[1])
     out = {}
     model = kmm.MobileVMoE.from_preset("hf://%(repo)s")
-    out["main"] = model.predict(model.preprocessor(images), verbose=0).tolist()
+    out["main"] = model.predict(images, verbose=0).tolist()
     model = kmm.MobileVMoE.from_preset("hf://%(repo)s/v1", num_classes=2)
     out["v1_head"] = list(model.output_dense.kernel.shape)
     backbone = keras_hub.models.Backbone.from_preset("hf://%(repo)s")

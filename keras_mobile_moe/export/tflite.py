@@ -305,8 +305,8 @@ def _check_arguments(model, quantization, representative_data):
             data
         ):
             raise ValueError(
-                f"Received: representative_data of shape {data.shape}. "
-                f"Expected [n, {', '.join(map(str, image_shape))}] with "
+                f"Received: representative_data has shape {data.shape}; "
+                f"expected [n, {', '.join(map(str, image_shape))}] with "
                 "n >= 1."
             )
         data = data.astype("float32")

@@ -58,6 +58,10 @@ def _is_tf_dataset(x):
     return hasattr(x, "element_spec") and hasattr(x, "map")
 
 
+def _is_grain_dataset(x):
+    return type(x).__module__.split(".")[0] == "grain"
+
+
 def _is_generator(x):
     return isinstance(x, types.GeneratorType) or (
         hasattr(x, "__next__") and hasattr(x, "__iter__") and not _is_array(x)
@@ -360,6 +364,14 @@ class ShuffledFitMixin:
             return self._generator_dataset(batches, len(dataset), errors), None
         if _is_tf_dataset(x):
             return self._checked_tf_dataset(x, errors), y
+        if _is_grain_dataset(x):
+            # keras-hub feeds grain datasets itself; each batched element
+            # is checked as grain produces it.
+            def check(element):
+                self._checked_element(element, errors)
+                return element
+
+            return x.map(check), y
         if _is_generator(x):
             if y is not None:
                 raise ValueError(
@@ -497,6 +509,22 @@ class ShuffledFitMixin:
                     "ignore", message="Your input ran out of data"
                 )
             return self._run_checked(super().predict, errors, x, *args, **kwargs)
+
+    def train_on_batch(self, x, y=None, *args, **kwargs):
+        self._check_batch(_images_of(x), y)
+        return self._run_checked(
+            super().train_on_batch, [], x, y, *args, **kwargs
+        )
+
+    def test_on_batch(self, x, y=None, *args, **kwargs):
+        self._check_batch(_images_of(x), y)
+        return self._run_checked(
+            super().test_on_batch, [], x, y, *args, **kwargs
+        )
+
+    def predict_on_batch(self, x):
+        self._check_batch(_images_of(x))
+        return self._run_checked(super().predict_on_batch, [], x)
 
     @staticmethod
     def _shuffled_batches(x, y, sample_weight, batch_size):
