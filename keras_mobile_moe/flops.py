@@ -360,8 +360,20 @@ def activated_params(model):
     per-token routing, and its 6.31M for per-image routing with two
     experts per image.
 
+    MoNE (`MoNEImageClassifier`, `MoNEBackbone`; Jain et al. 2024): the
+    parameters that the tokens of one image touch at the model's current
+    `capacity_budget`. A token of a nested expert of width w reads the
+    first w rows of the Q, K, V and MLP in-projection kernels and writes
+    the first w columns (and bias entries) of the attention and MLP
+    out-projections, over the first w features of both layer norms; so
+    a block's unused parameters are `(D - W) * (4 D + 2 mlp_dim + 6)`,
+    where W is the widest expert that receives at least one token. That
+    is the full model whenever the largest expert gets a token (any
+    budget above the smallest one, at practical sizes).
+
     Args:
-        model: a `MobileVMoEImageClassifier` or `MobileVMoEBackbone`.
+        model: a `MobileVMoEImageClassifier`, `MobileVMoEBackbone`,
+            `MoNEImageClassifier` or `MoNEBackbone`.
 
     Returns:
         int. Activated parameters per image.
@@ -376,19 +388,38 @@ def activated_params(model):
     >>> round(activated_params(image) / 1e6, 2), round(
     ...     activated_params(token) / 1e6, 2)
     (5.94, 11.27)
+    >>> mone = kmm.MoNE.from_preset("6x64_mone", load_weights=False)
+    >>> activated_params(mone) == mone.count_params()  # budget 0.5
+    True
+    >>> mone.capacity_budget = 0.125  # every token on the D/8 expert
+    >>> # 6 blocks x (64 - 8) x (4 * 64 + 2 * 256 + 6) parameters unused:
+    >>> mone.count_params() - activated_params(mone)
+    260064
     """
     from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
         MobileVMoEBackbone,
     )
+    from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
 
     backbone = getattr(model, "backbone", None) or model
+    total = model.count_params()
+    if isinstance(backbone, MoNEBackbone):
+        widest = max(
+            width
+            for count, width in zip(
+                backbone.token_counts(), backbone.expert_widths
+            )
+            if count > 0
+        )
+        d, h = backbone.hidden_dim, backbone.mlp_dim
+        unused = backbone.num_layers * (d - widest) * (4 * d + 2 * h + 6)
+        return int(total - unused)
     if not isinstance(backbone, MobileVMoEBackbone):
         raise ValueError(
             "activated_params does not know models of type "
             f"{type(model).__name__}. Accepted: MobileVMoEImageClassifier, "
-            "MobileVMoEBackbone."
+            "MobileVMoEBackbone, MoNEImageClassifier, MoNEBackbone."
         )
-    total = model.count_params()
     if not backbone.is_moe:
         return int(total)
     height, width, _ = backbone.image_shape
