@@ -21,8 +21,8 @@ from keras_mobile_moe import validation
 
 # AdamW learning rates of `compile(optimizer="auto")`, by where the weights
 # came from. Fine-tuning a trained preset at the from-scratch rate lost 4.5
-# points of test top-1 in one epoch; 3e-5 kept it, and a new head (random)
-# learned fastest at 1e-4 (benchmarks/results/finetune_defaults.md).
+# points of test top-1 in one epoch; 3e-5 kept it, and a new (random) head
+# ended highest at 1e-4 (benchmarks/results/finetune_defaults.md).
 AUTO_LEARNING_RATES = {"scratch": 3e-4, "new_head": 1e-4, "pretrained": 3e-5}
 
 
