@@ -264,6 +264,11 @@ def replace_directory(staging, target):
         os.rename(staging, target)  # replaces an empty directory
         _fsync_directory(parent)
         return
+    if _holds_working_directory(target):
+        # Swapping the directory would leave this process in the removed
+        # old one: replace its entries one by one instead (each atomically).
+        _replace_entries(staging, target)
+        return
     if _exchange(staging, target):
         _fsync_directory(parent)
         shutil.rmtree(staging, ignore_errors=True)  # now the old directory
@@ -279,6 +284,47 @@ def replace_directory(staging, target):
         raise
     _fsync_directory(parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _holds_working_directory(target):
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        return False
+    target = os.path.realpath(target)
+    return cwd == target or cwd.startswith(target + os.sep)
+
+
+def _replace_entries(staging, target):
+    """Moves every entry of `staging` over the same name in `target` with
+    `os.replace` (atomic per file), removes the entries of `target` that
+    `staging` lacks, then removes `staging`."""
+    names = set(os.listdir(staging))
+    for name in sorted(names):
+        source, destination = (os.path.join(staging, name),
+                               os.path.join(target, name))
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            if os.path.samefile(destination, os.getcwd()) or (
+                _holds_working_directory(destination)
+            ):
+                continue  # the user's folder we are in: its files are linked
+            old = tempfile.mkdtemp(prefix=f".{name}{ATOMIC_TAG}old-",
+                                   dir=target)
+            os.rmdir(old)
+            os.rename(destination, old)
+            os.rename(source, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(source, destination)
+    for name in os.listdir(target):
+        if name not in names and ATOMIC_TAG not in name:
+            path = os.path.join(target, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+    _fsync_directory(target)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def link_or_copy_tree(source, target):

@@ -348,3 +348,22 @@ def test_a_failed_expert_split_leaves_the_previous_files(
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == previous
     assert sorted(os.listdir(tmp_path)) == ["split"]
+
+
+def test_saving_into_the_working_directory_keeps_it_usable(
+    models, tmp_path, monkeypatch
+):
+    old, new = models
+    folder = tmp_path / "here"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.chdir(folder)
+    old.save_to_preset(".")
+    new.save_to_preset(".")  # replaces the preset, not the folder we are in
+    assert os.path.samefile(os.getcwd(), folder)
+    assert sorted(os.listdir(".")) == [
+        "README.md", "config.json", "metadata.json", "model.weights.h5",
+        "notes.txt", "task.json", "task.weights.h5",
+    ]
+    assert not kmm.MobileVMoE.from_preset(".").backbone.is_moe
+    assert sorted(os.listdir(tmp_path)) == ["here"]
