@@ -113,3 +113,44 @@ def median_ms(seconds):
 def random_images(batch, image_shape, seed=0):
     rng = np.random.default_rng(seed)
     return rng.uniform(-1, 1, size=(batch, *image_shape)).astype("float32")
+
+
+def markdown_table(columns, rows):
+    """A markdown table: `columns` is a list of (header, row -> str)."""
+    lines = [
+        "| " + " | ".join(header for header, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row) for _, cell in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(stem, markdown, payload, out_dir=None):
+    """Writes `results/<stem>.md` and `results/<stem>.json`; prints the md.
+
+    Args:
+        stem: str. File name without extension.
+        markdown: str. The report (title, notes, table).
+        payload: JSON-serialisable dict; `machine` and `backend` are added.
+        out_dir: folder (default: `benchmarks/results`).
+
+    Returns:
+        The two paths written.
+    """
+    import json
+    import os
+
+    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    payload = {"backend": keras.config.backend(), "machine": machine(), **payload}
+    md_path = os.path.join(out_dir, f"{stem}.md")
+    json_path = os.path.join(out_dir, f"{stem}.json")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(markdown.rstrip() + "\n")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    print(markdown)
+    print(f"wrote {md_path} and {json_path}")
+    return md_path, json_path

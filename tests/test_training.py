@@ -300,6 +300,18 @@ def test_deit_recipe_augments_with_soft_labels():
     np.testing.assert_array_equal(y, y_again)
     np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.isfinite(x)) and x.min() >= 0 and x.max() <= 255
+    # The same seed draws the same crops and flips: the vit recipe's batch
+    # is the deit batch before RandAugment, Mixup/CutMix and erasing.
+    plain = data_lib.CifarBatches(
+        fixture["x_train"], fixture["y_train"], 8, 100,
+        recipe=recipes.get_recipe("vit", 64), seed=2,
+    )
+    assert not np.allclose(plain[0][0], x)
+    assert np.sum(y > 0) > np.sum(plain[0][1] > 0)  # mixed targets
+    batches.warm_up()  # traces the compiled layers; batches stay the same
+    np.testing.assert_array_equal(batches[0][0], x)
+    batches.on_epoch_end()
+    assert not np.array_equal(batches[0][0], x)
     with pytest.raises(ValueError, match="Accepted: 'auto'"):
         recipes.get_recipe("adam", 64)
 
@@ -393,3 +405,105 @@ def test_publish_preset_stores_compact_weights_and_a_registry_entry(
         original.predict(images, verbose=0),
         atol=0.05,
     )
+
+
+MONE_ARGS = [
+    "--data=fixture",
+    "--image_size=32",
+    "--patch_size=8",
+    "--override=num_layers=2",
+    "--override=hidden_dim=16",
+    "--override=num_heads=2",
+    "--override=mlp_dim=32",
+    "--batch_size=32",
+    "--seed=3",
+    "--verbose=2",
+    "--epochs=1",
+]
+
+
+def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
+    from keras_mobile_moe.models.mone.mone_image_classifier import (
+        ADAPTIVE_BUDGETS,
+    )
+
+    workdir = str(tmp_path / "mone")
+    stdout = run_program(
+        TRAIN, "--preset=6x64_mone", *MONE_ARGS, "--max_steps_per_epoch=6",
+        "--training_budgets=adaptive", f"--workdir={workdir}",
+    )
+    assert "capacity budget 0.2: test top-1" in stdout
+    with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    assert results["arch"]["family"] == "mone"
+    assert results["arch"]["training_budgets"] == "adaptive"
+    assert results["arch"]["capacity_budget"] == 0.5
+    assert not results["arch"]["is_moe"]
+    # Every training step ran at a drawn budget (the Trainer dispatched it),
+    # and not all at one.
+    steps = results["training_budget_steps"]
+    assert sum(steps.values()) == 6
+    assert {float(b) for b in steps} <= set(ADAPTIVE_BUDGETS)
+    assert len(steps) > 1
+    curve = results["budget_curve"]
+    assert [p["capacity_budget"] for p in curve] == [
+        0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0
+    ]
+    flops = [p["flops"] for p in curve]
+    assert flops == sorted(flops) and flops[0] < flops[-1]
+    at_half = curve[3]
+    assert at_half["flops"] == results["flops"]
+    assert at_half["test_top1"] == results["test_top1"]
+    assert all(0.0 <= p["test_top1"] <= 1.0 for p in curve)
+    assert results["activated_params"] == results["params"]
+    assert curve[-1]["token_counts"] == [0, 0, 0, 16]
+
+    preset = os.path.join(workdir, "preset")
+    model = kmm.MoNE.from_preset(preset)
+    assert model.training_budgets == "adaptive"
+    assert model.capacity_budget == 0.5  # the sweep restored it
+    images = kmm.datasets.cifar100.load_fixture()["x_test"][:4]
+    assert model.predict(images, verbose=0).shape == (4, 100)
+
+    # A MoNE preset directory is a MoNE (its task.json says so, not its
+    # name); --training_budgets none trains at its capacity budget.
+    again = str(tmp_path / "again")
+    run_program(
+        TRAIN, f"--preset={preset}", *MONE_ARGS, "--max_steps_per_epoch=1",
+        "--training_budgets=none", f"--workdir={again}",
+    )
+    with open(os.path.join(again, "results.json"), encoding="utf-8") as f:
+        from_dir = json.load(f)
+    assert from_dir["arch"]["family"] == "mone"
+    assert from_dir["training_budget_steps"] is None
+    assert len(from_dir["budget_curve"]) == 9
+
+    # The report: accuracy against budget next to the dense twin.
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    (results_dir / "mone_6x64.json").write_text(json.dumps(results))
+    dense = json.loads(json.dumps(results))
+    dense["arch"].update(family="mobile_vmoe", num_experts=0)
+    dense["arch"].pop("training_budgets")
+    dense.pop("budget_curve")
+    dense["test_top1"], dense["flops"] = 0.5, 2 * results["flops"]
+    (results_dir / "dense_6x64.json").write_text(json.dumps(dense))
+    out = str(tmp_path / "report")
+    run_program(
+        os.path.join(ROOT, "training", "make_cifar100_report.py"),
+        f"--results_dir={results_dir}", f"--out={out}",
+    )
+    with open(out + ".md", encoding="utf-8") as f:
+        report = f.read()
+    assert "## MoNE: accuracy against compute budget" in report
+    assert "dense twin dense_6x64 (50.00%" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 0.5 |"))
+    delta = 100 * (results["test_top1"] - 0.5)
+    assert row.split("|")[3].strip() == f"{results['flops'] / 1e6:.2f}"
+    assert row.split("|")[4].strip() == "0.50"
+    assert row.split("|")[5].strip() == f"{delta:+.2f}"
+    assert os.path.getsize(out + "_mone.png") > 1000
+    # The MoNE run is not mistaken for a dense ViT in the dense/MoE table.
+    assert "| mone_6x64 |" in report
+    row = next(l for l in report.splitlines() if l.startswith("| 2x16 | 3 |"))
+    assert row.split("|")[6].strip() == "50.00"  # dense top-1, not MoNE's

@@ -5,7 +5,10 @@ by `training/train.py`, one per run, copied there) and writes
 `benchmarks/results/cifar100.md` (dense vs Mobile V-MoE per scale, then every
 run) and `benchmarks/results/cifar100.png` (test top-1 against FLOPs, dense
 and MoE lines, like Fig. 1 of Daxberger et al., "Mobile V-MoEs", arXiv
-2309.04354).
+2309.04354). MoNE runs (their `budget_curve`: test top-1 at capacity budgets
+0.2 ... 1.0) get an accuracy-vs-budget table next to their dense twin (same
+scale, input, epochs; the same seed when there is one) and
+`benchmarks/results/cifar100_mone.png`.
 
 Usage:
   python training/make_cifar100_report.py [--results_dir ...] [--out ...]
@@ -37,6 +40,8 @@ def load_runs(directory):
         run["name"] = os.path.splitext(os.path.basename(path))[0]
         arch = run["arch"]
         run["scale"] = f"{arch['num_layers']}x{arch['hidden_dim']}"
+        # Runs before MoNE training recorded no family: all Mobile V-MoE.
+        run["family"] = arch.get("family", "mobile_vmoe")
         routing = run["training"].get("routing", {}) or {}
         run["routing_mode"] = routing.get("mode")
         run["superclasses"] = routing.get("superclasses")
@@ -76,6 +81,8 @@ def pairs(runs):
     """[((scale, epochs, seed), {"dense": run, "moe": run})], sorted."""
     table = {}
     for run in runs:
+        if run["family"] != "mobile_vmoe":
+            continue
         key = (run["scale"], run["epochs"], run["training"]["seed"])
         if not run["arch"].get("is_moe"):
             table.setdefault(key, {})["dense"] = run
@@ -167,7 +174,9 @@ def markdown(runs):
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
-        routing = run["routing_mode"] or "dense"
+        routing = run["routing_mode"] or (
+            "MoNE" if run["family"] == "mone" else "dense"
+        )
         if run["superclasses"]:
             source = run["superclasses"]
             if source == "coarse":
@@ -183,6 +192,7 @@ def markdown(runs):
             f"{'–' if speed is None else f'{speed:.0f}'} | "
             f"{run['train_seconds'] / 60:.1f} min | {run['training']['backend']} |"
         )
+    lines += mone_section(runs)
     notes = os.path.join(RESULTS_DIR.value, "NOTES.md")
     if os.path.isfile(notes):
         with open(notes, encoding="utf-8") as f:
@@ -203,6 +213,116 @@ def markdown(runs):
         "",
     ]
     return "\n".join(lines)
+
+
+def input_of(run):
+    arch = run["arch"]
+    return tuple(arch["image_shape"]), arch["patch_size"]
+
+
+def dense_twin(run, runs):
+    """The dense Mobile V-MoE-family run of a MoNE run's scale, input and
+    epochs: the same seed if there is one, else the lowest seed."""
+    twins = [
+        r
+        for r in runs
+        if r["family"] == "mobile_vmoe"
+        and not r["arch"].get("is_moe")
+        and r["scale"] == run["scale"]
+        and r["epochs"] == run["epochs"]
+        and input_of(r) == input_of(run)
+    ]
+    if not twins:
+        return None
+    seed = run["training"]["seed"]
+    return min(twins, key=lambda r: (r["training"]["seed"] != seed,
+                                     r["training"]["seed"]))
+
+
+def mone_runs(runs):
+    return [r for r in runs if r["family"] == "mone" and r.get("budget_curve")]
+
+
+def mone_section(runs):
+    """Accuracy against capacity budget of every MoNE run, next to its
+    dense twin."""
+    found = mone_runs(runs)
+    if not found:
+        return []
+    lines = [
+        "",
+        "## MoNE: accuracy against compute budget",
+        "",
+        "Jain et al., \"Mixture of Nested Experts\", NeurIPS 2024: one "
+        "MoNE model evaluated at capacity budgets e_c = 0.2 ... 1.0 (the "
+        "same weights; `model.capacity_budget = e_c`). `adaptive`: trained "
+        "with a budget drawn per step from 0.15 ... 0.95. Dense twin: the "
+        "dense ViT of the same scale, input and epochs.",
+    ]
+    for run in found:
+        twin = dense_twin(run, runs)
+        budgets = run["arch"].get("training_budgets") or (
+            f"fixed {run['arch'].get('capacity_budget')}"
+        )
+        lines += [
+            "",
+            f"### {run['name']}: {run['scale']}, trained with budgets "
+            f"{budgets}, {run['epochs']} epochs, seed {run['training']['seed']}"
+            + ("" if twin is None else
+               f"; dense twin {twin['name']} ({pct(twin['test_top1'])}%, "
+               f"{twin['flops'] / 1e6:.2f} MFLOPs)"),
+            "",
+            "| budget | MoNE test top-1 % | MoNE MFLOPs | FLOPs vs dense "
+            "| delta vs dense (pp) |",
+            "|---|---|---|---|---|",
+        ]
+        for point in run["budget_curve"]:
+            ratio = delta = "–"
+            if twin is not None:
+                ratio = f"{point['flops'] / twin['flops']:.2f}"
+                delta = f"{100 * (point['test_top1'] - twin['test_top1']):+.2f}"
+            lines.append(
+                f"| {point['capacity_budget']:.1f} | {pct(point['test_top1'])} "
+                f"| {point['flops'] / 1e6:.2f} | {ratio} | {delta} |"
+            )
+    return lines
+
+
+def plot_mone(runs, path):
+    """Test top-1 against MFLOPs: each MoNE run's budget curve and its dense
+    twin's point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for run in mone_runs(runs):
+        curve = run["budget_curve"]
+        (line,) = ax.plot(
+            [p["flops"] / 1e6 for p in curve],
+            [100 * p["test_top1"] for p in curve],
+            "o-",
+            label=f"MoNE {run['scale']} ({run['name']})",
+        )
+        for p in curve:
+            ax.annotate(f"{p['capacity_budget']:.1f}",
+                        (p["flops"] / 1e6, 100 * p["test_top1"]),
+                        textcoords="offset points", xytext=(3, -9), fontsize=6,
+                        color=line.get_color())
+        twin = dense_twin(run, runs)
+        if twin is not None:
+            ax.plot(twin["flops"] / 1e6, 100 * twin["test_top1"], "*",
+                    markersize=11, color=line.get_color(),
+                    label=f"dense {twin['scale']} ({twin['name']})")
+    ax.set_xlabel("MFLOPs per image (labels: capacity budget)")
+    ax.set_ylabel("CIFAR-100 test top-1 (%)")
+    ax.set_title("MoNE: accuracy against compute budget", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def superclass_section(directory):
@@ -300,8 +420,12 @@ def main(argv):
     with open(OUT.value + ".md", "w", encoding="utf-8") as f:
         f.write(markdown(runs))
     plot(runs, OUT.value + ".png")
+    written = [OUT.value + ".md", OUT.value + ".png"]
+    if mone_runs(runs):
+        plot_mone(runs, OUT.value + "_mone.png")
+        written.append(OUT.value + "_mone.png")
     print(markdown(runs))
-    print(f"wrote {OUT.value}.md and {OUT.value}.png")
+    print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ Usage:
       --image_size 32 --patch_size 8 --override hidden_dim=16 ...
 """
 
+import inspect
 import json
 import os
 import shlex
@@ -49,6 +50,7 @@ from trainer import evaluate  # noqa: E402
 from common import machine  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
+from keras_mobile_moe import preset_registry  # noqa: E402
 
 PRESET = flags.DEFINE_string("preset", "6x64_e10", "Preset architecture.")
 DATA = flags.DEFINE_enum(
@@ -94,6 +96,15 @@ CAPACITY_FACTOR = flags.DEFINE_float(
 )
 DISTRIBUTION = flags.DEFINE_enum(
     "distribution", "none", ["none", "data", "expert"], "JAX distribution."
+)
+TRAINING_BUDGETS = flags.DEFINE_string(
+    "training_budgets",
+    None,
+    "MoNE only: the capacity budgets of the training steps. 'adaptive' (a "
+    "budget drawn per step from 0.15, 0.25, ..., 0.95: the paper's adaptive "
+    "model, usable at any budget), 'none' (every step at the model's "
+    "capacity_budget), or comma-separated budgets such as '0.3,0.5'. "
+    "Default: the preset's.",
 )
 MAX_STEPS = flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Cap on steps per epoch (smoke runs)."
@@ -166,25 +177,62 @@ def parse_overrides(items):
     return overrides
 
 
-def model_class(preset):
-    if preset in kmm.MobileVMoE.presets:
-        return kmm.MobileVMoE
-    if preset in kmm.MoNE.presets:
-        return kmm.MoNE
+def preset_info(preset):
+    """(task class, backbone config) of `--preset`, as the registry or the
+    preset directory's own files say (`kmm.MobileVMoE` or `kmm.MoNE`).
+
+    A built-in name is looked up in each family's registry; a directory is
+    read: the class registered in its task.json (or config.json) decides.
+    """
+    families = (kmm.MobileVMoE, kmm.MoNE)
+    for cls in families:
+        if preset in cls.presets:
+            entry = cls.presets[preset]
+            return cls, preset_registry.backbone_config(entry, {})
     if os.path.isdir(preset):
-        return kmm.MobileVMoE
+        with open(os.path.join(preset, "config.json"), encoding="utf-8") as f:
+            backbone = json.load(f)
+        registered = backbone.get("registered_name")
+        task_path = os.path.join(preset, "task.json")
+        if os.path.isfile(task_path):
+            with open(task_path, encoding="utf-8") as f:
+                registered = json.load(f).get("registered_name")
+        found = keras.saving.get_registered_object(registered)
+        for cls in families:
+            if isinstance(found, type) and (
+                issubclass(found, cls) or issubclass(found, cls.backbone_cls)
+            ):
+                return cls, dict(backbone["config"])
+        raise ValueError(
+            f"Received: --preset={preset!r}, a directory holding a "
+            f"{registered!r}. Accepted: a Mobile V-MoE or MoNE preset "
+            "(MobileVMoEImageClassifier, MoNEImageClassifier or their "
+            "backbones)."
+        )
     raise ValueError(
-        f"Received: --preset={preset!r}. Accepted: a Mobile V-MoE or MoNE "
-        f"preset name ({', '.join(sorted(kmm.MobileVMoE.presets))}, ...) or "
-        "a preset directory."
+        f"Received: --preset={preset!r}. Accepted: a Mobile V-MoE preset "
+        f"name ({', '.join(sorted(kmm.MobileVMoE.presets))}), a MoNE preset "
+        f"name ({', '.join(sorted(kmm.MoNE.presets))}) or a preset directory."
     )
+
+
+def parse_training_budgets(value):
+    """--training_budgets -> the MoNE `training_budgets` argument."""
+    if value in ("adaptive", "none"):
+        return None if value == "none" else value
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"Received: --training_budgets={value!r}. Accepted: 'adaptive', "
+            "'none' or comma-separated budgets such as '0.3,0.5'."
+        ) from None
 
 
 def build_model(dataset, recipe, num_classes=100):
     """The classifier (random weights) and a description of its routing."""
     preset = PRESET.value
-    cls = model_class(preset)
-    entry = cls.presets.get(preset, {})
+    cls, backbone_config = preset_info(preset)
     overrides = {"num_classes": num_classes}
     if recipe.drop_path_rate:
         overrides["drop_path_rate"] = recipe.drop_path_rate
@@ -195,16 +243,26 @@ def build_model(dataset, recipe, num_classes=100):
     if PATCH_SIZE.value:
         overrides["patch_size"] = PATCH_SIZE.value
     overrides.update(parse_overrides(OVERRIDE.value))
+    if TRAINING_BUDGETS.value is not None:
+        if cls is not kmm.MoNE:
+            raise ValueError(
+                f"--training_budgets is for MoNE presets; --preset={preset!r} "
+                f"is a {cls.__name__}."
+            )
+        overrides["training_budgets"] = parse_training_budgets(
+            TRAINING_BUDGETS.value
+        )
     routing = {"mode": None}
-    is_moe = cls is kmm.MobileVMoE and (
-        entry.get("backbone", {}).get("num_moe_layers", 2)
-        and overrides.get("num_moe_layers", 1)
+    config = {**backbone_config, **overrides}
+    if NUM_EXPERTS.value:
+        config["num_experts"] = NUM_EXPERTS.value
+    defaults = inspect.signature(kmm.models.MobileVMoEBackbone).parameters
+    is_moe = cls is kmm.MobileVMoE and bool(
+        config.get("num_moe_layers", defaults["num_moe_layers"].default)
+        and config.get("num_experts", defaults["num_experts"].default)
     )
-    if cls is kmm.MobileVMoE and "_e" not in preset and not os.path.isdir(preset):
-        is_moe = bool(overrides.get("num_moe_layers", 0))
     if is_moe:
-        num_experts = NUM_EXPERTS.value or overrides.get("num_experts")
-        num_experts = num_experts or entry.get("backbone", {}).get("num_experts", 10)
+        num_experts = config.get("num_experts", defaults["num_experts"].default)
         mode = ROUTING.value
         routing = {"mode": mode}
         if mode == "superclass":
@@ -356,12 +414,48 @@ def backup_epoch(backup_dir):
 # ---------------------------------------------------------------- evaluation
 
 
+# The budgets at which a trained MoNE is evaluated (results.json
+# "budget_curve"; the report's accuracy-vs-budget table).
+CURVE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(2, 11))
+
+
 def write_json(path, content):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(content, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def budget_sweep(model, trainer, test):
+    """MoNE: test top-1, FLOPs and activated parameters at the budgets
+    0.2, 0.3, ..., 1.0 (those the model allows), the same weights each
+    time; the model's own budget is restored afterwards."""
+    own = model.capacity_budget
+    lowest = 1.0 / 2 ** (model.backbone.num_nested_experts - 1)
+    curve = []
+    try:
+        for budget in CURVE_BUDGETS:
+            if budget < lowest:
+                continue
+            model.capacity_budget = budget
+            trainer.predict_function = None  # traced for the old budget
+            top1, _ = evaluate(trainer.predict_on_batch, test, None)
+            curve.append(
+                {
+                    "capacity_budget": budget,
+                    "test_top1": top1,
+                    "flops": int(kmm.count_flops(model)),
+                    "activated_params": int(kmm.flops.activated_params(model)),
+                    "token_counts": list(model.backbone.token_counts()),
+                }
+            )
+            print(f"capacity budget {budget:.1f}: test top-1 {top1:.4f}",
+                  flush=True)
+    finally:
+        model.capacity_budget = own
+        trainer.predict_function = None
+    return curve
 
 
 # ---------------------------------------------------------------- main
@@ -392,15 +486,9 @@ def main(argv):
     train_idx, val_idx = data_lib.stratified_split(
         dataset["y_train"], VAL_FRACTION.value, SEED.value
     )
-    model_probe = model_class(PRESET.value)
     width = parse_overrides(OVERRIDE.value).get("hidden_dim")
     if width is None:
-        if os.path.isdir(PRESET.value):
-            with open(os.path.join(PRESET.value, "config.json")) as f:
-                width = json.load(f)["config"]["hidden_dim"]
-        else:
-            entry = model_probe.presets[PRESET.value]
-            width = kmm.variants.VARIANTS[entry["variant"]]["hidden_dim"]
+        width = preset_info(PRESET.value)[1]["hidden_dim"]
     recipe = recipes.get_recipe(RECIPE.value, width)
 
     model, routing, overrides = build_model(dataset, recipe, num_classes)
@@ -499,6 +587,10 @@ def main(argv):
         f"test router accuracy {test_router}",
         flush=True,
     )
+    budget_curve = None
+    if isinstance(model, kmm.MoNE):
+        budget_curve = budget_sweep(model, trainer, test)
+
 
     # The preset: the (never compiled) classifier with its preprocessor.
     model.preprocessor = preprocessor
@@ -556,9 +648,14 @@ def main(argv):
             "router_type",
             "capacity_factor",
             "drop_path_rate",
+            "num_nested_experts",
+            "capacity_budget",
         )
         if hasattr(clean.backbone, k)
     }
+    arch["family"] = type(clean).preset_family
+    if isinstance(clean, kmm.MoNE):
+        arch["training_budgets"] = clean.training_budgets
     arch["image_shape"] = list(clean.backbone.image_shape)
     arch["is_moe"] = bool(getattr(clean.backbone, "is_moe", False))
     results = {
@@ -576,6 +673,12 @@ def main(argv):
         "val_router_accuracy": val_router,
         "test_top1": test_top1,
         "test_router_accuracy": test_router,
+        "budget_curve": budget_curve,
+        "training_budget_steps": (
+            {str(k): v for k, v in sorted(trainer.budget_steps.items())}
+            if trainer.training_budgets
+            else None
+        ),
         "fit_seconds": fit_seconds,
         "wall_seconds": time.perf_counter() - start,
         "machine": machine(),

@@ -4,6 +4,8 @@ Kept apart from `train.py` (which defines absl flags) so that tests and
 other programs (`evaluate.py`) can import it.
 """
 
+import collections
+
 import keras
 import numpy as np
 
@@ -20,6 +22,13 @@ class Trainer(keras.Model):
     [B, E], its cross-entropy (float32) added with `router_loss_weight`.
     Its input is the loader's 32x32 images in [0, 255]. The classifier
     itself is what gets saved.
+
+    A MoNE classifier's `training_budgets` (e.g. `"adaptive"`) are honoured
+    as `MoNEImageClassifier.make_train_function` does: one compiled step per
+    budget, and every step runs at a budget drawn uniformly (from numpy's
+    global generator, seeded by `keras.utils.set_random_seed`);
+    evaluation and prediction run at the classifier's `capacity_budget`.
+    `budget_steps` counts the steps run at each budget.
     """
 
     def __init__(self, classifier, source_size=(32, 32)):
@@ -32,6 +41,21 @@ class Trainer(keras.Model):
         x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
         graph = keras.Model(classifier.input, classifier.output, name="classifier")
         super().__init__(inputs=images, outputs=graph(x), name="trainer")
+        self.training_budgets = None
+        budgets = getattr(classifier, "training_budgets", None)
+        if budgets is not None:
+            from keras_mobile_moe.models.mone.mone_image_classifier import (
+                resolve_training_budgets,
+            )
+
+            backbone = classifier.backbone
+            self.training_budgets = resolve_training_budgets(
+                budgets, backbone.num_nested_experts
+            )
+            # Bound methods: not tracked as layers (the checkpoint's
+            # variables stay those of the graph).
+            self._use_budget = backbone.use_budget
+            self._inference_budget = lambda: backbone.capacity_budget
         self.superclass_ids = None
         if getattr(classifier, "router_loss", None) is not None:
             self.superclass_ids = list(classifier.superclass_ids)
@@ -40,6 +64,42 @@ class Trainer(keras.Model):
             self.router_accuracy = keras.metrics.CategoricalAccuracy(
                 name="router_accuracy"
             )
+
+    def make_train_function(self, force=False):
+        """The train step; with `training_budgets`, one compiled step per
+        budget and a dispatcher that draws the budget of every step."""
+        if not self.training_budgets:
+            return super().make_train_function(force=force)
+        if self.train_function is not None and not force:
+            return self.train_function
+        steps = {}
+        for budget in dict.fromkeys(self.training_budgets):
+            # A new, lazily traced step; traced at its first call, while the
+            # dispatcher below has set its budget.
+            super().make_train_function(force=True)
+            steps[budget] = self.train_function
+        rng = np.random.default_rng(np.random.randint(2**31 - 1))
+        budgets = tuple(self.training_budgets)
+        counts = collections.Counter()
+        use_budget, inference_budget = self._use_budget, self._inference_budget
+
+        def train_function(*args, **kwargs):
+            budget = budgets[int(rng.integers(len(budgets)))]
+            counts[budget] += 1
+            use_budget(budget)
+            try:
+                return steps[budget](*args, **kwargs)
+            finally:
+                use_budget(inference_budget())
+
+        train_function.budget_steps = counts
+        self.train_function = train_function
+        return train_function
+
+    @property
+    def budget_steps(self):
+        """{budget: steps run at it} of the current train function."""
+        return dict(getattr(self.train_function, "budget_steps", {}))
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True

@@ -1,0 +1,283 @@
+"""Training throughput: train.py's full step against the bare step, MoE
+against dense.
+
+For each input configuration (the paper's 224x224 / patch 32, resized in the
+graph from 32x32 sources as `training/train.py` does, and CIFAR-native
+32x32 / patch 4), scale (6x64, 12x64; dense `{scale}` and Mobile V-MoE
+`{scale}_e10`, 100 classes, E=10 super-class routed) and recipe (`vit`:
+crop + flip; `deit`: + RandAugment, Mixup/CutMix, random erasing,
+stochastic depth), this builds the model and `trainer.Trainer` exactly as
+`train.py` does (AdamW, cosine schedule, label smoothing, router loss) and
+times two kinds of training step, paired and interleaved in one process:
+
+- `pipeline`: `train.py`'s step: the next batch of `data.CifarBatches`
+  (permutation, augmentation) then the compiled train step. `train.py`'s
+  `fit` loads its `PyDataset` (workers=1) synchronously, so this is its
+  loop without callbacks.
+- `bare`: the same compiled train step on one pre-made batch already on
+  the device.
+
+Each step is a `Trainer.train_on_batch` call (its logs come back to the
+host, so the step has finished). Dense and MoE, pipeline and bare of one
+(input, scale, recipe) group run in turns, `--rounds` rounds of `--steps`
+steps each, after `--warmup` untimed steps (compilation). Reported: median
+images/s, pipeline/bare (goal >= 0.85) and MoE/dense time per image (goal
+<= 1.10), with the machine. These machines are shared and noisy: read the
+ratios, which share the noise.
+
+Usage:
+    KERAS_BACKEND=jax python benchmarks/train_throughput.py \
+        [--data_path ../shared/datasets/cifar100.npz] [--steps 4 --rounds 3]
+Writes benchmarks/results/train_throughput.{md,json}.
+"""
+
+import argparse
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "training"))
+
+import data as data_lib  # noqa: E402
+import recipes  # noqa: E402
+from common import markdown_table  # noqa: E402
+from common import write_results  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
+
+GOAL_PIPELINE = 0.85
+GOAL_MOE = 1.10
+INPUTS = {"224/32": (224, 32), "32/4": (32, 4)}
+
+
+def load_images(data_path):
+    path = data_path or os.environ.get("KMM_CIFAR100_PATH")
+    default = HERE.parent.parent / "shared" / "datasets" / "cifar100.npz"
+    if path is None and default.is_file():
+        path = str(default)
+    if path is None:
+        data = kmm.datasets.cifar100.load_fixture()
+        return data["x_train"], data["y_train"], "fixture (800 images)"
+    data = kmm.datasets.cifar100.load_data(path)
+    return data["x_train"], data["y_train"], "CIFAR-100 train (50,000 images)"
+
+
+def build_trainer(preset, image_size, patch_size, recipe, batch_size, seed):
+    """The model and Trainer of `train.py --preset preset` (random
+    super-class table for the MoE: routing cost does not depend on it)."""
+    keras.utils.set_random_seed(seed)
+    overrides = {
+        "num_classes": 100,
+        "image_shape": (image_size, image_size, 3),
+        "patch_size": patch_size,
+    }
+    if recipe.drop_path_rate:
+        overrides["drop_path_rate"] = recipe.drop_path_rate
+    if kmm.MobileVMoE.presets[preset]["backbone"].get("num_moe_layers", 0):
+        rng = np.random.default_rng([seed, 104729])
+        overrides["superclass_ids"] = [
+            int(g) for g in rng.permutation(np.arange(100) % 10)
+        ]
+        overrides["routing"] = "superclass"
+    model = kmm.MobileVMoE.from_preset(preset, load_weights=False, **overrides)
+    model.preprocessor = None
+    trainer = Trainer(model, (32, 32))
+    peak = recipe.learning_rate(batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=10_000, alpha=recipe.min_learning_rate / peak,
+        warmup_target=peak, warmup_steps=500,
+    )
+    optimizer = keras.optimizers.AdamW(
+        schedule, weight_decay=recipe.weight_decay, clipnorm=recipe.clipnorm
+    )
+    optimizer.exclude_from_weight_decay(
+        var_names=["bias", "gamma", "beta", "norm", "class_token", "position"]
+    )
+    trainer.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=recipe.label_smoothing
+        ),
+        metrics=[keras.metrics.CategoricalAccuracy("accuracy")],
+    )
+    return model, trainer
+
+
+class Runner:
+    """One timed series: `step()` runs one training step."""
+
+    def __init__(self, trainer, batches, bare):
+        self.trainer, self.batches, self.bare = trainer, batches, bare
+        self.index = 0
+        if bare:
+            x, y = batches[0]
+            self.x = keras.ops.convert_to_tensor(x)
+            self.y = keras.ops.convert_to_tensor(y)
+        else:
+            batches.warm_up()
+        self.seconds = []
+
+    def step(self):
+        if self.bare:
+            self.trainer.train_on_batch(self.x, self.y)
+            return
+        if self.index == len(self.batches):
+            self.batches.on_epoch_end()
+            self.index = 0
+        x, y = self.batches[self.index]
+        self.index += 1
+        self.trainer.train_on_batch(x, y)
+
+
+def time_group(runners, warmup, rounds, steps):
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.step()
+    for _ in range(rounds):
+        for runner in runners.values():
+            start = time.perf_counter()
+            for _ in range(steps):
+                runner.step()
+            runner.seconds.append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(r.seconds) for name, r in runners.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_path", default=None)
+    parser.add_argument("--inputs", nargs="+", default=list(INPUTS))
+    parser.add_argument("--scales", nargs="+", default=["6x64", "12x64"])
+    parser.add_argument("--recipes", nargs="+", default=["vit", "deit"])
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out_dir", default=None)
+    args = parser.parse_args()
+
+    images, labels, source = load_images(args.data_path)
+    batch = args.batch_size
+    rows = []
+    start = time.perf_counter()
+    for input_name in args.inputs:
+        image_size, patch_size = INPUTS[input_name]
+        for scale in args.scales:
+            for recipe_name in args.recipes:
+                recipe = recipes.get_recipe(recipe_name, 64)
+                runners = {}
+                flops = {}
+                for kind, preset in (("dense", scale), ("moe", f"{scale}_e10")):
+                    model, trainer = build_trainer(
+                        preset, image_size, patch_size, recipe, batch, args.seed
+                    )
+                    flops[kind] = kmm.count_flops(model)
+                    for mode in ("pipeline", "bare"):
+                        batches = data_lib.CifarBatches(
+                            images, labels, batch, 100, recipe=recipe,
+                            seed=args.seed,
+                        )
+                        runners[(kind, mode)] = Runner(
+                            trainer, batches, mode == "bare"
+                        )
+                times = time_group(runners, args.warmup, args.rounds, args.steps)
+                row = {
+                    "input": input_name,
+                    "scale": scale,
+                    "recipe": recipe_name,
+                    "batch_size": batch,
+                    "dense_flops": int(flops["dense"]),
+                    "moe_flops": int(flops["moe"]),
+                    "seconds_per_step": {
+                        f"{k}_{m}": t for (k, m), t in times.items()
+                    },
+                    "all_seconds_per_step": {
+                        f"{k}_{m}": r.seconds for (k, m), r in runners.items()
+                    },
+                }
+                for kind in ("dense", "moe"):
+                    for mode in ("pipeline", "bare"):
+                        row[f"{kind}_{mode}_images_per_s"] = (
+                            batch / times[(kind, mode)]
+                        )
+                    row[f"{kind}_pipeline_over_bare"] = (
+                        times[(kind, "bare")] / times[(kind, "pipeline")]
+                    )
+                for mode in ("pipeline", "bare"):
+                    row[f"moe_over_dense_{mode}"] = (
+                        times[("moe", mode)] / times[("dense", mode)]
+                    )
+                rows.append(row)
+                print(
+                    f"{input_name} {scale} {recipe_name}: "
+                    + ", ".join(
+                        f"{k}_{m} {batch / t:.0f} img/s"
+                        for (k, m), t in times.items()
+                    )
+                    + f"; pipeline/bare dense {row['dense_pipeline_over_bare']:.2f}"
+                    f" moe {row['moe_pipeline_over_bare']:.2f}; MoE/dense "
+                    f"bare {row['moe_over_dense_bare']:.2f} pipeline "
+                    f"{row['moe_over_dense_pipeline']:.2f}",
+                    flush=True,
+                )
+    seconds = time.perf_counter() - start
+
+    def ok(value, goal, low):
+        return "yes" if (value >= goal if low else value <= goal) else "no"
+
+    columns = [
+        ("input/patch", lambda r: r["input"]),
+        ("scale", lambda r: r["scale"]),
+        ("recipe", lambda r: r["recipe"]),
+        ("dense pipeline img/s", lambda r: f"{r['dense_pipeline_images_per_s']:.0f}"),
+        ("dense bare img/s", lambda r: f"{r['dense_bare_images_per_s']:.0f}"),
+        ("MoE pipeline img/s", lambda r: f"{r['moe_pipeline_images_per_s']:.0f}"),
+        ("MoE bare img/s", lambda r: f"{r['moe_bare_images_per_s']:.0f}"),
+        ("pipeline/bare dense", lambda r: f"{r['dense_pipeline_over_bare']:.2f}"),
+        ("pipeline/bare MoE", lambda r: f"{r['moe_pipeline_over_bare']:.2f}"),
+        (f"pipeline >= {GOAL_PIPELINE}", lambda r: ok(
+            min(r["dense_pipeline_over_bare"], r["moe_pipeline_over_bare"]),
+            GOAL_PIPELINE, True)),
+        ("MoE/dense time (bare)", lambda r: f"{r['moe_over_dense_bare']:.2f}"),
+        ("MoE/dense time (pipeline)", lambda r: f"{r['moe_over_dense_pipeline']:.2f}"),
+        (f"MoE <= {GOAL_MOE}", lambda r: ok(
+            r["moe_over_dense_pipeline"], GOAL_MOE, False)),
+    ]
+    from common import machine
+
+    markdown = "\n".join([
+        "# Training throughput",
+        "",
+        f"`benchmarks/train_throughput.py`, {keras.config.backend()} backend, "
+        f"{machine()}; batch {batch}, images from {source}; "
+        f"{args.rounds} rounds x {args.steps} steps per series after "
+        f"{args.warmup} warm-up steps, median seconds per step; "
+        f"{seconds / 60:.1f} min in all. Pipeline: `CifarBatches` + train "
+        "step (`train.py`'s step); bare: the train step on a pre-made "
+        "device batch. pipeline/bare is a throughput ratio (goal >= "
+        f"{GOAL_PIPELINE}); MoE/dense is a time ratio (goal <= {GOAL_MOE}). "
+        "The machine is shared: absolute images/s move with its load, "
+        "the paired ratios much less.",
+        "",
+        markdown_table(columns, rows),
+    ])
+    write_results(
+        "train_throughput",
+        markdown,
+        {"args": vars(args), "data": source, "seconds": seconds, "rows": rows},
+        args.out_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()
