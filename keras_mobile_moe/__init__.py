@@ -12,6 +12,7 @@ from keras_mobile_moe import models
 from keras_mobile_moe import variants
 from keras_mobile_moe import capacity
 from keras_mobile_moe import flops
+from keras_mobile_moe import convert
 from keras_mobile_moe import hub
 from keras_mobile_moe import preset_loader
 from keras_mobile_moe import superclasses
@@ -27,4 +28,5 @@ from keras_mobile_moe.models import MoNE
 from keras_mobile_moe.models import MoNEBackbone
 from keras_mobile_moe.models import MoNEImageClassifier
 from keras_mobile_moe.superclasses import superclasses_from_confusion
+from keras_mobile_moe.upcycle import upcycle
 from keras_mobile_moe.version import __version__

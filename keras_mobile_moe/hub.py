@@ -5,8 +5,9 @@ Downloads and uploads go through `huggingface_hub` (imported only here, and
 only when a handle is used), so its cache (`HF_HUB_CACHE` / `HF_HOME`),
 revisions, tokens and offline mode (`HF_HUB_OFFLINE=1`) work as they do for
 every other Hub library. Only the files of a keras-hub preset are fetched:
-JSON configs, the `.weights.h5` files and the README; nothing in them is
-executed.
+JSON configs, the `.weights.h5` files and the README, and for a timm
+checkpoint its `model.safetensors` (pickle files are never fetched); nothing
+in them is executed.
 """
 
 import json
@@ -26,6 +27,7 @@ METADATA_FILE = "metadata.json"
 MODEL_WEIGHTS_FILE = "model.weights.h5"
 TASK_WEIGHTS_FILE = "task.weights.h5"
 README_FILE = "README.md"
+SAFETENSORS_FILE = "model.safetensors"
 CONFIG_FILES = (
     CONFIG_FILE,
     TASK_CONFIG_FILE,
@@ -176,16 +178,21 @@ def download_preset(handle, load_weights=True):
 
     patterns = list(CONFIG_FILES) + [README_FILE]
     if load_weights:
-        patterns += list(WEIGHTS_FILES)
+        # timm checkpoints keep their tensors in model.safetensors; pickle
+        # files (pytorch_model.bin) are never fetched.
+        patterns += list(WEIGHTS_FILES) + [SAFETENSORS_FILE]
     where = f"revision {revision!r}" if revision else "the default branch"
     try:
-        return hub.snapshot_download(
+        directory = hub.snapshot_download(
             repo_id=repo_id,
             revision=revision,
             allow_patterns=patterns,
             library_name="keras_mobile_moe",
             library_version=version.__version__,
         )
+        if load_weights:
+            _check_timm_weights(hub, directory, repo_id, revision, handle)
+        return directory
     except errors.LocalEntryNotFoundError as error:
         cache = constants.HF_HUB_CACHE
         if _is_offline():
@@ -219,6 +226,27 @@ def download_preset(handle, load_weights=True):
             f"Cannot load {handle!r}: repo {repo_id!r} has no revision "
             f"{revision!r} (a branch, tag or commit)."
         ) from error
+
+
+def _check_timm_weights(hub, directory, repo_id, revision, handle):
+    """For a timm checkpoint without `model.safetensors`: a clear error if
+    the repo only has pickle weights (checked on the Hub when online)."""
+    from keras_mobile_moe.convert import timm
+
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if os.path.isfile(os.path.join(directory, SAFETENSORS_FILE)):
+        return
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not timm.is_timm_config(config) or _is_offline():
+        return
+    files = hub.list_repo_files(repo_id, revision=revision)
+    pickles = [name for name in timm.PICKLE_FILES if name in files]
+    if pickles:
+        raise timm.pickle_only_error(f"Checkpoint {handle!r}", pickles)
 
 
 def _format_count(value, unit=""):

@@ -12,6 +12,13 @@ A preset is named by one of three forms:
 - a Hugging Face handle `hf://org/repo[/revision]`, fetched into the
   Hugging Face cache by `keras_mobile_moe.hub`.
 
+A directory or handle may also hold a timm ViT checkpoint (`config.json` +
+`model.safetensors`) or a keras-hub `ViTBackbone` / `ViTImageClassifier`
+preset: `keras_mobile_moe.convert` converts it on load into a dense Mobile
+V-MoE computing the same function. Overrides asking for experts
+(`num_moe_layers=...`, `num_experts=...`) on a dense checkpoint upcycle it
+in the same call (`kmm.upcycle`).
+
 Loading never executes code from a preset: configs are JSON, checked to name
 only registered Keras, keras-hub and keras_mobile_moe classes (no lambdas,
 no `Lambda` layers, no foreign modules) and deserialized in Keras safe mode;
@@ -36,6 +43,7 @@ import warnings
 import keras
 
 from keras_mobile_moe import atomic_io
+from keras_mobile_moe import convert
 from keras_mobile_moe import hub
 from keras_mobile_moe import preset_registry
 from keras_mobile_moe import version
@@ -540,6 +548,41 @@ def check_matches_entry(backbone, entry, overrides, label):
         )
 
 
+UPCYCLE_ARGUMENTS = ("num_experts", "num_moe_layers", "top_k", "normalize_gates")
+
+
+def upcycle_requested(directory, overrides, label):
+    """Whether `overrides` ask for experts on a dense preset (one saved with
+    `num_moe_layers=0`): then `from_preset` loads it and upcycles it."""
+    wanted = overrides.get("num_moe_layers")
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted <= 0:
+        return False
+    config = read_config(directory, hub.CONFIG_FILE, label, required=True)
+    return config["config"].get("num_moe_layers") == 0
+
+
+def _load_upcycled(cls, directory, load_weights, overrides, label):
+    """Loads a dense preset and upcycles it (`kmm.upcycle`)."""
+    from keras_mobile_moe.upcycle import upcycle
+
+    overrides = dict(overrides)
+    upcycle_kwargs = {
+        k: overrides.pop(k) for k in UPCYCLE_ARGUMENTS if k in overrides
+    }
+    if hasattr(cls, "backbone_cls"):
+        for key in ("superclass_ids", "routing"):
+            if key in overrides:
+                upcycle_kwargs[key] = overrides.pop(key)
+        if "router_pooling" in overrides:
+            upcycle_kwargs["router_pooling"] = overrides.pop("router_pooling")
+        dense = load_task(cls, directory, load_weights, overrides, label)
+    else:
+        if "router_pooling" in overrides:
+            upcycle_kwargs["router_pooling"] = overrides.pop("router_pooling")
+        dense = load_backbone(cls, directory, load_weights, overrides, label)
+    return upcycle(dense, **upcycle_kwargs)
+
+
 def backbone_from_preset(cls, preset, load_weights=True, overrides=None):
     """`Backbone.from_preset` for every family.
 
@@ -576,6 +619,14 @@ def backbone_from_preset(cls, preset, load_weights=True, overrides=None):
         check_matches_entry(backbone, entry, overrides, label)
         return backbone
     directory, label = resolve_path_or_handle(preset, load_weights)
+    kind = convert.detect(directory)
+    if kind is not None:
+        # A timm or keras-hub ViT checkpoint: converted on load.
+        return convert.load_backbone(
+            cls, directory, kind, load_weights, overrides, label
+        )
+    if upcycle_requested(directory, overrides, label):
+        return _load_upcycled(cls, directory, load_weights, overrides, label)
     return load_backbone(cls, directory, load_weights, overrides, label)
 
 
@@ -623,6 +674,14 @@ def task_from_preset(cls, preset, load_weights=True, overrides=None):
         check_matches_entry(task.backbone, entry, backbone_overrides, label)
         return task
     directory, label = resolve_path_or_handle(preset, load_weights)
+    kind = convert.detect(directory)
+    if kind is not None:
+        # A timm or keras-hub ViT checkpoint: converted on load.
+        return convert.load_task(
+            cls, directory, kind, load_weights, overrides, label
+        )
+    if upcycle_requested(directory, overrides, label):
+        return _load_upcycled(cls, directory, load_weights, overrides, label)
     return load_task(cls, directory, load_weights, overrides, label)
 
 

@@ -507,7 +507,16 @@ def test_config_of_another_class(tmp_path):
         hidden_dim=16, mlp_dim=32,
     )
     vit.save_to_preset(str(tmp_path))
-    with pytest.raises(ValueError, match="'keras_hub>ViTBackbone', which is "
+    # A keras-hub ViT converts into a dense Mobile V-MoE (tests/
+    # test_timm_convert.py checks the logits); not into another family.
+    assert kmm.MobileVMoEBackbone.from_preset(str(tmp_path)).hidden_dim == 16
+    with pytest.raises(ValueError, match="not into MoNEBackbone"):
+        kmm.MoNEBackbone.from_preset(str(tmp_path))
+    config_path = tmp_path / "config.json"
+    config = json.load(open(config_path))
+    config["registered_name"] = "keras_hub>ResNetBackbone"
+    json.dump(config, open(config_path, "w"))
+    with pytest.raises(ValueError, match="'keras_hub>ResNetBackbone', which is "
                        "not a MobileVMoEBackbone"):
         kmm.MobileVMoEBackbone.from_preset(str(tmp_path))
     with pytest.raises(ValueError, match="not a MobileVMoEBackbone"):

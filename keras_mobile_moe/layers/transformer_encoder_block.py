@@ -1,5 +1,7 @@
 import keras
 
+from keras_mobile_moe.layers.activations import get_activation
+from keras_mobile_moe.layers.activations import serialize_activation
 from keras_mobile_moe.layers.drop_path import DropPath
 from keras_mobile_moe.layers.image_routed_moe import ImageRoutedMoE
 from keras_mobile_moe.layers.mlp import MLP
@@ -42,6 +44,9 @@ class TransformerEncoderBlock(keras.layers.Layer):
         attention_dropout_rate: float in [0, 1). Dropout on attention weights.
         drop_path_rate: float in [0, 1). Stochastic depth of both branches.
         layer_norm_epsilon: float. Epsilon of the layer norms.
+        mlp_activation: activation of the MLP (and expert) hidden layer:
+            `"keras_mobile_moe>gelu_tanh"` (default, the paper's JAX ViTs)
+            or `"gelu"` (exact GELU, as in timm and keras-hub ViTs).
 
     Call arguments:
         inputs: tokens `[batch, num_tokens, hidden_dim]`.
@@ -82,6 +87,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
         router_type="image",
         capacity_factor=1.0,
         aux_loss_weight=0.01,
+        mlp_activation="keras_mobile_moe>gelu_tanh",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -113,6 +119,9 @@ class TransformerEncoderBlock(keras.layers.Layer):
         )
         self.aux_loss_weight = check_non_negative_float(
             "aux_loss_weight", aux_loss_weight
+        )
+        self.mlp_activation = serialize_activation(
+            get_activation(mlp_activation)
         )
 
     @property
@@ -157,6 +166,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
                 capacity_factor=self.capacity_factor,
                 normalize_gates=self.normalize_gates,
                 aux_loss_weight=self.aux_loss_weight,
+                activation=self.mlp_activation,
                 dropout_rate=self.dropout_rate,
                 dtype=policy,
                 name="moe",
@@ -167,6 +177,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
                 intermediate_dim=self.mlp_dim,
                 top_k=self.top_k,
                 normalize_gates=self.normalize_gates,
+                activation=self.mlp_activation,
                 dropout_rate=self.dropout_rate,
                 dtype=policy,
                 name="moe",
@@ -174,6 +185,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
         else:
             self.mlp = MLP(
                 intermediate_dim=self.mlp_dim,
+                activation=self.mlp_activation,
                 dropout_rate=self.dropout_rate,
                 dtype=policy,
                 name="mlp",
@@ -230,6 +242,7 @@ class TransformerEncoderBlock(keras.layers.Layer):
                 "router_type": self.router_type,
                 "capacity_factor": self.capacity_factor,
                 "aux_loss_weight": self.aux_loss_weight,
+                "mlp_activation": self.mlp_activation,
             }
         )
         return config

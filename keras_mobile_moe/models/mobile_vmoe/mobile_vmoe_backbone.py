@@ -113,6 +113,10 @@ class MobileVMoEBackbone(Backbone):
         drop_path_rate: float in [0, 1). Stochastic depth of the last block;
             earlier blocks get linearly smaller rates (DeiT).
         layer_norm_epsilon: float. Epsilon of the layer norms.
+        mlp_activation: activation of the MLP and expert hidden layers:
+            `"keras_mobile_moe>gelu_tanh"` (default, as the paper's JAX
+            ViTs) or `"gelu"` (exact GELU, as timm and keras-hub ViTs;
+            set when converting their checkpoints).
         dtype: dtype policy of the model.
 
     Call arguments:
@@ -165,6 +169,7 @@ class MobileVMoEBackbone(Backbone):
         router_type="image",
         capacity_factor=1.0,
         aux_loss_weight=0.01,
+        mlp_activation="keras_mobile_moe>gelu_tanh",
         dtype=None,
         **kwargs,
     ):
@@ -233,6 +238,7 @@ class MobileVMoEBackbone(Backbone):
                     router_type=router_type,
                     capacity_factor=capacity_factor,
                     aux_loss_weight=aux_loss_weight,
+                    mlp_activation=mlp_activation,
                     dtype=dtype,
                     name=f"{'moe' if is_moe else 'dense'}_block_{i}",
                 )
@@ -284,6 +290,7 @@ class MobileVMoEBackbone(Backbone):
         self.router_type = router_type
         self.capacity_factor = capacity_factor
         self.aux_loss_weight = aux_loss_weight
+        self.mlp_activation = self.encoder_blocks[0].mlp_activation
 
     def call(self, inputs, training=None, mask=None):
         check_images(inputs, self.image_shape)
@@ -401,6 +408,7 @@ class MobileVMoEBackbone(Backbone):
                 "router_type": self.router_type,
                 "capacity_factor": self.capacity_factor,
                 "aux_loss_weight": self.aux_loss_weight,
+                "mlp_activation": self.mlp_activation,
             }
         )
         return config
