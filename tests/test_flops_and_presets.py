@@ -224,3 +224,21 @@ def test_compile_auto_learning_rate_follows_where_the_weights_came_from():
     assert learning_rate(pretrained) == pytest.approx(3e-5)
     assert learning_rate(new_head) == pytest.approx(1e-4)
     assert learning_rate(mone) == pytest.approx(3e-4)
+
+
+def test_compile_auto_metrics_follow_the_label_form_of_the_loss():
+    # Dense: the router loss of a Mobile V-MoE reads class ids.
+    model = kmm.MobileVMoE.from_preset(
+        "6x64", load_weights=False, num_classes=10, image_shape=(32, 32, 3)
+    )
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3))
+    labels = np.arange(8) % 10
+    want = np.mean(np.argmax(model.predict(images, verbose=0), -1) == labels)
+    onehot = np.eye(10, dtype="float32")[labels]
+    for loss, targets in [
+        ("auto", labels),
+        (keras.losses.CategoricalCrossentropy(from_logits=True), onehot),
+    ]:
+        model.compile(loss=loss)
+        result = model.evaluate(images, targets, verbose=0, return_dict=True)
+        assert result["accuracy"] == pytest.approx(want)

@@ -35,6 +35,18 @@ def weights_source(load_weights, overrides):
     return "new_head" if "num_classes" in overrides else "pretrained"
 
 
+def auto_metrics(loss):
+    """The metrics of `compile(metrics="auto")`: top-1 accuracy on the label
+    form the loss reads (one-hot or soft targets for a categorical
+    cross-entropy, class ids otherwise)."""
+    categorical = isinstance(loss, keras.losses.CategoricalCrossentropy) or (
+        loss in ("categorical_crossentropy", keras.losses.categorical_crossentropy)
+    )
+    if categorical:
+        return [keras.metrics.CategoricalAccuracy("accuracy")]
+    return [keras.metrics.SparseCategoricalAccuracy("accuracy")]
+
+
 def auto_optimizer(task):
     """The optimizer of `compile(optimizer="auto")`: AdamW with weight decay
     0.05 at the learning rate of `AUTO_LEARNING_RATES` for the task's

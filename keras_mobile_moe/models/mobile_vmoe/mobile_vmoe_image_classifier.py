@@ -235,13 +235,14 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
             loss: `"auto"` (sparse categorical cross-entropy on the logits)
                 or a Keras loss for the class labels. The router loss is
                 added on top of it by the model, with `router_loss_weight`.
-            metrics: `"auto"` (accuracy) or Keras metrics.
+            metrics: `"auto"` (top-1 accuracy on class ids, or on one-hot /
+                soft targets with a categorical loss) or Keras metrics.
             **kwargs: passed to `keras.Model.compile`.
         """
         if optimizer == "auto":
             optimizer = task_utils.auto_optimizer(self)
         if metrics == "auto":
-            metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
+            metrics = task_utils.auto_metrics(loss)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def compile_from_config(self, config):

@@ -216,13 +216,14 @@ class MoNEImageClassifier(ShuffledFitMixin, ImageClassifier):
                 `benchmarks/results/finetune_defaults.md`).
             loss: `"auto"` (sparse categorical cross-entropy on the logits)
                 or a Keras loss.
-            metrics: `"auto"` (accuracy) or Keras metrics.
+            metrics: `"auto"` (top-1 accuracy on class ids, or on one-hot /
+                soft targets with a categorical loss) or Keras metrics.
             **kwargs: passed to `keras.Model.compile`.
         """
         if optimizer == "auto":
             optimizer = task_utils.auto_optimizer(self)
         if metrics == "auto":
-            metrics = [keras.metrics.SparseCategoricalAccuracy("accuracy")]
+            metrics = task_utils.auto_metrics(loss)
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
 
     def compile_from_config(self, config):
