@@ -312,6 +312,16 @@ def test_deit_recipe_augments_with_soft_labels():
     np.testing.assert_array_equal(batches[0][0], x)
     batches.on_epoch_end()
     assert not np.array_equal(batches[0][0], x)
+    # The eager path (benchmarks/train_throughput.py compares it) draws
+    # the same random choices of its own: valid, seeded batches.
+    eager = data_lib.CifarBatches(
+        fixture["x_train"], fixture["y_train"], 8, 100,
+        recipe=recipe, seed=2, compile_augmentation=False,
+    )
+    x_eager, y_eager = eager[1]
+    np.testing.assert_array_equal(eager[1][0], x_eager)
+    np.testing.assert_allclose(y_eager.sum(-1), 1.0, rtol=1e-5)
+    assert x_eager.min() >= 0 and x_eager.max() <= 255
     with pytest.raises(ValueError, match="Accepted: 'auto'"):
         recipes.get_recipe("adam", 64)
 

@@ -98,6 +98,8 @@ class CifarBatches(keras.utils.PyDataset):
             (no shuffling, no augmentation, the last partial batch kept).
         seed: int.
         max_steps: int or None, a cap on the batches per epoch (smoke runs).
+        compile_augmentation: bool. Run the recipe's Keras layers as one
+            `tf.function` (default) or eagerly (for comparison; slow).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class CifarBatches(keras.utils.PyDataset):
         recipe=None,
         seed=0,
         max_steps=None,
+        compile_augmentation=True,
     ):
         super().__init__(workers=1, use_multiprocessing=False, max_queue_size=4)
         self.images = images
@@ -118,6 +121,7 @@ class CifarBatches(keras.utils.PyDataset):
         self.recipe = recipe
         self.seed = int(seed)
         self.max_steps = max_steps
+        self.compile_augmentation = bool(compile_augmentation)
         self.epoch = 0
         self._perm_epoch = None
         self._perm = None
@@ -275,6 +279,8 @@ class CifarBatches(keras.utils.PyDataset):
 
     def _compile_layers(self):
         """(tf.function or None, the seed generators it draws from)."""
+        if not self.compile_augmentation:
+            return None, self._generators
         try:
             import tensorflow as tf
         except ImportError:
