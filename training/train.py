@@ -50,6 +50,8 @@ from trainer import evaluate  # noqa: E402
 from common import machine  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
+from keras_mobile_moe.atomic_io import write_json  # noqa: E402
+from keras_mobile_moe.atomic_io import write_text  # noqa: E402
 from keras_mobile_moe import preset_registry  # noqa: E402
 
 PRESET = flags.DEFINE_string("preset", "6x64_e10", "Preset architecture.")
@@ -419,14 +421,6 @@ def backup_epoch(backup_dir):
 CURVE_BUDGETS = tuple(round(0.1 * i, 1) for i in range(2, 11))
 
 
-def write_json(path, content):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def budget_sweep(model, trainer, test):
     """MoNE: test top-1, FLOPs and activated parameters at the budgets
     0.2, 0.3, ..., 1.0 (those the model allows), the same weights each
@@ -621,8 +615,13 @@ def main(argv):
         metadata = json.load(f)
     metadata["training"] = training_info
     write_json(metadata_path, metadata)
-    with open(os.path.join(preset_dir, "README.md"), "a", encoding="utf-8") as f:
-        f.write(
+    card_path = os.path.join(preset_dir, "README.md")
+    with open(card_path, encoding="utf-8") as f:
+        card = f.read()
+    write_text(
+        card_path,
+        card
+        + (
             "\n## Training\n\n"
             f"Trained with `training/train.py` on {training_info['dataset']} "
             f"({len(train_idx)} training images, {len(val_idx)} held out for "
@@ -632,7 +631,8 @@ def main(argv):
             f"- validation top-1: {val_top1}\n"
             f"- test router accuracy: {test_router}\n\n"
             f"Command:\n\n```\n{command}\n```\n"
-        )
+        ),
+    )
 
     arch = {
         k: getattr(clean.backbone, k)
