@@ -358,7 +358,17 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
             f"{'; '.join(details)}).{hint}"
         )
     recorded = _recorded_sha256(directory, filename, label)
-    if recorded is not None:
+    if recorded is None:
+        # Not an error: presets written by other tools (keras-hub) record
+        # none. But a damaged file would load and predict garbage: say so.
+        warnings.warn(
+            f"Preset {label}: {hub.METADATA_FILE} records no sha256 for "
+            f"{filename}, so its integrity cannot be checked (a damaged file "
+            "may load and predict wrong results). Re-save it with "
+            "save_to_preset, which records one.",
+            stacklevel=2,
+        )
+    else:
         actual = file_sha256(path)
         if actual != recorded:
             raise _corrupt(

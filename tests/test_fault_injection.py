@@ -191,6 +191,11 @@ def test_saves_record_and_loading_verifies_every_sha256(models, tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         kmm.MobileVMoE.from_preset(str(folder))
+    # Without a recorded sha256 the flipped bit cannot be found: not silent.
+    del metadata["files_sha256"]["task.weights.h5"]
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.warns(UserWarning, match="records no sha256 for task.weights"):
+        kmm.MobileVMoE.from_preset(str(folder))
 
 
 def test_saved_files_get_ordinary_permissions(models, tmp_path):
