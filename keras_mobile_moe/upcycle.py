@@ -77,7 +77,9 @@ def upcycle(
 
     Returns:
         A new `MobileVMoEBackbone` or `MobileVMoEImageClassifier` (the
-        same kind as `model`); `model` is unchanged.
+        same kind as `model`); `model` is unchanged. A classifier keeps the
+        dense one's `weights_source`, so `compile(optimizer="auto")` picks
+        the same fine-tuning learning rate for both.
 
     Example:
 
@@ -97,16 +99,11 @@ def upcycle(
     ...                  dense.predict(images, verbose=0), atol=1e-5))
     True
     """
-    from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-        MobileVMoEBackbone,
-    )
-    from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_image_classifier import (  # noqa: E501
-        MobileVMoEImageClassifier,
-    )
-
-    is_task = isinstance(model, MobileVMoEImageClassifier)
+    # The family says whether its dense members upcycle (Mobile V-MoE);
+    # asked of the classes, so this module imports no model.
+    is_task = hasattr(model, "backbone") and hasattr(model, "num_classes")
     backbone = model.backbone if is_task else model
-    if not isinstance(backbone, MobileVMoEBackbone):
+    if not getattr(type(backbone), "converts_dense_vits", False):
         raise ValueError(
             f"upcycle expects a dense MobileVMoEBackbone or MobileVMoE "
             f"classifier. Received: {type(model).__name__}."
@@ -143,7 +140,7 @@ def upcycle(
         }
     )
     config.pop("name", None)
-    new_backbone = MobileVMoEBackbone.from_config(config)
+    new_backbone = type(backbone).from_config(config)
 
     _copy_layer(new_backbone.patch_embedding, backbone.patch_embedding)
     _copy_layer(new_backbone.final_norm, backbone.final_norm)
@@ -185,4 +182,7 @@ def upcycle(
         router_loss_weight=model.router_loss_weight,
     )
     _copy_layer(task.output_dense, model.output_dense)
+    # The experts and the rest are the dense model's weights, so
+    # compile(optimizer="auto") fine-tunes at the dense model's rate.
+    task.weights_source = getattr(model, "weights_source", "scratch")
     return task

@@ -97,6 +97,7 @@ def test_every_guide_is_tested():
         "getting_started.py",
         "mone_budgets.py",
         "understanding_routing.py",
+        "upcycling_a_hub_vit.py",
     ]
 
 
@@ -194,3 +195,58 @@ def test_deploying_to_a_phone(presets, tmp_path):
     assert split["resident_bytes"] < split["single_file_bytes"]
     assert split["max_abs_logit_difference_vs_single_file"] < 1e-4
     assert os.path.isfile(tmp_path / "expert_split" / "trunk.tflite")
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """An offline Hugging Face cache holding a small ViT checkpoint written
+    by timm's own Hub-saving code (2 layers x 48, patch 8 at 32x32)."""
+    from hub_helpers import write_snapshot
+    from timm_helpers import import_timm
+    from timm_helpers import save_timm_checkpoint
+
+    timm = import_timm()
+    args = dict(embed_dim=48, depth=2, num_heads=3, img_size=32, patch_size=8,
+                num_classes=10)
+    model = timm.create_model("vit_small_patch32_224", **args).eval()
+    root = tmp_path_factory.mktemp("guide_hub")
+    folder = save_timm_checkpoint(model, str(root / "checkpoint"), args)
+    cache = str(root / "hf_cache")
+    write_snapshot(cache, "kmm-test/tiny-vit", folder)
+    return cache
+
+
+def test_upcycling_a_hub_vit(hub_cache, tmp_path):
+    stdout, results = run_guide(
+        "upcycling_a_hub_vit.py", tmp_path, timeout=400,
+        HF_HUB_OFFLINE="1", HF_HUB_CACHE=hub_cache,
+        KMM_GUIDE_HUB_HANDLE="hf://kmm-test/tiny-vit", KMM_GUIDE_IMAGE_SIZE="32",
+    )
+    assert "loading hf://kmm-test/tiny-vit" in stdout
+    table = results["superclass_ids"]
+    assert len(table) == 100 and all(table.count(g) == 10 for g in range(10))
+    # Upcycling with normalised gates keeps the dense function; the router
+    # adds a little compute, the experts many parameters.
+    assert results["upcycle_max_abs_difference"] < 1e-4
+    assert results["dense_flops"] < results["moe_flops"] < 1.05 * results["dense_flops"]
+    for key in ("probe_accuracy", "test_accuracy_before", "test_accuracy_after",
+                "router_accuracy_before", "router_accuracy_after"):
+        assert is_fraction(results[key]), key
+    assert all(math.isfinite(v) for v in results["train_loss"])
+    tflite = results["tflite"]
+    assert os.path.getsize(tflite["path"]) == tflite["bytes"] > 0
+    assert tflite["routing_agreement"] >= 0.9 and is_fraction(tflite["top1_agreement"])
+
+
+def test_upcycling_a_hub_vit_says_it_needs_internet(tmp_path):
+    """Without the checkpoint in the cache and no network, the default mode
+    stops with a message saying the guide needs internet."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(GUIDES, "upcycling_a_hub_vit.py")],
+        env=env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"),
+                KMM_GUIDE_OUTPUT_DIR=str(tmp_path)),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in result.stderr
+    assert "it needs internet" in result.stderr

@@ -136,3 +136,20 @@ def test_from_preset_with_experts_on_a_dense_preset_upcycles(tmp_path):
         folder, num_experts=2, num_moe_layers=1
     )
     assert backbone.num_moe_layers == 1
+
+
+def test_upcycled_classifier_fine_tunes_at_the_dense_models_rate(tmp_path):
+    folder = str(tmp_path / "dense")
+    dense_classifier().save_to_preset(folder)
+    rates = {}
+    for name, dense in (
+        ("scratch", dense_classifier()),
+        ("pretrained", kmm.MobileVMoE.from_preset(folder)),
+        ("new_head", kmm.MobileVMoE.from_preset(folder, num_classes=6)),
+    ):
+        moe = kmm.upcycle(dense, num_experts=2, num_moe_layers=1,
+                          superclass_ids=[0, 1] * 3)
+        assert moe.weights_source == name
+        moe.compile()
+        rates[name] = float(to_numpy(moe.optimizer.learning_rate))
+    assert rates["scratch"] > rates["new_head"] > rates["pretrained"]

@@ -152,6 +152,38 @@ def load_data(path=None, cache_dir=None):
     return _read_npz(path, f"{source}={path!r}")
 
 
+def load_data_or_fixture(use_fixture=False):
+    """The full CIFAR-100 when a local copy is configured, else the fixture.
+
+    What the guides and demos use: the full dataset from the file named by
+    `KMM_CIFAR100_PATH` when that file exists (never a download, so it
+    works offline), otherwise the small cut shipped with the package.
+
+    Args:
+        use_fixture: bool. Always return the fixture (smoke runs).
+
+    Returns:
+        `(data, source)`: the dict of `load_data` / `load_fixture`, and a
+        sentence saying which data it is, to print. `source` starts with
+        `"CIFAR-100 from"` for the full dataset.
+
+    Example:
+
+    >>> data, source = load_data_or_fixture(use_fixture=True)
+    >>> data["x_train"].shape
+    (800, 32, 32, 3)
+    """
+    path = os.environ.get(ENV_VAR)
+    if path and os.path.isfile(path) and not use_fixture:
+        return load_data(path), f"CIFAR-100 from {path}"
+    data = load_fixture()
+    return data, (
+        f"the CIFAR-100 fixture shipped with the package "
+        f"({len(data['x_train'])} training and {len(data['x_test'])} test "
+        f"images); set {ENV_VAR} to a CIFAR-100 .npz for the full dataset"
+    )
+
+
 def download_archive(cache_dir=None):
     """Downloads the official CIFAR-100 archive (once) and checks its sha256.
 
