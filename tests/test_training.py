@@ -517,3 +517,31 @@ def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
     assert "| mone_6x64 |" in report
     row = next(l for l in report.splitlines() if l.startswith("| 2x16 | 3 |"))
     assert row.split("|")[6].strip() == "50.00"  # dense top-1, not MoNE's
+
+
+def test_init_from_upcycles_a_trained_dense_preset(tmp_path):
+    dense_dir = str(tmp_path / "dense")
+    train(dense_dir, "--preset=6x64", "--epochs=1", "--max_steps_per_epoch=2")
+    dense_preset = os.path.join(dense_dir, "preset")
+    moe_dir = str(tmp_path / "moe")
+    stdout = train(
+        moe_dir, f"--init_from={dense_preset}", "--epochs=1",
+        "--max_steps_per_epoch=2",
+    )
+    assert f"upcycled from {dense_preset}" in stdout
+    with open(os.path.join(moe_dir, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    init = results["training"]["routing"]["init_from"]
+    assert init["preset"] == dense_preset
+    # Normalised gates: the upcycled model starts as the dense function.
+    assert init["initial_max_abs_logit_difference"] < 1e-4
+    assert results["overrides"]["normalize_gates"] is True
+    assert results["arch"]["num_experts"] == 4 and results["arch"]["is_moe"]
+    # A dense preset of another width is refused before training.
+    result = subprocess.run(
+        [sys.executable, TRAIN, *TINY_ARGS, "--override=hidden_dim=24",
+         f"--init_from={dense_preset}", f"--workdir={tmp_path / 'bad'}"],
+        env=env(), capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode != 0
+    assert "hidden_dim (preset 16, model 24)" in result.stderr

@@ -93,6 +93,14 @@ SUPERCLASSES = flags.DEFINE_string(
     " Default: coarse if the model has 20 experts, else required.",
 )
 NUM_EXPERTS = flags.DEFINE_integer("num_experts", None, "Override E.")
+INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    None,
+    "Sparse upcycling (Komatsuzaki et al., ICLR 2023): start the Mobile V-MoE "
+    "from this trained dense preset (name, directory or hf:// handle) with "
+    "kmm.upcycle; experts copy its MLPs, the router starts fresh, and gates "
+    "are normalised so training starts from the dense model's function.",
+)
 CAPACITY_FACTOR = flags.DEFINE_float(
     "capacity_factor", 1.0, "Expert capacity factor for --routing token."
 )
@@ -302,6 +310,16 @@ def build_model(dataset, recipe, num_classes=100):
         else:
             overrides["routing"] = "learned"
         routing["num_experts"] = int(num_experts)
+    if INIT_FROM.value:
+        if not is_moe:
+            raise ValueError(
+                f"--init_from upcycles a dense model into a Mobile V-MoE; "
+                f"--preset={preset!r} builds a dense or MoNE model. Use a "
+                "Mobile V-MoE preset such as 6x64_e10."
+            )
+        # With normalised gates the upcycled model is exactly the dense one
+        # at the start, whatever the fresh router picks.
+        overrides["normalize_gates"] = True
     if DISTRIBUTION.value != "none":
         # Set before the model is built, so its variables get their layouts;
         # the expert mesh axis must divide the number of experts.
@@ -311,7 +329,70 @@ def build_model(dataset, recipe, num_classes=100):
             )
         )
     model = cls.from_preset(preset, load_weights=False, **overrides)
+    if INIT_FROM.value:
+        routing["init_from"] = upcycle_into(model, INIT_FROM.value, dataset)
     return model, routing, overrides
+
+
+def upcycle_into(model, dense_preset, dataset):
+    """Sets `model`'s weights by sparse upcycling the dense `dense_preset`
+    (`kmm.upcycle` with `model`'s experts, table and gates); returns what
+    results.json records about it."""
+    backbone = model.backbone
+    dense = kmm.MobileVMoE.from_preset(dense_preset)
+    if dense.backbone.num_moe_layers:
+        raise ValueError(
+            f"Received: --init_from={dense_preset!r}, a Mobile V-MoE with "
+            f"{dense.backbone.num_moe_layers} MoE layers. Expected a dense "
+            "preset (num_moe_layers=0), e.g. one trained with --preset 6x64."
+        )
+    keys = ("num_layers", "hidden_dim", "num_heads", "mlp_dim", "patch_size",
+            "image_shape", "use_class_token")
+    different = {
+        k: (getattr(dense.backbone, k), getattr(backbone, k))
+        for k in keys
+        if tuple(np.atleast_1d(getattr(dense.backbone, k)))
+        != tuple(np.atleast_1d(getattr(backbone, k)))
+    }
+    if model.num_classes != dense.num_classes:
+        different["num_classes"] = (dense.num_classes, model.num_classes)
+    if different:
+        raise ValueError(
+            f"Received: --init_from={dense_preset!r}, whose architecture "
+            "differs from the model being trained in "
+            + ", ".join(
+                f"{k} (preset {a}, model {b})" for k, (a, b) in different.items()
+            )
+            + ". Expected the same architecture apart from the experts: "
+            "pass the flags (--image_size, --patch_size, --override) the "
+            "dense preset was trained with."
+        )
+    upcycled = kmm.upcycle(
+        dense,
+        num_experts=backbone.num_experts,
+        num_moe_layers=backbone.num_moe_layers,
+        top_k=backbone.top_k,
+        superclass_ids=model.superclass_ids,
+        normalize_gates=backbone.normalize_gates,
+        router_pooling=backbone.router_pooling,
+        routing=model.routing,
+    )
+    for target, source in zip(model.weights, upcycled.weights, strict=True):
+        target.assign(keras.ops.convert_to_numpy(source))
+    images = dataset["x_test"][:32]
+    difference = float(
+        np.abs(
+            np.asarray(model.predict(images, verbose=0))
+            - np.asarray(dense.predict(images, verbose=0))
+        ).max()
+    )
+    print(
+        f"upcycled from {dense_preset}: {backbone.num_experts} experts in the "
+        f"last {backbone.num_moe_layers} blocks; max |logit difference| to "
+        f"the dense model at the start {difference:.1e}",
+        flush=True,
+    )
+    return {"preset": dense_preset, "initial_max_abs_logit_difference": difference}
 
 
 def make_optimizer(recipe, steps_per_epoch, epochs, batch_size):
