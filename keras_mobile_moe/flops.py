@@ -10,6 +10,8 @@ paper's numbers are those of XLA's cost analysis of a ViT with tanh-GELU
 
 import numpy as np
 
+from keras_mobile_moe import families
+
 # FLOPs per element of the element-wise operations (XLA's cost model).
 LAYER_NORM = 6
 GELU_TANH = 8
@@ -291,22 +293,14 @@ def flops_breakdown(model):
     >>> sorted(flops_breakdown(model))
     ['attention', 'head', 'mlp', 'patch_embedding', 'router']
     """
-    from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-        MobileVMoEBackbone,
-    )
-
-    from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
-
     backbone = getattr(model, "backbone", None) or model
     num_classes = getattr(model, "num_classes", 0) if model is not backbone else 0
-    if isinstance(backbone, MobileVMoEBackbone):
-        return mobile_vmoe_flops(backbone, num_classes)
-    if isinstance(backbone, MoNEBackbone):
-        return mone_flops(backbone, num_classes)
+    if families.of(backbone) is not None:
+        # Each family declares its own count (`flops_breakdown`).
+        return backbone.flops_breakdown(num_classes)
     raise ValueError(
         f"count_flops does not know models of type {type(model).__name__}. "
-        "Accepted: MobileVMoEImageClassifier, MobileVMoEBackbone, "
-        "MoNEImageClassifier, MoNEBackbone."
+        f"Accepted: {families.accepted_models()}."
     )
 
 
@@ -396,32 +390,37 @@ def activated_params(model):
     >>> mone.count_params() - activated_params(mone)
     260064
     """
-    from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-        MobileVMoEBackbone,
-    )
-    from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
-
     backbone = getattr(model, "backbone", None) or model
-    total = model.count_params()
-    if isinstance(backbone, MoNEBackbone):
-        widest = max(
-            width
-            for count, width in zip(
-                backbone.token_counts(), backbone.expert_widths
-            )
-            if count > 0
-        )
-        d, h = backbone.hidden_dim, backbone.mlp_dim
-        unused = backbone.num_layers * (d - widest) * (4 * d + 2 * h + 6)
-        return int(total - unused)
-    if not isinstance(backbone, MobileVMoEBackbone):
+    if families.of(backbone) is None:
         raise ValueError(
             "activated_params does not know models of type "
-            f"{type(model).__name__}. Accepted: MobileVMoEImageClassifier, "
-            "MobileVMoEBackbone, MoNEImageClassifier, MoNEBackbone."
+            f"{type(model).__name__}. Accepted: {families.accepted_models()}."
         )
+    # Each family declares what one image leaves unused.
+    return int(model.count_params() - backbone.unused_params_per_image())
+
+
+def mone_unused_params(backbone):
+    """Parameters of a `MoNEBackbone` that no token of an image touches at
+    its current `capacity_budget`: `(D - W) * (4 D + 2 mlp_dim + 6)` per
+    block, W the widest expert that receives a token (see
+    `activated_params`)."""
+    widest = max(
+        width
+        for count, width in zip(backbone.token_counts(), backbone.expert_widths)
+        if count > 0
+    )
+    d, h = backbone.hidden_dim, backbone.mlp_dim
+    return backbone.num_layers * (d - widest) * (4 * d + 2 * h + 6)
+
+
+def mobile_vmoe_unused_params(backbone):
+    """Parameters of a `MobileVMoEBackbone` in the experts one image cannot
+    reach: `E - top_k` per MoE block with per-image routing, `E - min(E,
+    top_k * N)` with per-token routing, none for a dense model (see
+    `activated_params`)."""
     if not backbone.is_moe:
-        return int(total)
+        return 0
     height, width, _ = backbone.image_shape
     patch = backbone.patch_size
     num_tokens = (height // patch) * (width // patch) + int(
@@ -442,4 +441,4 @@ def activated_params(model):
                           moe.bias_out)
             )
             unused += (experts - reachable) * per_expert
-    return int(total - unused)
+    return unused

@@ -56,6 +56,36 @@ def check_choice(name, value, choices):
 DEFAULT_VALUE_RANGE = (0, 255)
 
 
+def check_image_shape(image_shape, patch_size):
+    """Validates `image_shape` against `patch_size`; returns it as a tuple."""
+    shape = tuple(image_shape) if isinstance(image_shape, (list, tuple)) else ()
+    if len(shape) != 3 or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise ValueError(
+            f"Received: image_shape={image_shape!r}. Expected (height, width, "
+            "channels) of positive ints."
+        )
+    if shape[0] % patch_size or shape[1] % patch_size:
+        raise ValueError(
+            f"Image size {shape[0]}x{shape[1]} is not divisible by "
+            f"patch_size={patch_size}. Accepted: a patch_size that divides "
+            "both the image height and width."
+        )
+    return shape
+
+
+def check_images(images, image_shape):
+    """Raises a clear `ValueError` unless `images` is `[batch, *image_shape]`."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) != 4 or tuple(shape[1:]) != tuple(image_shape):
+        expected = ", ".join(str(d) for d in image_shape)
+        raise ValueError(
+            f"Expected images of shape [batch, {expected}] (batch, height, "
+            f"width, channels). Received: images of shape {shape}."
+        )
+
+
 def check_value_range(value_range):
     """Returns `value_range` as a `(low, high)` tuple of floats, low < high."""
     ok = (

@@ -1,49 +1,17 @@
 import keras
-from keras_hub.models import Backbone
 
-from keras_mobile_moe import preset_loader
-from keras_mobile_moe import preset_registry
+from keras_mobile_moe import flops
 from keras_mobile_moe.layers.image_router import ImageRouter
-from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
 from keras_mobile_moe.layers.token_routed_moe import check_non_negative_float
 from keras_mobile_moe.layers.token_routed_moe import check_positive_float
 from keras_mobile_moe.layers.transformer_encoder_block import (
     TransformerEncoderBlock,
 )
+from keras_mobile_moe.models.base import FamilyBackbone
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_model_memory
 from keras_mobile_moe.validation import check_rate
-
-
-def check_image_shape(image_shape, patch_size):
-    """Validates `image_shape` against `patch_size`; returns it as a tuple."""
-    shape = tuple(image_shape) if isinstance(image_shape, (list, tuple)) else ()
-    if len(shape) != 3 or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
-    ):
-        raise ValueError(
-            f"Received: image_shape={image_shape!r}. Expected (height, width, "
-            "channels) of positive ints."
-        )
-    if shape[0] % patch_size or shape[1] % patch_size:
-        raise ValueError(
-            f"Image size {shape[0]}x{shape[1]} is not divisible by "
-            f"patch_size={patch_size}. Accepted: a patch_size that divides "
-            "both the image height and width."
-        )
-    return shape
-
-
-def check_images(images, image_shape):
-    """Raises a clear `ValueError` unless `images` is `[batch, *image_shape]`."""
-    shape = tuple(getattr(images, "shape", ()))
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(image_shape):
-        expected = ", ".join(str(d) for d in image_shape)
-        raise ValueError(
-            f"Expected images of shape [batch, {expected}] (batch, height, "
-            f"width, channels). Received: images of shape {shape}."
-        )
 
 
 def per_layer_mlp_dims(mlp_dim, num_layers):
@@ -63,7 +31,7 @@ def per_layer_mlp_dims(mlp_dim, num_layers):
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
-class MobileVMoEBackbone(Backbone):
+class MobileVMoEBackbone(FamilyBackbone):
     """Mobile V-MoE vision transformer backbone (dense ViT when no MoE layer).
 
     Daxberger et al., "Mobile V-MoEs: Scaling Down Vision Transformers via
@@ -148,6 +116,16 @@ class MobileVMoEBackbone(Backbone):
     ['sequence_output']
     """
 
+    preset_family = "mobile_vmoe"
+    family_title = "Mobile V-MoE"
+    paper = (
+        "Daxberger et al., \"Mobile V-MoEs: Scaling Down Vision Transformers "
+        "via Sparse Mixture-of-Experts\", arXiv 2309.04354 (2023)"
+    )
+    # Its dense members load timm / keras-hub ViT checkpoints
+    # (`keras_mobile_moe.convert`) and upcycle into MoE (`kmm.upcycle`).
+    converts_dense_vits = True
+
     def __init__(
         self,
         num_layers,
@@ -173,9 +151,9 @@ class MobileVMoEBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
-        check_int("patch_size", patch_size, minimum=1)
-        image_shape = check_image_shape(image_shape, patch_size)
-        check_int("num_layers", num_layers, minimum=1)
+        image_shape = self._check_image_arguments(
+            image_shape, patch_size, num_layers
+        )
         check_int("num_moe_layers", num_moe_layers, minimum=0)
         if num_moe_layers > num_layers:
             raise ValueError(
@@ -213,12 +191,8 @@ class MobileVMoEBackbone(Backbone):
 
         # === Layers ===
         num_dense = num_layers - num_moe_layers
-        self.patch_embedding = PatchEmbedding(
-            hidden_dim=hidden_dim,
-            patch_size=patch_size,
-            use_class_token=use_class_token,
-            dtype=dtype,
-            name="patch_embedding",
+        self._make_patch_embedding(
+            hidden_dim, patch_size, use_class_token, dtype
         )
         self.encoder_blocks = []
         for i in range(num_layers):
@@ -233,7 +207,9 @@ class MobileVMoEBackbone(Backbone):
                     normalize_gates=normalize_gates,
                     dropout_rate=dropout_rate,
                     attention_dropout_rate=attention_dropout_rate,
-                    drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
+                    drop_path_rate=self._drop_path_rate_of(
+                        drop_path_rate, i, num_layers
+                    ),
                     layer_norm_epsilon=layer_norm_epsilon,
                     router_type=router_type,
                     capacity_factor=capacity_factor,
@@ -252,9 +228,7 @@ class MobileVMoEBackbone(Backbone):
                 dtype=dtype,
                 name="router",
             )
-        self.final_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
-        )
+        self._make_final_norm(layer_norm_epsilon, dtype)
 
         # === Functional model ===
         images = keras.Input(shape=image_shape, name="images")
@@ -271,100 +245,17 @@ class MobileVMoEBackbone(Backbone):
         super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
 
         # === Config ===
-        self.image_shape = image_shape
-        self.patch_size = patch_size
-        self.num_layers = num_layers
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.mlp_dim = mlp_dim
+        self._set_shared_config(locals())
         self.num_experts = num_experts
         self.top_k = top_k
         self.num_moe_layers = num_moe_layers
         self.use_class_token = use_class_token
         self.router_pooling = router_pooling
         self.normalize_gates = normalize_gates
-        self.dropout_rate = dropout_rate
-        self.attention_dropout_rate = attention_dropout_rate
-        self.drop_path_rate = drop_path_rate
-        self.layer_norm_epsilon = layer_norm_epsilon
         self.router_type = router_type
         self.capacity_factor = capacity_factor
         self.aux_loss_weight = aux_loss_weight
         self.mlp_activation = self.encoder_blocks[0].mlp_activation
-
-    def call(self, inputs, training=None, mask=None):
-        check_images(inputs, self.image_shape)
-        return super().call(inputs, training=training, mask=mask)
-
-    preset_family = "mobile_vmoe"
-
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds a backbone from a preset name, directory or `hf://` handle.
-
-        Args:
-            preset: a built-in name (see `MobileVMoEBackbone.presets`), a local
-                preset directory, or `hf://org/repo[/revision]` (through the
-                Hugging Face cache; works offline once cached).
-            load_weights: bool. Whether to load the preset's weights.
-            **kwargs: overrides of backbone arguments.
-
-        Returns:
-            A `MobileVMoEBackbone`.
-
-        Example:
-
-        >>> backbone = MobileVMoEBackbone.from_preset("6x64", load_weights=False)
-        >>> backbone.num_layers, backbone.hidden_dim, backbone.is_moe
-        (6, 64, False)
-        """
-        return preset_loader.backbone_from_preset(
-            cls, preset, load_weights, kwargs
-        )
-
-    def save_to_preset(self, preset_dir, max_shard_size=None, overwrite=False):
-        """Saves the backbone as a keras-hub preset directory.
-
-        Writes `config.json`, `model.weights.h5`, `metadata.json` (versions,
-        parameter count, FLOPs, sha256 of the weights) and a `README.md`
-        model card; loadable with `from_preset(preset_dir)` and with
-        `keras_hub.models.Backbone.from_preset(preset_dir)`.
-
-        Args:
-            preset_dir: str or path-like. The directory (created if needed).
-            max_shard_size: None (weights are kept in one file).
-            overwrite: bool. Whether to replace preset files (`config.json`,
-                `metadata.json`, ...) in `preset_dir` that keras_mobile_moe
-                did not write; without it such a folder raises
-                `FileExistsError`. The save is atomic: the preset is written
-                next to `preset_dir` and swapped in at once, so an error or a
-                kill leaves the previous preset loadable; other files in the
-                folder are kept.
-
-        Returns:
-            None.
-
-        Example:
-
-        >>> import os, tempfile
-        >>> backbone = MobileVMoEBackbone(
-        ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
-        ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_moe_layers=0)
-        >>> folder = tempfile.mkdtemp()
-        >>> backbone.save_to_preset(folder)
-        >>> MobileVMoEBackbone.from_preset(folder).count_params() == (
-        ...     backbone.count_params())
-        True
-        """
-        with preset_loader.saving_preset(
-            self, preset_dir, max_shard_size, overwrite=overwrite
-        ) as target:
-            super().save_to_preset(target, max_shard_size=None)
-
-    @preset_registry.classproperty
-    def presets(cls):
-        """Built-in presets: name -> registry entry (aliases included)."""
-        return preset_registry.presets_of(cls.preset_family)
 
     @property
     def mlp_dims(self):
@@ -381,30 +272,38 @@ class MobileVMoEBackbone(Backbone):
         """Whether the MoE blocks route per token (`router_type="token"`)."""
         return self.is_moe and self.router_type == "token"
 
+    def flops_breakdown(self, num_classes=0):
+        """Per-part forward FLOPs of one image
+        (`kmm.flops.mobile_vmoe_flops`)."""
+        return flops.mobile_vmoe_flops(self, num_classes)
+
+    def unused_params_per_image(self):
+        """Parameters of the experts one image cannot reach
+        (`kmm.flops.mobile_vmoe_unused_params`)."""
+        return flops.mobile_vmoe_unused_params(self)
+
+    @property
+    def routing_layer_names(self):
+        """The layers that decide which experts run: per-image routing, the
+        patch embedding, the dense blocks before the router and the router;
+        per-token routing, the routers inside the MoE layers (all named
+        `"router"`); a dense model, none."""
+        if self.router is not None:
+            num_dense = self.num_layers - self.num_moe_layers
+            dense = [f"dense_block_{i}" for i in range(num_dense)]
+            return ["patch_embedding", *dense, "router"]
+        return ["router"] if self.is_moe else []
+
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "image_shape": list(self.image_shape),
-                "patch_size": self.patch_size,
-                "num_layers": self.num_layers,
-                "hidden_dim": self.hidden_dim,
-                "num_heads": self.num_heads,
-                "mlp_dim": (
-                    list(self.mlp_dim)
-                    if isinstance(self.mlp_dim, (list, tuple))
-                    else self.mlp_dim
-                ),
                 "num_experts": self.num_experts,
                 "top_k": self.top_k,
                 "num_moe_layers": self.num_moe_layers,
                 "use_class_token": self.use_class_token,
                 "router_pooling": self.router_pooling,
                 "normalize_gates": self.normalize_gates,
-                "dropout_rate": self.dropout_rate,
-                "attention_dropout_rate": self.attention_dropout_rate,
-                "drop_path_rate": self.drop_path_rate,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
                 "router_type": self.router_type,
                 "capacity_factor": self.capacity_factor,
                 "aux_loss_weight": self.aux_loss_weight,

@@ -1,30 +1,21 @@
 import keras
 from keras import ops
-from keras_hub.models import ImageClassifier
-from keras_hub.models import Task
 
-from keras_mobile_moe import preset_loader
-from keras_mobile_moe import preset_registry
+from keras_mobile_moe import families
 from keras_mobile_moe.losses.superclass_router_loss import SuperclassRouterLoss
 from keras_mobile_moe.losses.superclass_router_loss import check_superclass_ids
 from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
     MobileVMoEBackbone,
 )
-from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-    check_images,
-)
 from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_image_classifier_preprocessor import (  # noqa: E501
     MobileVMoEImageClassifierPreprocessor,
 )
-from keras_mobile_moe.models import task_utils
-from keras_mobile_moe.models.task_utils import ShuffledFitMixin
+from keras_mobile_moe.models.base import FamilyImageClassifier
 from keras_mobile_moe.validation import check_choice
-from keras_mobile_moe.validation import check_int
-from keras_mobile_moe.validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
-class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
+class MobileVMoEImageClassifier(FamilyImageClassifier):
     """Mobile V-MoE image classifier (`kmm.MobileVMoE`).
 
     Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354 (2023). A
@@ -95,6 +86,7 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
 
     backbone_cls = MobileVMoEBackbone
     preprocessor_cls = MobileVMoEImageClassifierPreprocessor
+    per_class_config = ("superclass_ids",)
 
     def __init__(
         self,
@@ -110,14 +102,14 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
         head_dtype=None,
         **kwargs,
     ):
-        check_int("num_classes", num_classes, minimum=1)
-        check_choice("pooling", pooling, ("token", "avg"))
+        self._check_head_arguments(
+            backbone, num_classes, pooling, ("token", "avg"), dropout
+        )
         if pooling == "token" and not backbone.use_class_token:
             raise ValueError(
                 "pooling='token' needs a class token but the backbone has "
                 "use_class_token=False. Accepted: pooling='avg'."
             )
-        check_rate("dropout", dropout)
         check_choice("routing", routing, ("superclass", "learned"))
         token_routed = backbone.is_moe and backbone.router_type == "token"
         if token_routed and routing != "learned":
@@ -153,19 +145,11 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
                 "a renormalised single gate is always 1 and the router would "
                 "get no gradient."
             )
-        head_dtype = head_dtype or backbone.dtype_policy
 
         # === Layers ===
-        self.backbone = backbone
-        self.preprocessor = preprocessor
-        self.output_dropout = keras.layers.Dropout(
-            dropout, dtype=head_dtype, name="output_dropout"
-        )
-        self.output_dense = keras.layers.Dense(
-            num_classes,
-            activation=activation,
-            dtype=head_dtype,
-            name="predictions",
+        self._make_head(
+            backbone, preprocessor, num_classes, dropout, activation,
+            head_dtype,
         )
 
         # === Functional model ===
@@ -185,14 +169,11 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
                 "logits": logits,
                 "router_logits": backbone_outputs["router_logits"],
             }
-        # Skip ImageClassifier.__init__, which builds its own head.
-        Task.__init__(self, inputs=images, outputs=outputs, **kwargs)
+        self._finish_functional(
+            outputs, num_classes, pooling, dropout, activation, **kwargs
+        )
 
         # === Config ===
-        self.num_classes = num_classes
-        self.pooling = pooling
-        self.dropout = dropout
-        self.activation = activation
         self.superclass_ids = superclass_ids
         self.routing = routing
         self.router_loss_weight = float(router_loss_weight)
@@ -207,7 +188,6 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
             )
 
     def call(self, inputs, training=None, mask=None):
-        check_images(inputs, self.backbone.image_shape)
         outputs = super().call(inputs, training=training, mask=mask)
         if isinstance(outputs, dict) and not training:
             return outputs["logits"]
@@ -218,39 +198,6 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
         if isinstance(spec, dict) and not training:
             return spec["logits"]
         return spec
-
-    def compile(
-        self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs
-    ):
-        """Configures training; `"auto"` picks defaults for how the model
-        got its weights.
-
-        Args:
-            optimizer: `"auto"` or a Keras optimizer. `"auto"` is AdamW with
-                weight decay 0.05 at learning rate 3e-4 from scratch, 1e-4
-                for a preset loaded with a new head (`num_classes=...`) and
-                3e-5 for fine-tuning a fully loaded preset (a higher rate
-                lowered a trained preset's accuracy: see
-                `benchmarks/results/finetune_defaults.md`).
-            loss: `"auto"` (sparse categorical cross-entropy on the logits)
-                or a Keras loss for the class labels. The router loss is
-                added on top of it by the model, with `router_loss_weight`.
-            metrics: `"auto"` (top-1 accuracy on class ids, or on one-hot /
-                soft targets with a categorical loss) or Keras metrics.
-            **kwargs: passed to `keras.Model.compile`.
-        """
-        if optimizer == "auto":
-            optimizer = task_utils.auto_optimizer(self)
-        if metrics == "auto":
-            metrics = task_utils.auto_metrics(loss)
-        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
-
-    def compile_from_config(self, config):
-        # Restores the saved optimizer, loss and metrics on `load_model`.
-        config = keras.saving.deserialize_keras_object(config)
-        self.compile(**config)
-        if self.built:
-            self.optimizer.build(self.trainable_variables)
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -296,90 +243,6 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
             if name not in ("router_loss", "router_accuracy")
         }
 
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds a classifier from a preset name, directory or `hf://` handle.
-
-        Args:
-            preset: a built-in name (see `MobileVMoEImageClassifier.presets`),
-                a local preset directory, or `hf://org/repo[/revision]`
-                (through the Hugging Face cache; works offline once cached).
-            load_weights: bool. Whether to load the preset's weights.
-            **kwargs: overrides of backbone or classifier arguments, e.g.
-                `num_classes=10` (a new head with random weights; every
-                other weight is loaded) or `image_shape=(32, 32, 3)`.
-
-        Returns:
-            A `MobileVMoEImageClassifier`.
-
-        Example:
-
-        >>> model = MobileVMoEImageClassifier.from_preset(
-        ...     "6x64_e10", load_weights=False, num_classes=10)
-        >>> model.backbone.num_experts
-        10
-        """
-        task = preset_loader.task_from_preset(cls, preset, load_weights, kwargs)
-        task.weights_source = task_utils.weights_source(load_weights, kwargs)
-        return task
-
-    def save_to_preset(self, preset_dir, max_shard_size=None, overwrite=False):
-        """Saves the classifier as a keras-hub preset directory.
-
-        Writes the backbone files (`config.json`, `model.weights.h5`), the
-        head (`task.json`, `task.weights.h5`), the preprocessor
-        (`preprocessor.json`, `image_converter.json`), `metadata.json`
-        (versions, parameter count, FLOPs, sha256 of the weights) and a
-        `README.md` model card. Loadable with `from_preset(preset_dir)` and
-        `keras_hub.models.ImageClassifier.from_preset(preset_dir)`.
-
-        Args:
-            preset_dir: str or path-like. The directory (created if needed).
-            max_shard_size: None (weights are kept in one file).
-            overwrite: bool. Whether to replace preset files (`config.json`,
-                `metadata.json`, ...) in `preset_dir` that keras_mobile_moe
-                did not write; without it such a folder raises
-                `FileExistsError`. The save is atomic: the preset is written
-                next to `preset_dir` and swapped in at once, so an error or a
-                kill leaves the previous preset loadable; other files in the
-                folder are kept.
-
-        Returns:
-            None.
-
-        Example:
-
-        >>> import os, tempfile
-        >>> model = MobileVMoEImageClassifier.from_preset(
-        ...     "6x64_e10", load_weights=False, num_classes=10,
-        ...     image_shape=(32, 32, 3), patch_size=8)
-        >>> folder = tempfile.mkdtemp()
-        >>> model.save_to_preset(folder)
-        >>> sorted(os.listdir(folder))  # doctest: +NORMALIZE_WHITESPACE
-        ['README.md', 'config.json', 'image_converter.json', 'metadata.json',
-         'model.weights.h5', 'preprocessor.json', 'task.json',
-         'task.weights.h5']
-        """
-        with preset_loader.saving_preset(
-            self, preset_dir, max_shard_size, overwrite=overwrite
-        ) as target:
-            super().save_to_preset(target, max_shard_size=None)
-
-    preset_family = "mobile_vmoe"
-    # Saved settings that describe the classes; dropped by from_preset when
-    # num_classes is overridden with a new value.
-    per_class_config = ("superclass_ids",)
-
-    @preset_registry.classproperty
-    def presets(cls):
-        """Built-in presets: name -> registry entry (aliases included)."""
-        return preset_registry.presets_of(cls.preset_family)
-
-    @classmethod
-    def from_config(cls, config):
-        # keras-hub's Task.from_config replaces entries of the dict it gets.
-        return super().from_config(dict(config))
-
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -392,4 +255,5 @@ class MobileVMoEImageClassifier(ShuffledFitMixin, ImageClassifier):
         return config
 
 
+families.register(MobileVMoEImageClassifier)
 MobileVMoE = MobileVMoEImageClassifier

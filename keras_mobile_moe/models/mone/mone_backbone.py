@@ -1,8 +1,6 @@
 import keras
-from keras_hub.models import Backbone
 
-from keras_mobile_moe import preset_loader
-from keras_mobile_moe import preset_registry
+from keras_mobile_moe import flops
 from keras_mobile_moe.capacity import check_capacity_budget
 from keras_mobile_moe.capacity import expert_token_counts
 from keras_mobile_moe.layers.nested_expert_block import NestedExpertBlock
@@ -10,20 +8,14 @@ from keras_mobile_moe.layers.nested_expert_block import check_nested_width
 from keras_mobile_moe.layers.nested_expert_block import nested_widths
 from keras_mobile_moe.layers.nested_expert_router import NestedExpertRouter
 from keras_mobile_moe.layers.nested_expert_router import permute_tokens
-from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
-from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-    check_image_shape,
-)
-from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-    check_images,
-)
+from keras_mobile_moe.models.base import FamilyBackbone
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_model_memory
 from keras_mobile_moe.validation import check_rate
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
-class MoNEBackbone(Backbone):
+class MoNEBackbone(FamilyBackbone):
     """Mixture of Nested Experts (MoNE) vision transformer backbone.
 
     Jain et al., "Mixture of Nested Experts: Adaptive Processing of Visual
@@ -87,6 +79,13 @@ class MoNEBackbone(Backbone):
     np.int32(3)
     """
 
+    preset_family = "mone"
+    family_title = "MoNE"
+    paper = (
+        "Jain et al., \"Mixture of Nested Experts: Adaptive Processing of "
+        "Visual Tokens\", NeurIPS 2024"
+    )
+
     def __init__(
         self,
         num_layers,
@@ -104,9 +103,9 @@ class MoNEBackbone(Backbone):
         dtype=None,
         **kwargs,
     ):
-        check_int("patch_size", patch_size, minimum=1)
-        image_shape = check_image_shape(image_shape, patch_size)
-        check_int("num_layers", num_layers, minimum=1)
+        image_shape = self._check_image_arguments(
+            image_shape, patch_size, num_layers
+        )
         check_int("hidden_dim", hidden_dim, minimum=1)
         check_int("num_nested_experts", num_nested_experts, minimum=1)
         check_nested_width(hidden_dim, num_nested_experts)
@@ -119,13 +118,7 @@ class MoNEBackbone(Backbone):
             )
 
         # === Layers ===
-        self.patch_embedding = PatchEmbedding(
-            hidden_dim=hidden_dim,
-            patch_size=patch_size,
-            use_class_token=False,
-            dtype=dtype,
-            name="patch_embedding",
-        )
+        self._make_patch_embedding(hidden_dim, patch_size, False, dtype)
         self.router = NestedExpertRouter(
             num_nested_experts=num_nested_experts,
             capacity_budget=capacity_budget,
@@ -141,16 +134,16 @@ class MoNEBackbone(Backbone):
                 capacity_budget=capacity_budget,
                 dropout_rate=dropout_rate,
                 attention_dropout_rate=attention_dropout_rate,
-                drop_path_rate=drop_path_rate * i / max(num_layers - 1, 1),
+                drop_path_rate=self._drop_path_rate_of(
+                    drop_path_rate, i, num_layers
+                ),
                 layer_norm_epsilon=layer_norm_epsilon,
                 dtype=dtype,
                 name=f"nested_block_{i}",
             )
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, dtype=dtype, name="final_norm"
-        )
+        self._make_final_norm(layer_norm_epsilon, dtype)
 
         # === Functional model ===
         images = keras.Input(shape=image_shape, name="images")
@@ -168,18 +161,9 @@ class MoNEBackbone(Backbone):
         super().__init__(inputs=images, outputs=outputs, dtype=dtype, **kwargs)
 
         # === Config ===
-        self.image_shape = image_shape
-        self.patch_size = patch_size
-        self.num_layers = num_layers
-        self.hidden_dim = hidden_dim
-        self.num_heads = num_heads
-        self.mlp_dim = mlp_dim
+        self._set_shared_config(locals())
         self.num_nested_experts = num_nested_experts
         self._capacity_budget = float(capacity_budget)
-        self.dropout_rate = dropout_rate
-        self.attention_dropout_rate = attention_dropout_rate
-        self.drop_path_rate = drop_path_rate
-        self.layer_norm_epsilon = layer_norm_epsilon
 
     @property
     def capacity_budget(self):
@@ -235,94 +219,28 @@ class MoNEBackbone(Backbone):
             budget, self.num_tokens, self.num_nested_experts
         )
 
-    def call(self, inputs, training=None, mask=None):
-        check_images(inputs, self.image_shape)
-        return super().call(inputs, training=training, mask=mask)
+    def flops_breakdown(self, num_classes=0):
+        """Per-part forward FLOPs of one image at the current
+        `capacity_budget` (`kmm.flops.mone_flops`)."""
+        return flops.mone_flops(self, num_classes)
 
-    preset_family = "mone"
+    def unused_params_per_image(self):
+        """Parameters that no token of an image touches at the current
+        `capacity_budget` (`kmm.flops.mone_unused_params`)."""
+        return flops.mone_unused_params(self)
 
-    @classmethod
-    def from_preset(cls, preset, load_weights=True, **kwargs):
-        """Builds a backbone from a preset name, directory or `hf://` handle.
-
-        Args:
-            preset: a built-in name (see `MoNEBackbone.presets`), a local
-                preset directory, or `hf://org/repo[/revision]`.
-            load_weights: bool. Whether to load the preset's weights.
-            **kwargs: overrides of backbone arguments, e.g.
-                `capacity_budget=0.3`.
-
-        Returns:
-            A `MoNEBackbone`.
-
-        Example:
-
-        >>> backbone = MoNEBackbone.from_preset("6x64_mone", load_weights=False)
-        >>> backbone.num_layers, backbone.hidden_dim, backbone.num_nested_experts
-        (6, 64, 4)
-        """
-        return preset_loader.backbone_from_preset(
-            cls, preset, load_weights, kwargs
-        )
-
-    def save_to_preset(self, preset_dir, max_shard_size=None, overwrite=False):
-        """Saves the backbone as a keras-hub preset directory.
-
-        Writes `config.json` (with the current `capacity_budget`),
-        `model.weights.h5`, `metadata.json` and a `README.md` model card;
-        loadable with `from_preset(preset_dir)`.
-
-        Args:
-            preset_dir: str or path-like. The directory (created if needed).
-            max_shard_size: None (weights are kept in one file).
-            overwrite: bool. Whether to replace preset files (`config.json`,
-                `metadata.json`, ...) in `preset_dir` that keras_mobile_moe
-                did not write; without it such a folder raises
-                `FileExistsError`. The save is atomic: the preset is written
-                next to `preset_dir` and swapped in at once, so an error or a
-                kill leaves the previous preset loadable; other files in the
-                folder are kept.
-
-        Returns:
-            None.
-
-        Example:
-
-        >>> import tempfile
-        >>> backbone = MoNEBackbone(
-        ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2,
-        ...     hidden_dim=16, num_heads=2, mlp_dim=32, capacity_budget=0.4)
-        >>> folder = tempfile.mkdtemp()
-        >>> backbone.save_to_preset(folder)
-        >>> MoNEBackbone.from_preset(folder, capacity_budget=0.7).capacity_budget
-        0.7
-        """
-        with preset_loader.saving_preset(
-            self, preset_dir, max_shard_size, overwrite=overwrite
-        ) as target:
-            super().save_to_preset(target, max_shard_size=None)
-
-    @preset_registry.classproperty
-    def presets(cls):
-        """Built-in presets: name -> registry entry (aliases included)."""
-        return preset_registry.presets_of(cls.preset_family)
+    @property
+    def routing_layer_names(self):
+        """The layers that decide which expert each token runs: the patch
+        embedding and the token router."""
+        return ["patch_embedding", "router"]
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "image_shape": list(self.image_shape),
-                "patch_size": self.patch_size,
-                "num_layers": self.num_layers,
-                "hidden_dim": self.hidden_dim,
-                "num_heads": self.num_heads,
-                "mlp_dim": self.mlp_dim,
                 "num_nested_experts": self.num_nested_experts,
                 "capacity_budget": self.capacity_budget,
-                "dropout_rate": self.dropout_rate,
-                "attention_dropout_rate": self.attention_dropout_rate,
-                "drop_path_rate": self.drop_path_rate,
-                "layer_norm_epsilon": self.layer_norm_epsilon,
             }
         )
         return config
