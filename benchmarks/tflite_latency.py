@@ -123,6 +123,9 @@ def main():
                     workdir / f"{scale}_{kind}_{mode}.tflite",
                     quantization=mode,
                     representative_data=calibration if mode == "int8" else None,
+                    # The model's own 224x224 float input: this table times
+                    # the network, not the in-file resize.
+                    preprocessing=False,
                 )
                 paths[kind], sizes[kind] = report["path"], report["bytes"]
             scores = {

@@ -14,10 +14,23 @@ flatbuffer file and an interpreter with fast CPU kernels (XNNPACK).
 `kmm.export.to_tflite(model, path, quantization=...)` converts any
 `kmm.MobileVMoE` (or `kmm.MoNE`) built on any Keras backend: the conversion
 itself runs on TensorFlow, in a subprocess when your backend is JAX or
-PyTorch, because the weights are backend-neutral. The file takes one image,
-already scaled the way the model's preprocessor scales it, and returns
-`logits` and `router_logits`. Its routing stays sparse: only the chosen
-expert's weights are read (`to_tflite` checks this).
+PyTorch, because the weights are backend-neutral. By default
+(`preprocessing=True`) the file takes what `model.predict` takes: one raw
+RGB image, and does the model's resize and scaling itself with builtin ops,
+so an app hands it camera pixels as they are. Its signature:
+
+| tensor | name | dtype | shape (CIFAR-100 presets) |
+|---|---|---|---|
+| input | `images` | uint8, 0-255 | `[1, 32, 32, 3]` (`input_size`) |
+| output | `logits` | float32 | `[1, 100]` |
+| output | `router_logits` | float32 | `[1, 10]` |
+| output | `expert_index` | int32 | `[1, 1]` (the chosen expert) |
+
+The same description is stored in the file (`kmm.export.read_metadata`).
+`preprocessing=False` writes a file that takes float32 images already
+resized and scaled (for pipelines that preprocess themselves). Its routing
+stays sparse: only the chosen expert's weights are read (`to_tflite` checks
+this).
 
 Quantization modes:
 
@@ -84,35 +97,18 @@ check_pick = rng.permutation(len(data["y_test"]))[:num_check]
 check_raw, check_labels = data["x_test"][check_pick], data["y_test"][check_pick]
 
 """
-The `.tflite` file expects what the model's preprocessor produces (resized,
-scaled float32 images), so we run the preprocessor's image converter here;
-on a phone you would resize and scale the camera frame the same way.
+The files take the raw 32x32 uint8 CIFAR-100 images, like `model.predict`.
+The reference is Keras's own decisions on the same raw images:
+`keras_decisions` runs `predict`'s preprocessing and returns the logits
+and the chosen experts.
 """
 
-
-def to_model_input(images):
-    converter = model.preprocessor.image_converter
-    return np.concatenate(
-        [np.asarray(converter(images[i : i + 100])) for i in range(0, len(images), 100)]
-    ).astype("float32")
-
-
-calibration = to_model_input(calibration_raw)
-check_images = to_model_input(check_raw)
-print(f"model input: {check_images.shape[1:]} float32")
-
-"""
-The reference: Keras's own outputs on the same inputs. We call the backbone
-for the router logits and the classifier without its preprocessor for the
-class logits.
-"""
-
-reference_router = np.asarray(
-    model.backbone.predict(check_images, batch_size=50, verbose=0)["router_logits"]
+input_size = tuple(check_raw.shape[1:3])
+print(f"file input: {check_raw.shape[1:]} {check_raw.dtype}")
+reference = kmm.export.keras_decisions(
+    model, check_raw, batch_size=50, preprocessing=True
 )
-preprocessor, model.preprocessor = model.preprocessor, None
-reference_logits = np.asarray(model.predict(check_images, batch_size=50, verbose=0))
-model.preprocessor = preprocessor
+reference_logits = reference["logits"]
 
 """
 ## Export in every quantization mode
@@ -132,7 +128,8 @@ for mode in modes:
         model,
         os.path.join(OUTPUT_DIR, f"model_{mode}.tflite"),
         quantization=mode,
-        representative_data=calibration if mode == "int8" else None,
+        representative_data=calibration_raw if mode == "int8" else None,
+        input_size=input_size,
     )
     print(
         f"{mode:>8}: {reports[mode]['bytes'] / 1e6:6.2f} MB, "
@@ -158,7 +155,7 @@ agreement for size.
 rows = {}
 for mode, report in reports.items():
     runner = TFLiteClassifier(report["path"], num_threads=1)
-    outputs = runner.predict(check_images)
+    outputs = runner.predict(check_raw)
     logits = outputs["logits"]
     rows[mode] = {
         "bytes": report["bytes"],
@@ -166,10 +163,7 @@ for mode, report in reports.items():
             np.mean(np.argmax(logits, -1) == np.argmax(reference_logits, -1))
         ),
         "routing_agreement": float(
-            np.mean(
-                np.argmax(outputs["router_logits"], -1)
-                == np.argmax(reference_router, -1)
-            )
+            np.mean(outputs["expert_index"] == reference["expert_index"])
         ),
         "max_abs_logit_difference": float(np.max(np.abs(logits - reference_logits))),
         "top1": float(np.mean(np.argmax(logits, -1) == check_labels)),
@@ -188,7 +182,7 @@ CPUs; on x86 its float32 kernels are often faster).
 
 repeats = 10 if SMOKE else 50
 runners = {m: TFLiteClassifier(r["path"], num_threads=1) for m, r in reports.items()}
-image = check_images[:1]
+image = check_raw[:1]
 for runner in runners.values():
     for _ in range(3):
         runner(image)  # warm-up
@@ -222,8 +216,14 @@ dense blocks, router) and one file per expert (the MoE blocks with that
 expert's MLP, the final norm and the head). `ExpertSplitRunner` runs the
 trunk, reads the chosen expert, loads that expert's file (keeping at most
 one loaded) and runs it. The results equal the single file's; the memory
-held at any time is the trunk plus one expert.
+held at any time is the trunk plus one expert. These files take
+preprocessed float32 images (the preprocessing is not folded into the
+trunk), so we run the image converter first, on float pixels as `predict`
+does.
 """
+
+converter = model.preprocessor.image_converter
+check_images = np.asarray(converter(check_raw.astype("float32")), "float32")
 
 split_dir = os.path.join(OUTPUT_DIR, "expert_split")
 manifest = kmm.export.to_tflite_expert_split(model, split_dir, quantization="none")
@@ -235,7 +235,7 @@ for x in check_images:
     split_logits.append(out["logits"])
     split_experts.append(out["expert"])
 split_logits = np.concatenate(split_logits)
-single_logits = single.predict(check_images)["logits"]
+single_logits = single.predict(check_raw)["logits"]  # raw images, same pictures
 split_difference = float(np.max(np.abs(split_logits - single_logits)))
 largest_expert = max(e["bytes"] for e in manifest["experts"])
 resident = manifest["trunk"]["bytes"] + largest_expert

@@ -280,15 +280,21 @@ def test_absurd_config_is_refused_before_allocating(cls):
 def test_calibration_data_is_checked(model, tmp_path):
     path = tmp_path / "model.tflite"
     inputs = PIXELS / 127.5 - 1
+    # preprocessing=False: the file takes the model's input format, so
+    # calibration images must be preprocessed.
     with pytest.raises(ValueError, match=r"values in \[0, 255\].*"
                        r"\[-1, 1\].*image_converter"):
-        tflite.to_tflite(model, path, "int8", PIXELS.astype("float32"))
+        tflite.to_tflite(model, path, "int8", PIXELS.astype("float32"),
+                         preprocessing=False)
     bad = inputs.copy()
     bad[0, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="1 NaN or inf values"):
-        tflite.to_tflite(model, path, "int8", bad)
+        tflite.to_tflite(model, path, "int8", bad, preprocessing=False)
     with pytest.raises(ValueError, match=r"shape \(0, 32, 32, 3\)"):
-        tflite.to_tflite(model, path, "int8", inputs[:0])
+        tflite.to_tflite(model, path, "int8", inputs[:0], preprocessing=False)
+    # The default file preprocesses itself: it calibrates on raw pixels.
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\].*raw pixels"):
+        tflite.to_tflite(model, path, "int8", inputs)
     assert not path.exists()
     assert tflite.model_input_range(model) == pytest.approx((-1.0, 1.0))
 

@@ -320,6 +320,100 @@ def test_expert_split_matches_single_file_with_dense_sized_memory(
     assert exported["none"]["bytes"] > 1.5 * resident
 
 
+@pytest.fixture(scope="module")
+def preset_model():
+    # A shipped trained preset with a preprocessor: 224x224 input, resized
+    # from raw 32x32 CIFAR-100 images.
+    return kmm.MobileVMoE.from_preset("6x64_e10_cifar100")
+
+
+def test_file_takes_raw_uint8_and_matches_predict(preset_model, tmp_path):
+    model = preset_model
+    report = to_tflite(model, tmp_path / "raw.tflite", input_size=(32, 32))
+    assert report["preprocessing"] is True
+    assert report["inputs"] == [
+        {"name": "images", "dtype": "uint8", "shape": [1, 32, 32, 3]}
+    ]
+    assert {(o["name"], o["dtype"]) for o in report["outputs"]} == {
+        ("logits", "float32"), ("router_logits", "float32"),
+        ("expert_index", "int32"),
+    }
+    # Resize and scaling inside, with builtin ops.
+    assert {"CAST", "RESIZE_BILINEAR"} <= set(report["ops"])
+    assert not [op for op in report["ops"] if op.startswith("Flex")]
+    metadata = kmm.export.read_metadata(report["path"])
+    assert metadata["inputs"] == report["inputs"]
+    assert metadata["preprocessing"] is True
+    assert "uint8" in metadata["input_format"]
+    raw, labels = fixture_images(model, raw=True)  # 1000 uint8 32x32
+    want = model.predict(raw, verbose=0)
+    want = keras.ops.convert_to_numpy(
+        want["logits"] if isinstance(want, dict) else want
+    )
+    runner = TFLiteClassifier(report["path"])
+    assert runner.input_dtype == np.uint8
+    got = runner.predict(raw)
+    assert np.abs(got["logits"] - want).max() <= 1e-4
+    result = agreement(model, report["path"], raw, labels)
+    assert result["top1"] == result["routing"] == 1.0
+    with pytest.raises(ValueError, match=r"pixels in \[-1, 1\]"):
+        runner(np.ones((32, 32, 3), "float32") * np.array([-1, 0, 1]))
+    # preprocessing=False keeps the float32 input in the model's format.
+    plain = to_tflite(model, tmp_path / "plain.tflite", preprocessing=False)
+    assert plain["preprocessing"] is False
+    assert plain["inputs"][0]["dtype"] == "float32"
+    assert plain["inputs"][0]["shape"] == [1, 224, 224, 3]
+    assert "RESIZE_BILINEAR" not in plain["ops"]
+    images, _ = fixture_images(model, "test")
+    outputs = TFLiteClassifier(plain["path"]).predict(images)
+    assert np.abs(outputs["logits"] - want[800:]).max() <= 1e-4
+
+
+def test_preprocessing_arguments_are_checked(preset_model, tmp_path):
+    model = preset_model
+    path = tmp_path / "x.tflite"
+    with pytest.raises(ValueError, match=r"input_size=\(0, 32\)"):
+        to_tflite(model, path, input_size=(0, 32))
+    with pytest.raises(ValueError, match="needs preprocessing=True"):
+        to_tflite(model, path, preprocessing=False, input_size=32)
+    with pytest.raises(ValueError, match="preprocessing='yes'"):
+        to_tflite(model, path, preprocessing="yes")
+    raw, _ = fixture_images(model, "train", raw=True)
+    with pytest.raises(ValueError, match=r"shape \(4, 32, 32, 3\); expected "
+                       r"raw images \[n, 16, 16, 3\]"):
+        to_tflite(model, path, "int8", raw[:4], input_size=(16, 16))
+    with pytest.raises(ValueError, match=r"values in \[-1, 1\].*raw pixels"):
+        to_tflite(model, path, "int8", raw[:4] / 127.5 - 1, input_size=32)
+    assert not path.exists()
+
+
+def test_cli_help_example_exports_a_trained_preset(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.tflite"
+    # The command of the CLI's --help, as written (int8, raw 32x32 input).
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_mobile_moe.export", "--preset",
+         "6x64_e10_cifar100", "--quantization", "int8", "--out", str(out)],
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["inputs"][0]["dtype"] == "uint8"
+    assert report["inputs"][0]["shape"] == [1, 32, 32, 3]
+    assert report["agreement"]["num_images"] == 1000
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.startswith(f"wrote {out}") and "top-1 agreement" in summary
+    # TensorFlow's and LiteRT's native log lines after the package import
+    # are filtered out.
+    for prefix in ("fully_quantize", "W0000", "INFO: Created TensorFlow"):
+        assert prefix not in result.stderr
+
+
 def test_cli_exports_a_preset_with_builtin_ops_only(tmp_path):
     import json
     import os

@@ -10,5 +10,7 @@ from keras_mobile_moe.export.tflite import TFLiteClassifier
 from keras_mobile_moe.export.tflite import check_builtin_ops
 from keras_mobile_moe.export.tflite import check_sparse_routing
 from keras_mobile_moe.export.tflite import load_interpreter
+from keras_mobile_moe.export.tflite import raw_input_shape
+from keras_mobile_moe.export.tflite import read_metadata
 from keras_mobile_moe.export.tflite import routing_layers
 from keras_mobile_moe.export.tflite import to_tflite

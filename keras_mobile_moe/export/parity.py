@@ -30,21 +30,48 @@ def _check_images(model, images, name="images"):
     return array.astype("float32")
 
 
-def keras_decisions(model, images, batch_size=64):
+def _check_raw_images(images, name="images"):
+    array = np.asarray(images)
+    if array.ndim != 4 or array.shape[-1] != 3 or not len(array):
+        raise ValueError(
+            f"Received: {name} with shape {array.shape}. Expected raw RGB "
+            "images [n, height, width, 3] with n >= 1."
+        )
+    if array.dtype != np.uint8:
+        if array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"Received: {name} with values in [{array.min():g}, "
+                f"{array.max():g}]. Expected raw pixels in [0, 255]."
+            )
+        array = np.round(array).astype("uint8")
+    return array
+
+
+def keras_decisions(model, images, batch_size=64, preprocessing=False):
     """The Keras model's logits and routing decisions, as the file exports them.
 
     Args:
         model: a `kmm.MobileVMoE` or `kmm.MoNE` classifier (any backend).
-        images: float32 `[n, height, width, channels]` in the input format.
+        images: float32 `[n, height, width, channels]` in the input format,
+            or, with `preprocessing=True`, raw uint8 pixels `[n, height,
+            width, 3]` (any size; the model's preprocessor resizes them).
         batch_size: int. Prediction batch size.
+        preprocessing: bool. Whether `images` are raw pixels that go
+            through the model's image converter first (as in a file
+            exported with `preprocessing=True`).
 
     Returns:
         A dict of numpy arrays: `logits` `[n, num_classes]` and, for a
         Mobile V-MoE with one router per image, `expert_index` `[n, top_k]`
         (int32, the experts the router chose) and `router_logits`.
     """
-    images = _check_images(model, images)
-    outputs = _serving_model(model).predict(
+    raw_shape = None
+    if preprocessing and getattr(model, "preprocessor", None) is not None:
+        images = _check_raw_images(images)
+        raw_shape = tuple(images.shape[1:])
+    else:
+        images = _check_images(model, images)
+    outputs = _serving_model(model, raw_shape).predict(
         images, batch_size=batch_size, verbose=0
     )
     return {k: keras.ops.convert_to_numpy(v) for k, v in outputs.items()}
@@ -66,8 +93,12 @@ def agreement(
             exported from (any backend).
         tflite_path: the `.tflite` file (or its bytes) written by
             `to_tflite` for this model.
-        images: float32 `[n, height, width, channels]` in the model's input
-            format (after its preprocessor), e.g. `fixture_images(model)`.
+        images: the file's input format: raw uint8 pixels `[n, height,
+            width, 3]` for a file that preprocesses itself (the default of
+            `to_tflite`; e.g. `fixture_images(model, raw=True)`), else
+            float32 `[n, height, width, channels]` in the model's input
+            format (e.g. `fixture_images(model)`). The Keras side gets the
+            same images (raw ones through the model's preprocessor).
         labels: optional int class labels `[n]`; adds both accuracies.
         num_threads: int. LiteRT interpreter threads.
         batch_size: int. Keras prediction batch size.
@@ -96,7 +127,19 @@ def agreement(
     >>> result["top1"], result["routing"]
     (1.0, 1.0)
     """
-    images = _check_images(model, images)
+    runner = TFLiteClassifier(tflite_path, num_threads=num_threads)
+    raw = runner.input_dtype == np.uint8
+    if raw:
+        images = _check_raw_images(images)
+        expected = tuple(runner.runner.get_input_details()[
+            runner.input_name]["shape"][1:])
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"Received: images with shape {images.shape}. The file "
+                f"takes raw uint8 images [n, {', '.join(map(str, expected))}]."
+            )
+    else:
+        images = _check_images(model, images)
     if labels is not None:
         labels = np.asarray(labels).reshape(-1)
         if len(labels) != len(images):
@@ -104,8 +147,7 @@ def agreement(
                 f"Received: labels with {len(labels)} entries for "
                 f"{len(images)} images. Expected one int label per image."
             )
-    want = keras_decisions(model, images, batch_size)
-    runner = TFLiteClassifier(tflite_path, num_threads=num_threads)
+    want = keras_decisions(model, images, batch_size, preprocessing=raw)
     got = runner.predict(images)
     if got["logits"].shape != want["logits"].shape:
         raise ValueError(
@@ -148,7 +190,7 @@ def agreement(
     return result
 
 
-def fixture_images(model, split="all"):
+def fixture_images(model, split="all", raw=False):
     """CIFAR-100 fixture images in a model's input format, with labels.
 
     The images go through the model's preprocessor (resizing and scaling as
@@ -159,9 +201,13 @@ def fixture_images(model, split="all"):
         model: a classifier (its `preprocessor` may be None).
         split: `"train"` (800 images), `"test"` (200) or `"all"` (1000,
             train then test).
+        raw: bool. Return the raw uint8 32x32 pixels instead (what a file
+            exported with `preprocessing=True` from a CIFAR-100 preset
+            takes).
 
     Returns:
-        A tuple `(images, labels)`: float32 `[n, *image_shape]`, int `[n]`.
+        A tuple `(images, labels)`: float32 `[n, *image_shape]` (uint8
+        `[n, 32, 32, 3]` with `raw=True`), int `[n]`.
     """
     from keras_mobile_moe.datasets import cifar100
 
@@ -171,11 +217,17 @@ def fixture_images(model, split="all"):
             f"Received: split={split!r}. Expected one of {list(splits)}."
         )
     data = cifar100.load_fixture()
-    raw = np.concatenate([data[f"x_{s}"] for s in splits[split]])
+    pixels = np.concatenate([data[f"x_{s}"] for s in splits[split]])
     labels = np.concatenate([data[f"y_{s}"] for s in splits[split]])
+    if raw:
+        return pixels, labels
     if getattr(model, "preprocessor", None) is None:
-        images = raw.astype("float32") / 127.5 - 1.0
+        images = pixels.astype("float32") / 127.5 - 1.0
     else:
-        converted = model.preprocessor.image_converter(raw)
+        # Float pixels, as `predict` resizes them (resizing uint8 rounds
+        # differently: up to 0.004 apart after scaling).
+        converted = model.preprocessor.image_converter(
+            pixels.astype("float32")
+        )
         images = np.asarray(keras.ops.convert_to_numpy(converted), "float32")
     return _check_images(model, images, "the fixture images"), labels

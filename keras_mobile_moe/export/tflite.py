@@ -5,11 +5,16 @@ SavedModel). A model built on JAX or PyTorch is saved to a `.keras` file and
 converted in a subprocess with `KERAS_BACKEND=tensorflow`: the weights are
 backend-neutral, so the result is the same model.
 
-The file has batch size 1, a fixed input shape, float32 input (images scaled
-like the model's preprocessor does) and the outputs `logits` (and, for Mobile
-V-MoE with one router per image, `router_logits` and `expert_index`, the
-int32 indices of the chosen experts). It contains only TFLite builtin ops,
-which is checked after conversion.
+The file has batch size 1 and a fixed input shape. By default
+(`preprocessing=True`) its input `images` is a raw uint8 RGB image
+`[1, height, width, 3]` (what `model.predict` takes), and the model's
+preprocessor (resize, scale, offset) runs inside the file with builtin ops;
+with `preprocessing=False` the input is float32 in the model's input format
+(after its preprocessor). The outputs are `logits` (float32) and, for Mobile
+V-MoE with one router per image, `router_logits` (float32) and
+`expert_index` (int32, the chosen experts). These names, dtypes and shapes
+are stored in the file (see `read_metadata`). The file contains only TFLite
+builtin ops, which is checked after conversion.
 """
 
 import os
@@ -276,7 +281,7 @@ def _float_nodes(model_content, layer_names, residual_blocks=()):
     return {name: sorted(nodes) for name, nodes in found.items()}
 
 
-def _check_arguments(model, quantization, representative_data):
+def _check_arguments(model, quantization, representative_data, raw_shape=None):
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"Received: quantization={quantization!r}. Expected one of "
@@ -288,6 +293,8 @@ def _check_arguments(model, quantization, representative_data):
             f"{type(model).__name__}. Accepted: kmm.MobileVMoE or kmm.MoNE."
         )
     image_shape = tuple(model.backbone.image_shape)
+    if quantization == "int8" and raw_shape is not None:
+        return _check_raw_calibration(representative_data, raw_shape)
     if quantization == "int8":
         if representative_data is None:
             raise ValueError(
@@ -313,6 +320,100 @@ def _check_arguments(model, quantization, representative_data):
         check_calibration_values(model, data)
         return data
     return None
+
+
+def image_converter(model):
+    """The model's image converter (resize + scale), or None without one."""
+    return getattr(getattr(model, "preprocessor", None), "image_converter",
+                   None)
+
+
+def raw_input_shape(model, preprocessing=True, input_size=None):
+    """The shape `(height, width, 3)` of the raw uint8 images a file with
+    the preprocessing inside takes, or None when the file takes the model's
+    float32 input format (`preprocessing=False`, or a model without a
+    preprocessor: its `predict` already takes that format).
+
+    Args:
+        model: a classifier.
+        preprocessing: bool, as for `to_tflite`.
+        input_size: `(height, width)` of the raw images, or None for the
+            image converter's `image_size` (the model's own input size).
+
+    Returns:
+        A tuple `(height, width, 3)` or None.
+    """
+    if not isinstance(preprocessing, bool):
+        raise ValueError(
+            f"Received: preprocessing={preprocessing!r}. Expected a bool."
+        )
+    if input_size is not None:
+        size = (input_size,) * 2 if isinstance(input_size, int) else input_size
+        try:
+            size = tuple(size)
+            valid = len(size) == 2 and all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                and v > 0 for v in size
+            )
+        except TypeError:
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"Received: input_size={input_size!r}. Expected a positive "
+                "int or a (height, width) pair of positive ints, e.g. 32 or "
+                "(224, 224)."
+            )
+        if not preprocessing:
+            raise ValueError(
+                f"Received: input_size={input_size!r} with "
+                "preprocessing=False. input_size sets the raw images the "
+                "file resizes, so it needs preprocessing=True."
+            )
+    converter = image_converter(model)
+    if not preprocessing or converter is None:
+        return None
+    if input_size is None:
+        size = converter.image_size
+    return (int(size[0]), int(size[1]), 3)
+
+
+def _check_raw_calibration(representative_data, raw_shape):
+    """Calibration images for a file with the preprocessing inside: raw
+    pixels, as the file takes them."""
+    expected = f"[n, {', '.join(map(str, raw_shape))}]"
+    if representative_data is None:
+        raise ValueError(
+            "quantization='int8' needs representative_data: raw uint8 images "
+            f"{expected} (n >= 1, ~100 is typical), the file's input."
+        )
+    data = np.asarray(representative_data)
+    if data.dtype == bool or data.dtype.kind not in "uif":
+        raise ValueError(
+            f"Received: representative_data of dtype {data.dtype}. Expected "
+            f"raw uint8 images {expected}."
+        )
+    if data.ndim != 4 or tuple(data.shape[1:]) != raw_shape or not len(data):
+        raise ValueError(
+            f"Received: representative_data has shape {data.shape}; expected "
+            f"raw images {expected} with n >= 1 (the file's input: "
+            "preprocessing=True)."
+        )
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise ValueError(
+            f"Received: representative_data holding "
+            f"{int(data.size - finite.sum())} NaN or inf values. Expected raw "
+            "uint8 images."
+        )
+    lowest, highest = float(data.min()), float(data.max())
+    if lowest < 0 or highest > 255 or (data.dtype.kind == "f" and highest <= 1):
+        raise ValueError(
+            f"Received: representative_data with values in [{lowest:g}, "
+            f"{highest:g}]. Expected raw pixels in [0, 255] (the file takes "
+            "uint8 images and preprocesses them itself); pass images in the "
+            "model's input format with preprocessing=False instead."
+        )
+    return np.round(data).astype("uint8")
 
 
 def model_input_range(model):
@@ -368,8 +469,13 @@ def _image_router(model):
     return getattr(backbone, "router", None)
 
 
-def _serving_model(model):
+def _serving_model(model, raw_shape=None):
     """The classifier as a functional model returning a dict of outputs.
+
+    With `raw_shape` (see `raw_input_shape`) the model takes raw uint8
+    images of that shape, named `images`, and runs its image converter
+    first (a cast to float32, then the converter's resize and scaling: the
+    same ops `model.predict` applies to raw images).
 
     For Mobile V-MoE with one router per image the dict also holds
     `expert_index`: the int32 indices `[batch, top_k]` of the experts that
@@ -378,6 +484,17 @@ def _serving_model(model):
     an int8 file may re-quantize `router_logits` and turn close logits into
     ties.
     """
+    serving = _classifier_outputs(model)
+    if raw_shape is None:
+        return serving
+    raw = keras.Input(shape=raw_shape, dtype="uint8", name="images")
+    # The cast comes first, as in `predict`: the converter resizes float
+    # pixels (resizing uint8 ones rounds differently).
+    pixels = keras.ops.cast(raw, "float32")
+    return keras.Model(raw, serving(image_converter(model)(pixels)))
+
+
+def _classifier_outputs(model):
     outputs = model.output
     if not isinstance(outputs, dict):
         outputs = {"logits": outputs}
@@ -416,7 +533,7 @@ def _serving_model(model):
 
 def convert_functional(
     serving, quantization="none", representative_data=None, float_layers=(),
-    float_ops=(), residual_blocks=(), required_layers=None,
+    float_ops=(), residual_blocks=(), required_layers=None, metadata=None,
 ):
     """Converts a functional Keras model to TFLite bytes (TF backend only).
 
@@ -435,10 +552,28 @@ def convert_functional(
             residual additions stay in float32.
         required_layers: the names of `float_layers` that must match an op
             of the graph (None: all of them).
+        metadata: a dict to store in the file (`add_metadata`), completed
+            with the signature's `inputs` and `outputs`; None stores none.
 
     Returns:
         The `.tflite` flatbuffer as bytes.
     """
+    flatbuffer = _convert(
+        serving, quantization, representative_data, float_layers, float_ops,
+        residual_blocks, required_layers,
+    )
+    if metadata is None:
+        return flatbuffer
+    inputs, outputs = _signature_io(flatbuffer)
+    return add_metadata(
+        flatbuffer, {"inputs": inputs, "outputs": outputs, **metadata}
+    )
+
+
+def _convert(
+    serving, quantization, representative_data, float_layers, float_ops,
+    residual_blocks, required_layers,
+):
     tf = _import_tensorflow()
     if keras.config.backend() != "tensorflow":
         raise RuntimeError(
@@ -471,9 +606,11 @@ def convert_functional(
         elif quantization == "int8":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
 
+            dtype = serving.inputs[0].dtype
+
             def calibration():
                 for image in representative_data:
-                    yield [image[None].astype("float32")]
+                    yield [image[None].astype(dtype)]
 
             converter.representative_dataset = calibration
             # Integer kernels wherever they exist; the rest stays float.
@@ -531,13 +668,26 @@ def _selective_int8(
 def to_tflite(
     model, path, quantization="none", representative_data=None,
     float_routing=True, float_residual_stream=True, float_layers=(),
+    preprocessing=True, input_size=None,
 ):
     """Exports a classifier to a `.tflite` file with builtin ops only.
 
-    The file's outputs are `logits` and, for Mobile V-MoE with one router per
-    image, `router_logits` and `expert_index` (int32 `[1, top_k]`: the
-    experts the router chose, read from its TopK; compare routing with it,
-    since an int8 file may re-quantize `router_logits`).
+    Input (signature name `images`, batch 1): with `preprocessing=True`
+    (the default) raw uint8 RGB pixels `[1, height, width, 3]`, 0-255, at
+    `input_size` (e.g. 32x32 for the CIFAR-100 presets: the CLI picks the
+    preset's source size), i.e. what `model.predict` takes; the file casts,
+    resizes and scales them like the model's preprocessor, with builtin ops
+    (CAST, RESIZE_BILINEAR, MUL, ADD). With `preprocessing=False`, or for a
+    model without a preprocessor, float32 `[1, *image_shape]` in the model's
+    input format (after its preprocessor).
+
+    Outputs: `logits` (float32 `[1, num_classes]`) and, for Mobile V-MoE
+    with one router per image, `router_logits` (float32 `[1, E]`) and
+    `expert_index` (int32 `[1, top_k]`: the experts the router chose, read
+    from its TopK; compare routing with it, since an int8 file may
+    re-quantize `router_logits`). The names, dtypes and shapes, the input
+    format and the quantization are stored in the file's metadata entry
+    `"keras_mobile_moe"` (`read_metadata(path)`).
 
     int8 agreement with Keras on the 1000 CIFAR-100 fixture images for the
     small model of the tests (top-1 / routing, mean over 4 calibration sets
@@ -555,9 +705,10 @@ def to_tflite(
             `"dynamic"` (int8 weights, float activations) or `"int8"` (int8
             weights and activations, calibrated on `representative_data`;
             ops without an int8 kernel stay float).
-        representative_data: float32 images `[n, height, width, channels]`
-            in the model's input format (after its preprocessor), needed for
-            `"int8"`.
+        representative_data: calibration images for `"int8"`, in the
+            file's input format: raw uint8 images `[n, height, width, 3]` at
+            `input_size` with the preprocessing inside, else float32 images
+            `[n, *image_shape]` in the model's input format.
         float_routing: bool, for `"int8"` only. Keep the layers that decide
             the routing (`routing_layers(model)`: for Mobile V-MoE the patch
             embedding, the dense blocks before the router and the router,
@@ -580,9 +731,18 @@ def to_tflite(
             float32: backbone layers (`"final_norm"`, `"moe_block_3"`), the
             head (`"predictions"`) or sublayer names, which match in every
             block (`"attention_norm"`, `"mlp_norm"`).
+        preprocessing: bool. True: the file takes raw uint8 images and
+            runs the model's image converter itself (parity with
+            `model.predict` on raw images); False: it takes preprocessed
+            float32 images (for pipelines that preprocess themselves). A
+            model without a preprocessor exports as with False.
+        input_size: `(height, width)` (or one int) of the raw images the
+            file takes, with `preprocessing=True`; None: the converter's
+            `image_size` (the backbone's). The file resizes them.
 
     Returns:
-        A dict report: `path`, `bytes`, `quantization`, `ops` (the builtin
+        A dict report: `path`, `bytes`, `quantization`, `preprocessing`,
+        `inputs` and `outputs` (as stored in the metadata), `ops` (the builtin
         op names), `stacked_expert_tensors` (per-image routing check),
         `float_layers` (layers kept in float32 by `float_routing` and
         `float_layers`, with the stream's LayerNorms and head) and
@@ -600,7 +760,9 @@ def to_tflite(
     >>> "GATHER" in report["ops"], report["stacked_expert_tensors"]
     (True, 2)
     """
-    data = _check_arguments(model, quantization, representative_data)
+    raw_shape = raw_input_shape(model, preprocessing, input_size)
+    data = _check_arguments(model, quantization, representative_data,
+                            raw_shape)
     if isinstance(float_layers, str) or not all(
         isinstance(name, str) and name for name in float_layers
     ):
@@ -640,8 +802,9 @@ def to_tflite(
         temporary = pathlib.Path(temporary)
         if keras.config.backend() == "tensorflow":
             flatbuffer = convert_functional(
-                _serving_model(model), quantization, data, kept, float_ops,
-                residual_blocks, required_layers=list(float_layers),
+                _serving_model(model, raw_shape), quantization, data, kept,
+                float_ops, residual_blocks, required_layers=list(float_layers),
+                metadata=_file_metadata(model, quantization, raw_shape),
             )
             with open(temporary, "wb") as f:
                 f.write(flatbuffer)
@@ -651,14 +814,136 @@ def to_tflite(
                 ["--out", str(temporary), "--quantization", quantization,
                  f"--float_routing={float_routing}",
                  f"--float_residual_stream={float_residual_stream}",
-                 f"--float_layers={','.join(float_layers)}"],
+                 f"--float_layers={','.join(float_layers)}",
+                 f"--preprocessing={raw_shape is not None}",
+                 *(["--input_size", f"{raw_shape[0]},{raw_shape[1]}"]
+                   if raw_shape is not None else [])],
                 data,
             )
         report = inspect_tflite(model, temporary, quantization)
     report["path"] = str(path)
+    report["preprocessing"] = raw_shape is not None
     report["float_layers"] = list(kept)
     report["float_residual_stream"] = bool(residual_blocks)
     return report
+
+
+METADATA_NAME = "keras_mobile_moe"
+
+
+def _signature_io(flatbuffer):
+    """The file's signature inputs and outputs: name, dtype, shape."""
+    runner = load_interpreter(flatbuffer, xnnpack=False).get_signature_runner()
+
+    def describe(details):
+        return [
+            {"name": name, "dtype": np.dtype(d["dtype"]).name,
+             "shape": [int(v) for v in d["shape"]]}
+            for name, d in sorted(details.items())
+        ]
+
+    return describe(runner.get_input_details()), describe(
+        runner.get_output_details()
+    )
+
+
+def add_metadata(flatbuffer, info):
+    """Returns `flatbuffer` with `info` (a JSON-able dict) stored as the
+    model's metadata entry `"keras_mobile_moe"` (a named buffer of the
+    TFLite schema's `Model.metadata`, which LiteRT keeps and ignores at run
+    time; read it with `read_metadata`)."""
+    import json
+
+    tf = _import_tensorflow()
+    del tf  # the schema helpers ship with TensorFlow
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(flatbuffer))
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(
+        json.dumps(info, sort_keys=True).encode(), np.uint8
+    )
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [
+        m for m in (model.metadata or [])
+        if (m.name.decode() if isinstance(m.name, bytes) else m.name)
+        != METADATA_NAME
+    ] + [entry]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
+def read_metadata(path_or_bytes):
+    """The input/output description `to_tflite` stores in a `.tflite` file.
+
+    Args:
+        path_or_bytes: a `.tflite` path or its bytes.
+
+    Returns:
+        A dict: `inputs` and `outputs` (lists of `{"name", "dtype",
+        "shape"}`, the signature's tensors), `preprocessing` (bool: the
+        file takes raw uint8 images and resizes/scales them itself),
+        `input_format` (a sentence), `quantization`, `model` (class name),
+        and `keras_mobile_moe_version`; None for a file without it.
+
+    Example:
+
+    >>> import tempfile, keras_mobile_moe as kmm
+    >>> model = kmm.MobileVMoE(kmm.MobileVMoEBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16,
+    ...     num_heads=2, mlp_dim=32, num_experts=4, num_moe_layers=1),
+    ...     num_classes=10, routing="learned")
+    >>> path = to_tflite(model, tempfile.mkdtemp() + "/tiny.tflite")["path"]
+    >>> [(t["name"], t["dtype"]) for t in read_metadata(path)["outputs"]]
+    [('expert_index', 'int32'), ('logits', 'float32'), ('router_logits', 'float32')]
+    """
+    import json
+
+    tf = _import_tensorflow()
+    del tf
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        data = bytes(path_or_bytes)
+    else:
+        data = pathlib.Path(path_or_bytes).read_bytes()
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() and entry.Name().decode() == METADATA_NAME:
+            buffer = model.Buffers(entry.Buffer())
+            return json.loads(buffer.DataAsNumpy().tobytes().decode())
+    return None
+
+
+def _file_metadata(model, quantization, raw_shape):
+    import keras_mobile_moe
+
+    if raw_shape is not None:
+        converter = image_converter(model)
+        input_format = (
+            f"raw RGB pixels, uint8 0-255, {raw_shape[0]}x{raw_shape[1]}; "
+            f"the file resizes them to {converter.image_size[0]}x"
+            f"{converter.image_size[1]} ({converter.interpolation}) and "
+            f"scales them (x * {converter.scale} + {converter.offset})"
+        )
+    else:
+        input_format = (
+            "float32 images in the model's input format (after its "
+            "preprocessor)"
+        )
+    return {
+        "preprocessing": raw_shape is not None,
+        "input_format": input_format,
+        "quantization": quantization,
+        "model": type(model).__name__,
+        "keras_mobile_moe_version": getattr(
+            keras_mobile_moe, "__version__", None
+        ),
+    }
 
 
 def inspect_tflite(model, path, quantization):
@@ -675,10 +960,13 @@ def inspect_tflite(model, path, quantization):
         stacked = check_sparse_routing(
             interpreter, backbone.num_experts, _expert_kernel_shapes(model)
         )
+    metadata = read_metadata(path) or {}
     return {
         "path": str(path),
         "bytes": path.stat().st_size,
         "quantization": quantization,
+        "inputs": metadata.get("inputs"),
+        "outputs": metadata.get("outputs"),
         "ops": ops,
         "stacked_expert_tensors": stacked,
     }
@@ -778,8 +1066,10 @@ class TFLiteClassifier:
         num_threads: int. Interpreter threads.
 
     Call arguments:
-        image: float32 `[1, height, width, channels]` or `[height, width,
-            channels]`.
+        image: `[1, height, width, channels]` or `[height, width,
+            channels]`, in the file's input format: raw uint8 pixels for a
+            file with the preprocessing inside (the default of `to_tflite`),
+            else float32 (`input_dtype` says which).
 
     Returns:
         A dict of numpy outputs: `logits` (and, for Mobile V-MoE with one
@@ -801,10 +1091,21 @@ class TFLiteClassifier:
     def __init__(self, path_or_bytes, num_threads=1):
         self.interpreter = load_interpreter(path_or_bytes, num_threads)
         self.runner = self.interpreter.get_signature_runner()
-        self.input_name = next(iter(self.runner.get_input_details()))
+        details = self.runner.get_input_details()
+        self.input_name = next(iter(details))
+        self.input_dtype = np.dtype(details[self.input_name]["dtype"])
 
     def __call__(self, image):
-        image = np.asarray(image, dtype="float32")
+        image = np.asarray(image)
+        if self.input_dtype == np.uint8 and image.dtype != np.uint8:
+            if image.size and (image.min() < 0 or image.max() > 255):
+                raise ValueError(
+                    f"Received: pixels in [{image.min():g}, {image.max():g}]"
+                    ". This file takes raw uint8 pixels in [0, 255] (it was "
+                    "exported with preprocessing=True)."
+                )
+            image = np.round(image)
+        image = image.astype(self.input_dtype)
         if image.ndim == 3:
             image = image[None]
         return self.run(**{self.input_name: image})
@@ -816,5 +1117,5 @@ class TFLiteClassifier:
 
     def predict(self, images):
         """Runs image by image; returns a dict of stacked outputs."""
-        results = [self(image) for image in np.asarray(images, "float32")]
+        results = [self(image) for image in np.asarray(images)]
         return {k: np.concatenate([r[k] for r in results]) for k in results[0]}
