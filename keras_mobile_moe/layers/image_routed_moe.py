@@ -124,34 +124,48 @@ class ImageRoutedMoE(keras.layers.Layer):
                 "ImageRoutedMoE expects tokens [batch, num_tokens, hidden_dim]."
                 f" Received: input_shape={tuple(input_shape)}."
             )
+        # Checked once here, not on every call (no per-call Python work).
+        for name, shape in (
+            ("expert_indices", expert_indices_shape),
+            ("expert_gates", expert_gates_shape),
+        ):
+            if shape is not None and (
+                len(shape) != 2 or shape[-1] != self.top_k
+            ):
+                raise ValueError(
+                    f"ImageRoutedMoE(top_k={self.top_k}) received {name} "
+                    f"of shape {tuple(shape)}. Expected [batch, {self.top_k}]."
+                )
         hidden_dim = input_shape[-1]
         add_stacked_experts(self, hidden_dim)
         self.built = True
 
     def call(self, inputs, expert_indices, expert_gates, training=None):
-        if expert_indices.shape[-1] != self.top_k:
-            raise ValueError(
-                f"ImageRoutedMoE(top_k={self.top_k}) received expert_indices "
-                f"of shape {tuple(expert_indices.shape)}. Expected "
-                f"[batch, {self.top_k}]."
-            )
         num_tokens, hidden_dim = inputs.shape[1], inputs.shape[2]
         k = self.top_k
         # One row per (image, chosen expert): [batch * k].
-        flat_indices = ops.reshape(ops.cast(expert_indices, "int32"), (-1,))
+        if keras.backend.standardize_dtype(expert_indices.dtype) != "int32":
+            expert_indices = ops.cast(expert_indices, "int32")
+        flat_indices = ops.reshape(expert_indices, (-1,))
         tokens = ops.repeat(inputs, k, axis=0) if k > 1 else inputs
 
         hidden = self.activation(
             self._expert_linear(tokens, flat_indices, self.kernel_in, self.bias_in)
         )
-        hidden = self.dropout(hidden, training=training)
+        if training and self.dropout_rate > 0.0:
+            hidden = self.dropout(hidden, training=training)
         outputs = self._expert_linear(
             hidden, flat_indices, self.kernel_out, self.bias_out
         )
 
-        gates = ops.cast(expert_gates, outputs.dtype)
+        gates = expert_gates
+        dtype = keras.backend.standardize_dtype(outputs.dtype)
+        if keras.backend.standardize_dtype(gates.dtype) != dtype:
+            gates = ops.cast(gates, dtype)
         if self.normalize_gates:
             gates = gates / ops.sum(gates, axis=-1, keepdims=True)
+        if k == 1:  # no sum over one expert
+            return outputs * gates[:, :, None]
         outputs = ops.reshape(outputs, (-1, k, num_tokens, hidden_dim))
         return ops.sum(outputs * gates[:, :, None, None], axis=1)
 
@@ -181,8 +195,8 @@ class ImageRoutedMoE(keras.layers.Layer):
                 return ops.matmul(x, kernel[0]) + bias
 
             return ops.map(one_row, (tokens, indices))
-        kernel = ops.take(kernels, indices, axis=0)
-        bias = ops.take(biases, indices, axis=0)
+        kernel = ops.take(kernels.value, indices, axis=0)
+        bias = ops.take(biases.value, indices, axis=0)
         return ops.matmul(tokens, kernel) + bias[:, None, :]
 
     def compute_output_shape(

@@ -6,7 +6,9 @@ from keras import ops
 from keras_mobile_moe.capacity import check_capacity_budget
 from keras_mobile_moe.capacity import expert_token_counts
 from keras_mobile_moe.layers.activations import gelu_tanh
+from keras_mobile_moe.layers.attention import attend
 from keras_mobile_moe.layers.drop_path import DropPath
+from keras_mobile_moe.layers.fast_ops import linear
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
@@ -234,18 +236,29 @@ class NestedExpertBlock(keras.layers.Layer):
         self.drop_path = DropPath(
             self.drop_path_rate, dtype=policy, name="drop_path"
         )
+        self._scale = 1.0 / math.sqrt(self.hidden_dim // self.num_heads)
         self.built = True
 
     def groups(self, num_tokens):
         """`(start, size, width)` of every non-empty expert group."""
-        groups, start = [], 0
-        for count, width in zip(self.token_counts(num_tokens), self.expert_widths):
-            if count:
-                groups.append((start, count, width))
-                start += count
-        return groups
+        # Cached per (budget, tokens): the budget may change between calls,
+        # the groups of a given pair never do (no per-call Python work).
+        cache = self.__dict__.setdefault("_groups_cache", {})
+        key = (self.capacity_budget, num_tokens)
+        if key not in cache:
+            groups, start = [], 0
+            for count, width in zip(
+                self.token_counts(num_tokens), self.expert_widths
+            ):
+                if count:
+                    groups.append((start, count, width))
+                    start += count
+            cache[key] = tuple(groups)
+        return list(cache[key])
 
     def _norm(self, x, gamma, beta, width):
+        # LayerNorm over the first `width` features, with those features'
+        # scale and offset.
         return ops.layer_normalization(
             x, gamma[:width], beta[:width], epsilon=self.layer_norm_epsilon
         )
@@ -255,40 +268,6 @@ class NestedExpertBlock(keras.layers.Layer):
             return x
         return ops.pad(x, ((0, 0), (0, 0), (0, self.hidden_dim - width)))
 
-    def _attention(self, query, key, value, training):
-        """Full-width multi-head attention of all tokens, `[B, N, D]` in and
-        out. Heads are moved in front (`[B, H, N, D/H]`) so that both
-        products are plain batched matmuls: on XLA:CPU this is ~4x faster at
-        196 tokens than `ops.dot_product_attention`'s layout."""
-        num_tokens = query.shape[1]
-        heads, head_dim = self.num_heads, self.hidden_dim // self.num_heads
-
-        def split_heads(x):
-            x = ops.reshape(x, (-1, num_tokens, heads, head_dim))
-            return ops.transpose(x, (0, 2, 1, 3))
-
-        query, key, value = split_heads(query), split_heads(key), split_heads(value)
-        query = query * ops.cast(1.0 / math.sqrt(head_dim), query.dtype)
-        scores = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))
-        if self.attention_dropout_rate > 0.0:
-            # Dropout needs the normalised weights (as in Keras' MHA).
-            weights = ops.softmax(ops.cast(scores, "float32"), axis=-1)
-            weights = self.attention_weights_dropout(
-                ops.cast(weights, value.dtype), training=training
-            )
-            out = ops.matmul(weights, value)
-        else:
-            # softmax(s) @ v with the normalisation applied after the
-            # product: the same result, one pass less over the N x N scores.
-            scores = ops.cast(scores, "float32")
-            shift = ops.stop_gradient(ops.max(scores, axis=-1, keepdims=True))
-            weights = ops.exp(scores - shift)
-            total = ops.sum(weights, axis=-1, keepdims=True)
-            out = ops.matmul(ops.cast(weights, value.dtype), value)
-            out = out / ops.cast(total, out.dtype)
-        out = ops.transpose(out, (0, 2, 1, 3))
-        return ops.reshape(out, (-1, num_tokens, self.hidden_dim))
-
     def call(self, inputs, expert_gates=None, training=None):
         if inputs.shape[1] is None:
             raise ValueError(
@@ -297,6 +276,16 @@ class NestedExpertBlock(keras.layers.Layer):
                 f"shape {tuple(inputs.shape)}."
             )
         groups = self.groups(inputs.shape[1])
+        dropping = bool(training) and self.dropout_rate > 0.0
+        # Variables read once per call (`.value` is autocast to the compute
+        # dtype under a mixed policy); slices of them are views.
+        norm_gamma = self.attention_norm_gamma.value
+        norm_beta = self.attention_norm_beta.value
+        projections = [
+            (self.query_kernel.value, self.query_bias.value),
+            (self.key_kernel.value, self.key_bias.value),
+            (self.value_kernel.value, self.value_bias.value),
+        ]
 
         # Self-attention: in-projections from each group's d_j features to
         # full-width Q, K, V; full attention over all tokens.
@@ -304,57 +293,68 @@ class NestedExpertBlock(keras.layers.Layer):
         for start, size, width in groups:
             x = self._norm(
                 inputs[:, start : start + size, :width],
-                self.attention_norm_gamma,
-                self.attention_norm_beta,
-                width,
+                norm_gamma, norm_beta, width,
             )
-            for parts, kernel, bias in zip(
-                qkv,
-                (self.query_kernel, self.key_kernel, self.value_kernel),
-                (self.query_bias, self.key_bias, self.value_bias),
-            ):
-                parts.append(ops.matmul(x, kernel[:width]) + bias)
+            for parts, (kernel, bias) in zip(qkv, projections):
+                parts.append(linear(x, kernel[:width], bias))
         query, key, value = (
             parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
             for parts in qkv
         )
-        attended = self._attention(query, key, value, training)
+        attended = attend(
+            query, key, value, self.num_heads, self._scale,
+            dropout=self.attention_weights_dropout, training=training,
+        )
         # Out-projection of each group to its d_j features, zero-padded.
+        out_kernel = self.attention_output_kernel.value
+        out_bias = self.attention_output_bias.value
         updates = []
         for start, size, width in groups:
-            y = ops.matmul(
+            y = linear(
                 attended[:, start : start + size],
-                self.attention_output_kernel[:, :width],
-            ) + self.attention_output_bias[:width]
+                out_kernel[:, :width],
+                out_bias[:width],
+            )
             updates.append(self._pad(y, width))
         update = updates[0] if len(updates) == 1 else ops.concatenate(
             updates, axis=1
         )
-        update = self.attention_dropout(update, training=training)
-        x = inputs + self.drop_path(update, training=training)
+        if dropping:
+            update = self.attention_dropout(update, training=training)
+        x = inputs + self._drop_path(update, training)
 
         # MLP: in-projection from d_j features, out-projection to d_j.
+        norm_gamma = self.mlp_norm_gamma.value
+        norm_beta = self.mlp_norm_beta.value
+        in_kernel, in_bias = self.mlp_in_kernel.value, self.mlp_in_bias.value
+        out_kernel, out_bias = (
+            self.mlp_out_kernel.value, self.mlp_out_bias.value
+        )
         updates = []
         for start, size, width in groups:
             y = self._norm(
-                x[:, start : start + size, :width],
-                self.mlp_norm_gamma,
-                self.mlp_norm_beta,
-                width,
+                x[:, start : start + size, :width], norm_gamma, norm_beta, width
             )
-            y = gelu_tanh(ops.matmul(y, self.mlp_in_kernel[:width]) + self.mlp_in_bias)
-            y = self.mlp_hidden_dropout(y, training=training)
-            y = ops.matmul(y, self.mlp_out_kernel[:, :width]) + self.mlp_out_bias[:width]
+            y = gelu_tanh(linear(y, in_kernel[:width], in_bias))
+            if dropping:
+                y = self.mlp_hidden_dropout(y, training=training)
+            y = linear(y, out_kernel[:, :width], out_bias[:width])
             updates.append(self._pad(y, width))
         update = updates[0] if len(updates) == 1 else ops.concatenate(
             updates, axis=1
         )
         if expert_gates is not None:
             gates = ops.cast(expert_gates, update.dtype)
-            scale = ops.cast(self.alpha, update.dtype) * gates + 1.0
+            scale = self.alpha.value * gates + 1.0
             update = update * ops.expand_dims(scale, -1)
-        update = self.mlp_dropout(update, training=training)
-        return x + self.drop_path(update, training=training)
+        if dropping:
+            update = self.mlp_dropout(update, training=training)
+        return x + self._drop_path(update, training)
+
+    def _drop_path(self, x, training):
+        if training and self.drop_path_rate > 0.0:
+            return self.drop_path(x, training=training)
+        return x
 
     def compute_output_shape(self, inputs_shape, expert_gates_shape=None):
         return inputs_shape

@@ -1,0 +1,72 @@
+"""Multi-head self-attention on `[batch, tokens, width]` tensors.
+
+`attend` is the one attention kernel of the blocks (`TransformerEncoderBlock`
+and `NestedExpertBlock`): Q, K and V come in already projected, the heads
+are split, and `keras.ops.dot_product_attention` does the rest, which maps
+to each backend's fused kernel (`torch.nn.functional.
+scaled_dot_product_attention` on PyTorch, `jax.nn.dot_product_attention` on
+JAX, one XLA softmax(QK^T)V on TensorFlow). All shapes and the scale are
+Python values fixed before the call, so tracing (jit, XLA, TFLite) sees
+static shapes and a constant scale.
+"""
+
+import keras
+from keras import ops
+
+from keras_mobile_moe.layers.fast_ops import reshape
+
+# PyTorch's `scaled_dot_product_attention` picks its fastest kernel (flash
+# on CPU and GPU) by itself. Keras' `flash_attention=None` would first ask
+# `torch.backends.cuda` whether flash is possible, on every call (Python
+# work per call and per block) only to force the kernel SDPA would pick
+# anyway; `False` skips the question. On JAX, `None` keeps cuDNN/TPU
+# kernels available on accelerators.
+_FLASH = {"torch": False}
+
+
+def attend(query, key, value, num_heads, scale, dropout=None, training=None):
+    """Full multi-head attention of all tokens: `softmax(QK^T * scale) V`.
+
+    Args:
+        query, key, value: tensors `[batch, num_tokens, width]` (projected).
+        num_heads: int. Heads; must divide `width`.
+        scale: Python float, `1 / sqrt(width / num_heads)` for standard
+            attention.
+        dropout: a `keras.layers.Dropout` for the attention weights, or None.
+            It is applied only when `training` is true and its rate is > 0;
+            that path normalises the weights explicitly (dropout needs them),
+            every other call runs the fused kernel.
+        training: bool.
+
+    Returns:
+        A tensor `[batch, num_tokens, width]`: the heads' outputs,
+        concatenated (before the output projection).
+
+    Example:
+
+    >>> import numpy as np
+    >>> x = np.random.rand(2, 5, 8).astype("float32")
+    >>> tuple(attend(x, x, x, num_heads=2, scale=0.5).shape)
+    (2, 5, 8)
+    """
+    num_tokens, width = query.shape[1], query.shape[2]
+    head_dim = width // num_heads
+    split = (-1, num_tokens, num_heads, head_dim)
+    if training and dropout is not None and dropout.rate > 0.0:
+        # [B, H, N, d] so that both products are plain batched matmuls.
+        query = ops.transpose(ops.reshape(query, split), (0, 2, 1, 3))
+        key = ops.transpose(ops.reshape(key, split), (0, 2, 3, 1))
+        value = ops.transpose(ops.reshape(value, split), (0, 2, 1, 3))
+        scores = ops.matmul(query, key) * ops.cast(scale, query.dtype)
+        weights = ops.softmax(ops.cast(scores, "float32"), axis=-1)
+        weights = dropout(ops.cast(weights, value.dtype), training=training)
+        out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
+    else:
+        out = ops.dot_product_attention(
+            reshape(query, split),
+            reshape(key, split),
+            reshape(value, split),
+            scale=scale,
+            flash_attention=_FLASH.get(keras.config.backend()),
+        )
+    return reshape(out, (-1, num_tokens, width))
