@@ -537,6 +537,12 @@ def test_init_from_upcycles_a_trained_dense_preset(tmp_path):
     assert init["initial_max_abs_logit_difference"] < 1e-4
     assert results["overrides"]["normalize_gates"] is True
     assert results["arch"]["num_experts"] == 4 and results["arch"]["is_moe"]
+    # A dense model continues from it (the control run).
+    stdout = train(
+        str(tmp_path / "continued"), "--preset=6x64",
+        f"--init_from={dense_preset}", "--epochs=1", "--max_steps_per_epoch=2",
+    )
+    assert f"continuing from {dense_preset}; max |logit difference" in stdout
     # A dense preset of another width is refused before training.
     result = subprocess.run(
         [sys.executable, TRAIN, *TINY_ARGS, "--override=hidden_dim=24",

@@ -96,10 +96,12 @@ NUM_EXPERTS = flags.DEFINE_integer("num_experts", None, "Override E.")
 INIT_FROM = flags.DEFINE_string(
     "init_from",
     None,
-    "Sparse upcycling (Komatsuzaki et al., ICLR 2023): start the Mobile V-MoE "
-    "from this trained dense preset (name, directory or hf:// handle) with "
-    "kmm.upcycle; experts copy its MLPs, the router starts fresh, and gates "
-    "are normalised so training starts from the dense model's function.",
+    "Start from this trained dense preset (name, directory or hf:// "
+    "handle). A Mobile V-MoE is sparse-upcycled from it (Komatsuzaki et al., "
+    "ICLR 2023, kmm.upcycle): experts copy its MLPs, the router starts fresh, "
+    "and gates are normalised so training starts from the dense model's "
+    "function. A dense model continues from its weights (the control run of "
+    "an upcycling experiment: the same extra epochs without experts).",
 )
 CAPACITY_FACTOR = flags.DEFINE_float(
     "capacity_factor", 1.0, "Expert capacity factor for --routing token."
@@ -310,13 +312,7 @@ def build_model(dataset, recipe, num_classes=100):
         else:
             overrides["routing"] = "learned"
         routing["num_experts"] = int(num_experts)
-    if INIT_FROM.value:
-        if not is_moe:
-            raise ValueError(
-                f"--init_from upcycles a dense model into a Mobile V-MoE; "
-                f"--preset={preset!r} builds a dense or MoNE model. Use a "
-                "Mobile V-MoE preset such as 6x64_e10."
-            )
+    if INIT_FROM.value and is_moe:
         # With normalised gates the upcycled model is exactly the dense one
         # at the start, whatever the fresh router picks.
         overrides["normalize_gates"] = True
@@ -330,13 +326,21 @@ def build_model(dataset, recipe, num_classes=100):
         )
     model = cls.from_preset(preset, load_weights=False, **overrides)
     if INIT_FROM.value:
+        if cls is not kmm.MobileVMoE:
+            raise ValueError(
+                f"Received: --init_from={INIT_FROM.value!r} with "
+                f"--preset={preset!r}, a {cls.__name__}. --init_from starts a "
+                "Mobile V-MoE (upcycled) or a dense ViT (continued) from a "
+                "dense preset."
+            )
         routing["init_from"] = upcycle_into(model, INIT_FROM.value, dataset)
     return model, routing, overrides
 
 
 def upcycle_into(model, dense_preset, dataset):
-    """Sets `model`'s weights by sparse upcycling the dense `dense_preset`
-    (`kmm.upcycle` with `model`'s experts, table and gates); returns what
+    """Sets `model`'s weights from the dense `dense_preset`: by sparse
+    upcycling (`kmm.upcycle` with `model`'s experts, table and gates) when
+    `model` is a Mobile V-MoE, as a copy when it is dense. Returns what
     results.json records about it."""
     backbone = model.backbone
     dense = kmm.MobileVMoE.from_preset(dense_preset)
@@ -367,7 +371,7 @@ def upcycle_into(model, dense_preset, dataset):
             "pass the flags (--image_size, --patch_size, --override) the "
             "dense preset was trained with."
         )
-    upcycled = kmm.upcycle(
+    upcycled = dense if not backbone.is_moe else kmm.upcycle(
         dense,
         num_experts=backbone.num_experts,
         num_moe_layers=backbone.num_moe_layers,
@@ -386,10 +390,15 @@ def upcycle_into(model, dense_preset, dataset):
             - np.asarray(dense.predict(images, verbose=0))
         ).max()
     )
-    print(
+    start = (
         f"upcycled from {dense_preset}: {backbone.num_experts} experts in the "
-        f"last {backbone.num_moe_layers} blocks; max |logit difference| to "
-        f"the dense model at the start {difference:.1e}",
+        f"last {backbone.num_moe_layers} blocks"
+        if backbone.is_moe
+        else f"continuing from {dense_preset}"
+    )
+    print(
+        f"{start}; max |logit difference| to the dense model at the start "
+        f"{difference:.1e}",
         flush=True,
     )
     return {"preset": dense_preset, "initial_max_abs_logit_difference": difference}
