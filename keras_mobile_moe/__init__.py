@@ -20,7 +20,7 @@ from keras_mobile_moe import distribution
 from keras_mobile_moe.capacity import capacity_distribution
 from keras_mobile_moe.flops import count_flops
 from keras_mobile_moe.flops import flops_breakdown
-from keras_mobile_moe.hub import upload_preset
+from keras_mobile_moe.preset_loader import upload_preset
 from keras_mobile_moe.models import MobileVMoE
 from keras_mobile_moe.models import MobileVMoEBackbone
 from keras_mobile_moe.models import MobileVMoEImageClassifier

@@ -25,14 +25,17 @@ no `Lambda` layers, no foreign modules) and deserialized in Keras safe mode;
 weights are HDF5 read by h5py (no pickle). Every weights file is checked
 before it is loaded: it must open (not truncated), match the sha256 recorded
 in `metadata.json` when there is one, and hold exactly the weights, with the
-same shapes, as the model built from the config. A family plugs in by setting
-`preset_family` on its backbone and task classes and calling
-`backbone_from_preset` / `task_from_preset` / `saving_preset` from their
-`from_preset` / `save_to_preset` methods.
+same shapes, as the model built from the config (the file checks live in
+`keras_mobile_moe.preset_format`).
+
+This is layer 4 of the preset stack (see `keras_mobile_moe.preset_format`):
+it imports the file format, the Hub transport and the registry, never a
+model family. The families' base classes (`keras_mobile_moe.models.base`)
+call `backbone_from_preset` / `task_from_preset` / `saving_preset` with
+their own class, which is how the loader builds them.
 """
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -44,18 +47,33 @@ import keras
 
 from keras_mobile_moe import atomic_io
 from keras_mobile_moe import convert
+from keras_mobile_moe import families
+from keras_mobile_moe import flops
 from keras_mobile_moe import hub
+from keras_mobile_moe import preset_format
 from keras_mobile_moe import preset_registry
 from keras_mobile_moe import version
-
-SAFE_MODULE_ROOTS = ("keras", "keras_hub", "keras_mobile_moe", "builtins")
-# Classes whose configs carry code or load files by path.
-UNSAFE_CLASS_NAMES = ("__lambda__", "Lambda", "TFSMLayer")
-LAYOUT = (
-    "a keras-hub preset directory holds config.json, model.weights.h5 and "
-    "metadata.json (a classifier adds task.json, task.weights.h5 and "
-    "preprocessor.json), as written by save_to_preset"
-)
+from keras_mobile_moe.preset_format import CONFIG_FILE
+from keras_mobile_moe.preset_format import LAYOUT
+from keras_mobile_moe.preset_format import METADATA_FILE
+from keras_mobile_moe.preset_format import MODEL_CARD_MARKER
+from keras_mobile_moe.preset_format import MODEL_WEIGHTS_FILE
+from keras_mobile_moe.preset_format import PREPROCESSOR_CONFIG_FILE
+from keras_mobile_moe.preset_format import PRESET_FILES
+from keras_mobile_moe.preset_format import README_FILE
+from keras_mobile_moe.preset_format import TASK_CONFIG_FILE
+from keras_mobile_moe.preset_format import TASK_WEIGHTS_FILE
+from keras_mobile_moe.preset_format import WEIGHTS_FILES
+from keras_mobile_moe.preset_format import SAFE_MODULE_ROOTS  # noqa: F401
+from keras_mobile_moe.preset_format import UNSAFE_CLASS_NAMES  # noqa: F401
+from keras_mobile_moe.preset_format import check_config_is_safe  # noqa: F401
+from keras_mobile_moe.preset_format import corrupt_error
+from keras_mobile_moe.preset_format import file_sha256
+from keras_mobile_moe.preset_format import listing
+from keras_mobile_moe.preset_format import read_config
+from keras_mobile_moe.preset_format import read_weights_structure
+from keras_mobile_moe.preset_format import recorded_sha256
+from keras_mobile_moe.upcycle import upcycle
 
 
 # --- resolving the preset -------------------------------------------------
@@ -90,10 +108,19 @@ def check_local_directory(preset, argument="preset"):
     return preset
 
 
+def _download(handle, load_weights):
+    """Fetches a handle into the Hugging Face cache; a timm checkpoint
+    published only as pickle files is refused with a clear error."""
+    directory = hub.download_preset(handle, load_weights=load_weights)
+    if load_weights:
+        convert.check_hub_download(directory, handle)
+    return directory
+
+
 def resolve_path_or_handle(preset, load_weights):
     """Returns `(directory, label)` for a local directory or `hf://` handle."""
     if isinstance(preset, str) and "://" in preset:
-        directory = hub.download_preset(preset, load_weights=load_weights)
+        directory = _download(preset, load_weights)
         return directory, f"{preset!r} (cached at {directory})"
     directory = check_local_directory(preset)
     return directory, repr(directory)
@@ -103,7 +130,7 @@ def entry_directory(entry, load_weights):
     """Returns `(directory, label)` holding a built-in preset's weights."""
     kind, where = preset_registry.weights_location(entry)
     if kind == "hf":
-        directory = hub.download_preset(where, load_weights=load_weights)
+        directory = _download(where, load_weights)
         return directory, f"{entry['name']!r} ({where}, cached at {directory})"
     if not os.path.isdir(where):
         raise FileNotFoundError(
@@ -115,72 +142,6 @@ def entry_directory(entry, load_weights):
 
 
 # --- configs ----------------------------------------------------------------
-
-
-def _listing(directory):
-    try:
-        return sorted(os.listdir(directory))
-    except OSError:
-        return []
-
-
-def check_config_is_safe(config, filename, label, path=""):
-    """Raises unless every object in a config is a registered Keras,
-    keras-hub or keras_mobile_moe object that carries no code."""
-    if isinstance(config, list):
-        for i, item in enumerate(config):
-            check_config_is_safe(item, filename, label, f"{path}[{i}]")
-        return
-    if not isinstance(config, dict):
-        return
-    class_name = config.get("class_name")
-    if isinstance(class_name, str) and class_name in UNSAFE_CLASS_NAMES:
-        raise ValueError(
-            f"Preset {label}: {filename} holds a {class_name!r} object at "
-            f"'{path or '/'}', which carries Python code. Loading never "
-            "executes code from a preset (Keras safe mode); only registered "
-            "Keras, keras-hub and keras_mobile_moe classes are accepted."
-        )
-    module = config.get("module") if "class_name" in config else None
-    if module is not None and (
-        not isinstance(module, str)
-        or module.split(".")[0] not in SAFE_MODULE_ROOTS
-    ):
-        raise ValueError(
-            f"Preset {label}: {filename} asks for module {module!r} at "
-            f"'{path or '/'}'. Loading never imports or executes code named "
-            "by a preset; only registered Keras, keras-hub and "
-            "keras_mobile_moe classes are accepted."
-        )
-    for key, value in config.items():
-        check_config_is_safe(value, filename, label, f"{path}/{key}")
-
-
-def read_config(directory, filename, label, required):
-    """Reads and checks one JSON config of a preset directory."""
-    path = os.path.join(directory, filename)
-    if not os.path.isfile(path):
-        if not required:
-            return None
-        raise FileNotFoundError(
-            f"Preset {label} has no {filename}, so it is not a preset "
-            f"directory: {LAYOUT}. Found: {_listing(directory)}."
-        )
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"Preset {label}: {filename} is not valid JSON ({error})."
-        ) from error
-    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
-        raise ValueError(
-            f"Preset {label}: {filename} is not a serialized Keras object "
-            "(a JSON object with 'class_name', 'config' and "
-            f"'registered_name'); {LAYOUT}."
-        )
-    check_config_is_safe(config, filename, label)
-    return config
 
 
 def class_of(config, filename, label, expected):
@@ -232,78 +193,6 @@ def _with_overrides(config, overrides):
 # --- weights ----------------------------------------------------------------
 
 
-def _corrupt(path, label, detail):
-    return ValueError(
-        f"Preset {label}: weights file {os.path.basename(path)} is truncated "
-        f"or corrupt ({detail}). Re-save the preset, or re-download it (for "
-        "an hf:// handle, delete it from the Hugging Face cache, e.g. with "
-        "`hf cache delete`, and load it again online)."
-    )
-
-
-def read_weights_structure(path, label):
-    """Returns {dataset path: shape} of a `.weights.h5` file, checking that
-    it opens, holds only numeric arrays and links to no other file."""
-    import h5py
-
-    shapes = {}
-    links = []
-    try:
-        with h5py.File(path, "r") as f:
-
-            def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    if obj.dtype.kind not in "fiub":
-                        raise ValueError(
-                            f"Preset {label}: weights file "
-                            f"{os.path.basename(path)} holds {name!r} of "
-                            f"dtype {obj.dtype}; only numeric arrays are "
-                            "accepted."
-                        )
-                    shapes[name] = tuple(int(d) for d in obj.shape)
-
-            def visit_link(name, link):
-                if isinstance(link, (h5py.ExternalLink, h5py.SoftLink)):
-                    links.append(name)
-
-            if hasattr(f, "visititems_links"):
-                f.visititems_links(visit_link)
-            if links:
-                raise ValueError(
-                    f"Preset {label}: weights file {os.path.basename(path)} "
-                    f"holds links {links[:3]} to other objects or files; "
-                    "weights files must hold their arrays directly."
-                )
-            f.visititems(visit)
-    except OSError as error:
-        raise _corrupt(path, label, f"h5py: {error}") from error
-    return shapes
-
-
-def file_sha256(path):
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _recorded_sha256(directory, filename, label):
-    metadata_path = os.path.join(directory, hub.METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        return None
-    try:
-        with open(metadata_path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"Preset {label}: {hub.METADATA_FILE} is not valid JSON ({error})."
-        ) from error
-    hashes = metadata.get("files_sha256") if isinstance(metadata, dict) else None
-    return (hashes or {}).get(filename)
-
-
 def _expected_structure(target, task):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "expected.weights.h5")
@@ -326,7 +215,7 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Preset {label} has no {filename}, so its weights cannot be "
-            f"loaded. Found: {_listing(directory)}. Pass load_weights=False "
+            f"loaded. Found: {listing(directory)}. Pass load_weights=False "
             "to build the architecture with random weights."
         )
     # Optimizer state (saved by a compiled task) is not part of the model.
@@ -357,12 +246,12 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
             f"{len(missing)} missing, {len(extra)} unexpected; "
             f"{'; '.join(details)}).{hint}"
         )
-    recorded = _recorded_sha256(directory, filename, label)
+    recorded = recorded_sha256(directory, filename, label)
     if recorded is None:
         # Not an error: presets written by other tools (keras-hub) record
         # none. But a damaged file would load and predict garbage: say so.
         warnings.warn(
-            f"Preset {label}: {hub.METADATA_FILE} records no sha256 for "
+            f"Preset {label}: {METADATA_FILE} records no sha256 for "
             f"{filename}, so its integrity cannot be checked (a damaged file "
             "may load and predict wrong results). Re-save it with "
             "save_to_preset, which records one.",
@@ -371,10 +260,10 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
     else:
         actual = file_sha256(path)
         if actual != recorded:
-            raise _corrupt(
+            raise corrupt_error(
                 path,
                 label,
-                f"its sha256 is {actual} but {hub.METADATA_FILE} records "
+                f"its sha256 is {actual} but {METADATA_FILE} records "
                 f"{recorded}",
             )
     with warnings.catch_warnings(record=True) as caught:
@@ -405,20 +294,70 @@ def load_weights_checked(target, directory, filename, label, overrides, task):
         )
 
 
+# --- building the architecture of a built-in preset ------------------------
+
+
+def default_preprocessor(task_cls, backbone):
+    """The preprocessor presets use: resize to the backbone's image size and
+    scale pixels to [-1, 1]."""
+    if task_cls.preprocessor_cls is None:
+        return None
+    converter_cls = task_cls.preprocessor_cls.image_converter_cls
+    height, width = backbone.image_shape[:2]
+    return task_cls.preprocessor_cls(
+        converter_cls(
+            image_size=(height, width), scale=1.0 / 127.5, offset=-1.0
+        )
+    )
+
+
+def build_backbone(backbone_cls, entry, load_weights, kwargs):
+    """Builds the backbone of a built-in preset (random weights)."""
+    preset_registry.check_weights(entry, load_weights)
+    backbone_kwargs, other = preset_registry.split_kwargs(backbone_cls, kwargs)
+    preset_registry.check_unknown_arguments(
+        backbone_cls, other, preset_registry.constructor_arguments(backbone_cls)
+    )
+    config = preset_registry.backbone_config(entry, backbone_kwargs)
+    return backbone_cls(**config)
+
+
+def build_task(task_cls, entry, load_weights, kwargs):
+    """Builds the classifier (backbone, preprocessor, head) of a preset with
+    random weights."""
+    preset_registry.check_weights(entry, load_weights)
+    backbone_kwargs, task_kwargs = preset_registry.split_kwargs(
+        task_cls.backbone_cls, kwargs
+    )
+    preset_registry.check_unknown_arguments(
+        task_cls,
+        task_kwargs,
+        (preset_registry.constructor_arguments(task_cls) - {"backbone"})
+        | preset_registry.constructor_arguments(task_cls.backbone_cls),
+    )
+    backbone = task_cls.backbone_cls(
+        **preset_registry.backbone_config(entry, backbone_kwargs)
+    )
+    if "preprocessor" not in task_kwargs:
+        task_kwargs["preprocessor"] = default_preprocessor(task_cls, backbone)
+    config = {**entry.get("task", {}), **task_kwargs}
+    return task_cls(backbone=backbone, **config)
+
+
 # --- loading ----------------------------------------------------------------
 
 
 def load_backbone(cls, directory, load_weights, overrides, label):
     """Builds a backbone from a preset directory (and loads its weights)."""
-    config = read_config(directory, hub.CONFIG_FILE, label, required=True)
-    backbone_cls = class_of(config, hub.CONFIG_FILE, label, cls)
+    config = read_config(directory, CONFIG_FILE, label, required=True)
+    backbone_cls = class_of(config, CONFIG_FILE, label, cls)
     preset_registry.check_unknown_arguments(
         cls, overrides, preset_registry.constructor_arguments(backbone_cls)
     )
     backbone = _deserialize(_with_overrides(config, overrides))
     if load_weights:
         load_weights_checked(
-            backbone, directory, hub.MODEL_WEIGHTS_FILE, label, overrides,
+            backbone, directory, MODEL_WEIGHTS_FILE, label, overrides,
             task=False,
         )
     return backbone
@@ -435,15 +374,15 @@ def load_task(cls, directory, load_weights, overrides, label):
     backbone_overrides, task_overrides = preset_registry.split_kwargs(
         backbone_cls, overrides
     )
-    task_json = read_config(directory, hub.TASK_CONFIG_FILE, label, required=False)
+    task_json = read_config(directory, TASK_CONFIG_FILE, label, required=False)
     if task_json is not None:
-        task_cls = class_of(task_json, hub.TASK_CONFIG_FILE, label, cls)
-    backbone_json = read_config(directory, hub.CONFIG_FILE, label, required=True)
-    class_of(backbone_json, hub.CONFIG_FILE, label, backbone_cls)
+        task_cls = class_of(task_json, TASK_CONFIG_FILE, label, cls)
+    backbone_json = read_config(directory, CONFIG_FILE, label, required=True)
+    class_of(backbone_json, CONFIG_FILE, label, backbone_cls)
     if task_json is not None:
         task_config = dict(task_json["config"])
         backbone_config = task_config.pop("backbone", None) or backbone_json
-        class_of(backbone_config, hub.TASK_CONFIG_FILE, label, backbone_cls)
+        class_of(backbone_config, TASK_CONFIG_FILE, label, backbone_cls)
         # A task saved without a preprocessor is loaded without one.
         keep_no_preprocessor = task_config.get("preprocessor", {}) is None
         preprocessor_config = task_config.pop("preprocessor", None)
@@ -453,7 +392,7 @@ def load_task(cls, directory, load_weights, overrides, label):
         keep_no_preprocessor = False
         backbone_config = backbone_json
         preprocessor_config = read_config(
-            directory, hub.PREPROCESSOR_CONFIG_FILE, label, required=False
+            directory, PREPROCESSOR_CONFIG_FILE, label, required=False
         )
         if "num_classes" not in task_overrides:
             raise ValueError(
@@ -472,7 +411,7 @@ def load_task(cls, directory, load_weights, overrides, label):
         preprocessor = task_overrides.pop("preprocessor")
     elif preprocessor_config is not None and task_cls.preprocessor_cls:
         class_of(
-            preprocessor_config, hub.PREPROCESSOR_CONFIG_FILE, label,
+            preprocessor_config, PREPROCESSOR_CONFIG_FILE, label,
             task_cls.preprocessor_cls,
         )
         if "image_shape" in backbone_overrides:
@@ -488,7 +427,7 @@ def load_task(cls, directory, load_weights, overrides, label):
     elif keep_no_preprocessor:
         preprocessor = None
     else:
-        preprocessor = preset_registry.default_preprocessor(task_cls, backbone)
+        preprocessor = default_preprocessor(task_cls, backbone)
 
     new_head = task_json is None or (
         "num_classes" in task_overrides
@@ -508,12 +447,12 @@ def load_task(cls, directory, load_weights, overrides, label):
     )
     if load_weights:
         load_weights_checked(
-            backbone, directory, hub.MODEL_WEIGHTS_FILE, label,
+            backbone, directory, MODEL_WEIGHTS_FILE, label,
             backbone_overrides, task=False,
         )
         if not new_head and task.has_task_weights():
             load_weights_checked(
-                task, directory, hub.TASK_WEIGHTS_FILE, label,
+                task, directory, TASK_WEIGHTS_FILE, label,
                 task_overrides, task=True,
             )
     return task
@@ -524,12 +463,12 @@ def load_any(directory, label):
     from keras_hub.models import Backbone
     from keras_hub.models import Task
 
-    task_json = read_config(directory, hub.TASK_CONFIG_FILE, label, required=False)
+    task_json = read_config(directory, TASK_CONFIG_FILE, label, required=False)
     if task_json is not None:
-        cls = class_of(task_json, hub.TASK_CONFIG_FILE, label, Task)
+        cls = class_of(task_json, TASK_CONFIG_FILE, label, Task)
         return load_task(cls, directory, True, {}, label)
-    config = read_config(directory, hub.CONFIG_FILE, label, required=True)
-    cls = class_of(config, hub.CONFIG_FILE, label, Backbone)
+    config = read_config(directory, CONFIG_FILE, label, required=True)
+    cls = class_of(config, CONFIG_FILE, label, Backbone)
     return load_backbone(cls, directory, True, {}, label)
 
 
@@ -567,14 +506,12 @@ def upcycle_requested(directory, overrides, label):
     wanted = overrides.get("num_moe_layers")
     if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted <= 0:
         return False
-    config = read_config(directory, hub.CONFIG_FILE, label, required=True)
+    config = read_config(directory, CONFIG_FILE, label, required=True)
     return config["config"].get("num_moe_layers") == 0
 
 
 def _load_upcycled(cls, directory, load_weights, overrides, label):
     """Loads a dense preset and upcycles it (`kmm.upcycle`)."""
-    from keras_mobile_moe.upcycle import upcycle
-
     overrides = dict(overrides)
     upcycle_kwargs = {
         k: overrides.pop(k) for k in UPCYCLE_ARGUMENTS if k in overrides
@@ -621,7 +558,7 @@ def backbone_from_preset(cls, preset, load_weights=True, overrides=None):
     if entry is not None:
         entry = preset_registry.trained_entry(entry, load_weights)
         if not load_weights or not entry.get("weights"):
-            return preset_registry.build_backbone(
+            return build_backbone(
                 cls, entry, load_weights, overrides
             )
         directory, label = entry_directory(entry, load_weights)
@@ -675,7 +612,7 @@ def task_from_preset(cls, preset, load_weights=True, overrides=None):
     if entry is not None:
         entry = preset_registry.trained_entry(entry, load_weights)
         if not load_weights or not entry.get("weights"):
-            return preset_registry.build_task(cls, entry, load_weights, overrides)
+            return build_task(cls, entry, load_weights, overrides)
         directory, label = entry_directory(entry, load_weights)
         task = load_task(cls, directory, True, overrides, label)
         backbone_overrides, _ = preset_registry.split_kwargs(
@@ -709,13 +646,13 @@ def task_from_preset(cls, preset, load_weights=True, overrides=None):
 _SAVING = threading.local()
 # Files a save may produce (keras-hub writes model.weights.json when it
 # shards, which saving_preset refuses).
-SAVED_FILES = hub.PRESET_FILES + ("model.weights.json",)
+SAVED_FILES = PRESET_FILES + ("model.weights.json",)
 
 
 def _written_by_us(preset_dir):
     """Whether the preset files in `preset_dir` were written by a
     keras_mobile_moe save (its metadata.json says so)."""
-    path = os.path.join(preset_dir, hub.METADATA_FILE)
+    path = os.path.join(preset_dir, METADATA_FILE)
     try:
         with open(path, encoding="utf-8") as f:
             metadata = json.load(f)
@@ -727,7 +664,7 @@ def _written_by_us(preset_dir):
 def _is_generated_card(path):
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            return hub.MODEL_CARD_MARKER in f.read()
+            return MODEL_CARD_MARKER in f.read()
     except OSError:
         return False
 
@@ -740,7 +677,7 @@ def _foreign_preset_files(preset_dir):
     return [
         name
         for name in SAVED_FILES
-        if name != hub.README_FILE
+        if name != README_FILE
         and os.path.lexists(os.path.join(preset_dir, name))
     ]
 
@@ -754,7 +691,7 @@ def _carry_over(preset_dir, staging):
         if name in written:
             continue
         path = os.path.join(preset_dir, name)
-        if name == hub.README_FILE:
+        if name == README_FILE:
             if _is_generated_card(path):
                 continue  # our card of an earlier save
         elif ours and name in SAVED_FILES:
@@ -776,7 +713,12 @@ def _task_names(model):
         if getattr(cls, "backbone_cls", None) is not type(backbone):
             continue
         for base in cls.__mro__[1:]:
-            if isinstance(base, type) and issubclass(base, Task):
+            # keras-hub's own task class (ImageClassifier), not our bases.
+            if (
+                isinstance(base, type)
+                and issubclass(base, Task)
+                and base.__module__.split(".")[0] == "keras_hub"
+            ):
                 names.add(base.__name__)
                 break
     return sorted(names)
@@ -786,9 +728,7 @@ def _finish_preset(model, preset_dir, write_card=True):
     """Completes a saved preset in `preset_dir` (the staging directory):
     metadata (version, family, FLOPs, tasks, sha256 of every weights file)
     and, unless the user has their own README.md, a model card."""
-    from keras_mobile_moe import flops
-
-    metadata_path = os.path.join(preset_dir, hub.METADATA_FILE)
+    metadata_path = os.path.join(preset_dir, METADATA_FILE)
     metadata = {}
     if os.path.isfile(metadata_path):
         with open(metadata_path, encoding="utf-8") as f:
@@ -799,7 +739,7 @@ def _finish_preset(model, preset_dir, write_card=True):
         model_flops = None
     weights = [
         name
-        for name in hub.WEIGHTS_FILES
+        for name in WEIGHTS_FILES
         if os.path.isfile(os.path.join(preset_dir, name))
     ]
     metadata.update(
@@ -817,9 +757,9 @@ def _finish_preset(model, preset_dir, write_card=True):
     if "tasks" in metadata:
         metadata["tasks"] = _task_names(model)
     atomic_io.write_text(metadata_path, json.dumps(metadata, indent=4) + "\n")
-    readme = os.path.join(preset_dir, hub.README_FILE)
+    readme = os.path.join(preset_dir, README_FILE)
     if write_card and not os.path.exists(readme):
-        atomic_io.write_text(readme, hub.model_card(preset_dir))
+        atomic_io.write_text(readme, preset_format.model_card(preset_dir))
 
 
 def check_preset_dir(preset_dir):
@@ -920,8 +860,8 @@ def saving_preset(model, preset_dir, max_shard_size=None, overwrite=False):
         finally:
             _SAVING.depth = 0
         user_card = os.path.isfile(
-            os.path.join(target, hub.README_FILE)
-        ) and not _is_generated_card(os.path.join(target, hub.README_FILE))
+            os.path.join(target, README_FILE)
+        ) and not _is_generated_card(os.path.join(target, README_FILE))
         _finish_preset(model, staging, write_card=not user_card)
         if os.path.isdir(target):
             _carry_over(target, staging)
@@ -929,3 +869,132 @@ def saving_preset(model, preset_dir, max_shard_size=None, overwrite=False):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# --- publishing -------------------------------------------------------------
+
+
+def upload_preset(
+    uri,
+    preset,
+    private=None,
+    token=None,
+    commit_message=None,
+    dry_run=False,
+):
+    """Uploads a preset directory to the Hugging Face Hub.
+
+    The directory is loaded first (configs, classes and weights are checked,
+    as `from_preset` would), then `huggingface_hub` creates the repo (if
+    needed) and the branch (for `hf://org/repo/branch`) and uploads the
+    preset files in one commit, with a model card (`README.md`) written from
+    the preset when the directory has none of its own.
+
+    Args:
+        uri: str. `hf://org/repo` or `hf://org/repo/branch`.
+        preset: path of a preset directory written by `save_to_preset`.
+        private: bool or None. Visibility of a newly created repo.
+        token: str or None. A Hub token (default: the logged-in one).
+        commit_message: str or None.
+        dry_run: bool. Check the preset and return the file names that
+            would be uploaded, without contacting the Hub.
+
+    Returns:
+        The `huggingface_hub` commit info of the upload, or with
+        `dry_run=True` the sorted list of file names.
+
+    Example:
+
+    >>> import tempfile
+    >>> import keras_mobile_moe as kmm
+    >>> folder = tempfile.mkdtemp()
+    >>> kmm.MoNEBackbone.from_preset(
+    ...     "6x64_mone", load_weights=False, image_shape=(32, 32, 3),
+    ...     patch_size=8).save_to_preset(folder)
+    >>> kmm.upload_preset("hf://my-org/tiny-mone", folder, dry_run=True)
+    ['README.md', 'config.json', 'metadata.json', 'model.weights.h5']
+    """
+    hub.parse_hf_handle(uri, argument="uri")
+    if not isinstance(dry_run, bool):
+        raise ValueError(f"Received: dry_run={dry_run!r}. Expected a bool.")
+    preset = check_local_directory(preset, argument="preset")
+    load_any(preset, label=repr(preset))
+    with tempfile.TemporaryDirectory() as staging:
+        for name in PRESET_FILES:
+            source = os.path.join(preset, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(staging, name))
+        readme = os.path.join(staging, README_FILE)
+        generated = True
+        if os.path.exists(readme):
+            with open(readme, encoding="utf-8") as f:
+                generated = MODEL_CARD_MARKER in f.read()
+        if generated:
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(preset_format.model_card(staging, handle=uri))
+        if dry_run:
+            return sorted(os.listdir(staging))
+        return hub.upload_folder(
+            uri, staging, private=private, token=token,
+            commit_message=commit_message,
+        )
+
+
+# --- which family a preset belongs to ----------------------------------------
+
+
+def family_of_preset(preset):
+    """The registered family of a preset, and its backbone arguments.
+
+    For scripts that take any preset (e.g. `training/train.py`): a
+    built-in name is looked up in every family's registry; a directory is
+    read (its `task.json`, else its `config.json`, checked as `from_preset`
+    checks them): the class registered there decides.
+
+    Args:
+        preset: a built-in preset name or a local preset directory.
+
+    Returns:
+        A tuple `(family, backbone_config)`: a
+        `keras_mobile_moe.families.Family` (its `task_cls` builds the
+        classifier) and a dict of backbone arguments.
+
+    Example:
+
+    >>> family, config = family_of_preset("6x64_mone")
+    >>> family.task_cls.__name__, config["num_layers"]
+    ('MoNEImageClassifier', 6)
+    """
+    registry = preset_registry.load_registry()
+    if isinstance(preset, str) and preset in registry:
+        entry = registry[preset]
+        family = families.get(entry["family"])
+        if family is not None:
+            return family, preset_registry.backbone_config(entry, {})
+    if isinstance(preset, (str, os.PathLike)) and os.path.isdir(preset):
+        directory = os.fspath(preset)
+        label = repr(directory)
+        backbone = read_config(
+            directory, CONFIG_FILE, label, required=True
+        )
+        found = read_config(
+            directory, TASK_CONFIG_FILE, label, required=False
+        ) or backbone
+        cls = keras.saving.get_registered_object(found.get("registered_name"))
+        family = families.of(cls) if isinstance(cls, type) else None
+        if family is not None:
+            return family, dict(backbone["config"])
+        raise ValueError(
+            f"Received: preset={preset!r}, a directory holding a "
+            f"{found.get('registered_name')!r}. Accepted: a preset of "
+            f"{families.accepted_models()}."
+        )
+    names = sorted(
+        name
+        for family in families.all_families()
+        for name in preset_registry.presets_of(family.name)
+    )
+    raise ValueError(
+        f"Received: preset={preset!r}. Accepted: a built-in preset name "
+        f"({', '.join(names)}) or a preset directory."
+    )

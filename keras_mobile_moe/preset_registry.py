@@ -6,7 +6,7 @@ Each preset is one JSON file (shipped in the wheel as the package
 - `name`, `aliases`: the names it is loaded by (`"12x192_e10"`,
   `["tiny_e10"]`).
 - `family`: the model family (`"mobile_vmoe"`, `"mone"`, ...); a family's
-  classes set `preset_family` to it, which is all a family needs to plug in.
+  backbone class sets `preset_family` to it (`keras_mobile_moe.families`).
 - `class`: the task class the preset builds (`"MobileVMoEImageClassifier"`).
 - `description`, `variant` (a scale of `keras_mobile_moe.variants`),
   `backbone` and `task` (arguments on top of the scale), `params` and `flops`
@@ -18,7 +18,9 @@ Each preset is one JSON file (shipped in the wheel as the package
   the wheel), or a Hugging Face handle `"hf://org/repo[/revision]"`.
 
 Aliases point at the same entry. `from_preset` reads the registry through
-`keras_mobile_moe.preset_loader`.
+`keras_mobile_moe.preset_loader`. The registry is data only (layer 3 of the
+preset stack, see `keras_mobile_moe.preset_format`): it builds no model;
+the loader builds a preset's architecture from its entry.
 
 Names follow timm's `architecture.tag`: `"6x64_e10"` is an architecture,
 `"6x64_e10.cifar100"` the same architecture trained on CIFAR-100 (its entry
@@ -37,6 +39,7 @@ import os
 import pathlib
 import re
 
+from keras_mobile_moe import hub
 from keras_mobile_moe import variants
 
 ACCEPTED_FORMS = (
@@ -286,8 +289,6 @@ def weights_location(entry):
             "null, a folder under presets/, or 'hf://org/repo[/revision]'."
         )
     if "://" in weights:
-        from keras_mobile_moe import hub
-
         hub.parse_hf_handle(weights, argument="weights")
         return ("hf", weights)
     parts = pathlib.PurePosixPath(weights).parts
@@ -415,46 +416,6 @@ def check_unknown_arguments(cls, kwargs, accepted):
             f"Unknown argument(s) for {cls.__name__}.from_preset: {unknown}. "
             f"Accepted overrides: {sorted(accepted)}."
         )
-
-
-def default_preprocessor(task_cls, backbone):
-    """The preprocessor presets use: resize to the backbone's image size and
-    scale pixels to [-1, 1]."""
-    if task_cls.preprocessor_cls is None:
-        return None
-    converter_cls = task_cls.preprocessor_cls.image_converter_cls
-    height, width = backbone.image_shape[:2]
-    return task_cls.preprocessor_cls(
-        converter_cls(image_size=(height, width), scale=1.0 / 127.5, offset=-1.0)
-    )
-
-
-def build_backbone(backbone_cls, entry, load_weights, kwargs):
-    """Builds the backbone of a built-in preset (random weights)."""
-    check_weights(entry, load_weights)
-    backbone_kwargs, other = split_kwargs(backbone_cls, kwargs)
-    check_unknown_arguments(
-        backbone_cls, other, constructor_arguments(backbone_cls)
-    )
-    return backbone_cls(**backbone_config(entry, backbone_kwargs))
-
-
-def build_task(task_cls, entry, load_weights, kwargs):
-    """Builds the classifier (backbone, preprocessor, head) of a preset with
-    random weights."""
-    check_weights(entry, load_weights)
-    backbone_kwargs, task_kwargs = split_kwargs(task_cls.backbone_cls, kwargs)
-    check_unknown_arguments(
-        task_cls,
-        task_kwargs,
-        (constructor_arguments(task_cls) - {"backbone"})
-        | constructor_arguments(task_cls.backbone_cls),
-    )
-    backbone = task_cls.backbone_cls(**backbone_config(entry, backbone_kwargs))
-    if "preprocessor" not in task_kwargs:
-        task_kwargs["preprocessor"] = default_preprocessor(task_cls, backbone)
-    config = {**entry.get("task", {}), **task_kwargs}
-    return task_cls(backbone=backbone, **config)
 
 
 def markdown_table(family=None):

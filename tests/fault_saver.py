@@ -25,7 +25,7 @@ from keras_hub.src.utils import preset_utils  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
 from keras_mobile_moe import atomic_io  # noqa: E402
-from keras_mobile_moe import hub  # noqa: E402
+from keras_mobile_moe import preset_format  # noqa: E402
 from keras_mobile_moe import preset_loader  # noqa: E402
 from keras_mobile_moe.export import tflite  # noqa: E402
 
@@ -71,7 +71,7 @@ SAVE_POINTS = {
     "before the backbone weights": lambda: kill_before(
         kmm.MobileVMoEBackbone, "save_weights"),
     "all weights written": lambda: kill_before(preset_loader, "file_sha256"),
-    "metadata written": lambda: kill_before(hub, "model_card"),
+    "metadata written": lambda: kill_before(preset_format, "model_card"),
     "user files carried over": lambda: kill_after(
         preset_loader, "_carry_over"),
     "staging fsynced": lambda: kill_after(atomic_io, "fsync_tree"),

@@ -23,7 +23,7 @@ from keras_hub.src.utils import preset_utils
 
 import keras_mobile_moe as kmm
 from keras_mobile_moe import atomic_io
-from keras_mobile_moe import hub
+from keras_mobile_moe import preset_format
 from keras_mobile_moe import preset_loader
 from keras_mobile_moe.export import expert_split
 from keras_mobile_moe.export import tflite
@@ -80,7 +80,8 @@ SAVE_FAULTS = {
         kmm.MobileVMoEBackbone, "save_weights", half_then_disk_full),
     "hashing the weights": (
         preset_loader, "file_sha256", lambda original: disk_full),
-    "writing the model card": (hub, "model_card", lambda original: disk_full),
+    "writing the model card": (
+        preset_format, "model_card", lambda original: disk_full),
     "carrying over the user's files": (
         preset_loader, "_carry_over", lambda original: disk_full),
     "fsyncing the staging directory": (

@@ -22,7 +22,7 @@ from conftest import fixture
 from conftest import to_numpy
 from hub_helpers import FakeHfApi
 from hub_helpers import write_snapshot
-from keras_mobile_moe import hub
+from keras_mobile_moe import preset_loader
 from keras_mobile_moe import preset_registry
 
 REPO = "kmm-test/tiny-moe"
@@ -31,7 +31,7 @@ REPO = "kmm-test/tiny-moe"
 def tiny_classifier(seed=0, **overrides):
     keras.utils.set_random_seed(seed)
     backbone = kmm.MobileVMoEBackbone(**{**TINY, **overrides})
-    preprocessor = preset_registry.default_preprocessor(kmm.MobileVMoE, backbone)
+    preprocessor = preset_loader.default_preprocessor(kmm.MobileVMoE, backbone)
     return kmm.MobileVMoE(
         backbone, num_classes=6, preprocessor=preprocessor,
         superclass_ids=[0, 0, 1, 2, 3, 3],
@@ -727,7 +727,7 @@ def test_mone_family_uses_the_same_preset_machinery(saved, tmp_path):
     )
     model = kmm.MoNE(
         backbone, num_classes=4,
-        preprocessor=preset_registry.default_preprocessor(kmm.MoNE, backbone),
+        preprocessor=preset_loader.default_preprocessor(kmm.MoNE, backbone),
     )
     folder = str(tmp_path / "mone")
     model.save_to_preset(folder)

@@ -17,9 +17,12 @@ checkpoint's own config (input size, interpolation, mean and std).
 import json
 import os
 
+from keras_mobile_moe import hub
+from keras_mobile_moe import preset_registry
 from keras_mobile_moe.convert import common
 from keras_mobile_moe.convert import keras_hub_vit
 from keras_mobile_moe.convert import timm
+from keras_mobile_moe.upcycle import upcycle
 
 TIMM = "timm"
 KERAS_HUB_VIT = "keras_hub_vit"
@@ -43,6 +46,28 @@ def detect(directory):
     return None
 
 
+def check_hub_download(directory, handle):
+    """For a timm checkpoint fetched without `model.safetensors`: a clear
+    error if the repo only has pickle weights (asked on the Hub when
+    online; pickle files are never fetched)."""
+    if os.path.isfile(os.path.join(directory, timm.SAFETENSORS_FILE)):
+        return
+    try:
+        path = os.path.join(directory, "config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not timm.is_timm_config(config):
+        return
+    files = hub.list_repo_files(handle)
+    if files is None:  # offline: the Hub cannot be asked
+        return
+    pickles = [name for name in timm.PICKLE_FILES if name in files]
+    if pickles:
+        raise timm.pickle_only_error(f"Checkpoint {handle!r}", pickles)
+
+
 def _read(directory, kind, load_weights, task, label):
     source = f"Checkpoint {label}"
     if kind == TIMM:
@@ -53,12 +78,9 @@ def _read(directory, kind, load_weights, task, label):
 
 
 def _check_family(cls, vit):
-    from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
-        MobileVMoEBackbone,
-    )
-
+    # The family says whether dense ViTs convert into it.
     backbone_cls = getattr(cls, "backbone_cls", cls)
-    if not issubclass(backbone_cls, MobileVMoEBackbone):
+    if not getattr(backbone_cls, "converts_dense_vits", False):
         raise ValueError(
             f"{vit.source} is a dense ViT checkpoint; it converts into the "
             "Mobile V-MoE family (kmm.MobileVMoE, kmm.models."
@@ -68,8 +90,6 @@ def _check_family(cls, vit):
 
 def _dense_backbone(backbone_cls, vit, overrides, load_weights):
     """Builds the dense backbone (and loads the converted weights)."""
-    from keras_mobile_moe import preset_registry
-
     overrides = dict(overrides)
     spec = dict(vit.spec)
     if overrides.get("router_type", "image") != "image":
@@ -152,8 +172,6 @@ def load_backbone(cls, directory, kind, load_weights, overrides, label):
     Returns:
         A `MobileVMoEBackbone`.
     """
-    from keras_mobile_moe.upcycle import upcycle
-
     overrides = dict(overrides)
     vit = _read(directory, kind, load_weights, task=False, label=label)
     _check_family(cls, vit)
@@ -171,9 +189,6 @@ def load_task(cls, directory, kind, load_weights, overrides, label):
     differs); `superclass_ids` and `routing` go to `kmm.upcycle` when the
     overrides ask for experts.
     """
-    from keras_mobile_moe import preset_registry
-    from keras_mobile_moe.upcycle import upcycle
-
     overrides = dict(overrides)
     vit = _read(directory, kind, load_weights, task=True, label=label)
     _check_family(cls, vit)
