@@ -450,3 +450,18 @@ def test_mone_exports_at_fixed_budgets_with_parity(budget, tmp_path):
     want = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
     got = runner.predict(images)["logits"]
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_mone_preset_file_takes_raw_images_at_a_fixed_budget(tmp_path):
+    # A MoNE preset's architecture (random weights) with its preprocessor:
+    # one file per budget, raw uint8 32x32 input, parity with predict.
+    model = kmm.MoNE.from_preset("6x64_mone", load_weights=False)
+    model.backbone.capacity_budget = 0.5
+    report = to_tflite(model, tmp_path / "mone.tflite", input_size=32)
+    assert report["inputs"][0]["dtype"] == "uint8"
+    assert {"CAST", "RESIZE_BILINEAR"} <= set(report["ops"])
+    assert not [op for op in report["ops"] if op.startswith("Flex")]
+    raw = fixture()["x_test"][:40]
+    want = keras.ops.convert_to_numpy(model.predict(raw, verbose=0))
+    got = TFLiteClassifier(report["path"]).predict(raw)["logits"]
+    assert np.abs(got - want).max() <= 1e-4
