@@ -1,4 +1,14 @@
-"""Layers of the Mobile V-MoE and MoNE families."""
+"""Layers of the Mobile V-MoE and MoNE families.
+
+Mixed precision: every layer honours its `dtype_policy`. Under
+`mixed_float16` / `mixed_bfloat16` the weights stay float32 and the layers
+compute and return the half compute dtype, with one exception on purpose:
+the routers (`ImageRouter`, `NestedExpertRouter` and the router inside
+`TokenRoutedMoE`) compute in float32 and return float32 logits,
+probabilities and gates (their top-k is a discrete choice that half
+precision flips on near ties), and the load-balancing loss is float32.
+tests/test_layers_mixed_precision.py checks both.
+"""
 
 from keras_mobile_moe.layers.drop_path import DropPath
 from keras_mobile_moe.layers.image_routed_moe import ImageRoutedMoE

@@ -1,6 +1,7 @@
 import keras
 from keras import ops
 
+from keras_mobile_moe.layers.token_routed_moe import router_policy
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
 
@@ -17,7 +18,9 @@ class ImageRouter(keras.layers.Layer):
     choice (the paper only says "linear"): the residual stream the router
     reads is not normalised, and without it the initial router logits are
     large and overconfident, as V-MoE avoids by routing after the MLP norm. All MoE layers after the router reuse its
-    choice.
+    choice. Under a mixed dtype policy the router computes in float32
+    (its weights are float32 anyway): a top-k in half precision flips on
+    near ties.
 
     Args:
         num_experts: int. Number of experts E to choose from.
@@ -55,12 +58,14 @@ class ImageRouter(keras.layers.Layer):
                 "ImageRouter expects tokens [batch, num_tokens, hidden_dim]. "
                 f"Received: input_shape={tuple(input_shape)}."
             )
+        # float32 compute under mixed policies (see `router_policy`).
+        policy = router_policy(self.dtype_policy)
         self.norm = keras.layers.LayerNormalization(
-            epsilon=1e-6, dtype=self.dtype_policy, name="norm"
+            epsilon=1e-6, dtype=policy, name="norm"
         )
         self.norm.build((input_shape[0], input_shape[-1]))
         self.dense = keras.layers.Dense(
-            self.num_experts, dtype=self.dtype_policy, name="dense"
+            self.num_experts, dtype=policy, name="dense"
         )
         self.dense.build((input_shape[0], input_shape[-1]))
         self.built = True

@@ -3,6 +3,7 @@ from keras import ops
 
 from keras_mobile_moe.capacity import check_capacity_budget
 from keras_mobile_moe.capacity import expert_token_counts
+from keras_mobile_moe.layers.token_routed_moe import router_policy
 from keras_mobile_moe.validation import check_int
 
 
@@ -202,8 +203,11 @@ class NestedExpertRouter(keras.layers.Layer):
                 "NestedExpertRouter expects tokens [batch, num_tokens, "
                 f"hidden_dim]. Received: input_shape={tuple(input_shape)}."
             )
+        # float32 compute under mixed policies (see `router_policy`).
         self.dense = keras.layers.Dense(
-            self.num_nested_experts, dtype=self.dtype_policy, name="dense"
+            self.num_nested_experts,
+            dtype=router_policy(self.dtype_policy),
+            name="dense",
         )
         self.dense.build(input_shape)
         self.built = True

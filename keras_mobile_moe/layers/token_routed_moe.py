@@ -10,6 +10,30 @@ from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
 
+def router_policy(policy):
+    """The dtype policy of a router's sublayers.
+
+    Under a mixed policy (`mixed_float16`, `mixed_bfloat16`: float32
+    variables, half compute) it is float32: routers are cheap (one small
+    matmul per image or token) and their top-k is a discrete decision that
+    half-precision logits flip on near ties. Otherwise it is `policy`
+    itself (a pure `float16` model keeps float16 router weights).
+
+    Example:
+
+    >>> router_policy(keras.DTypePolicy("mixed_bfloat16"))
+    'float32'
+    >>> router_policy(keras.DTypePolicy("float32")).name
+    'float32'
+    """
+    half = keras.backend.standardize_dtype(policy.compute_dtype) in (
+        "float16", "bfloat16"
+    )
+    if half and policy.variable_dtype == "float32":
+        return "float32"
+    return policy
+
+
 def check_positive_float(name, value):
     """Raises `ValueError` unless `value` is a real number > 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -174,10 +198,14 @@ class TokenRoutedMoE(keras.layers.Layer):
                 f"input_shape={tuple(input_shape)}."
             )
         hidden_dim = input_shape[-1]
+        # The router computes in float32 under every policy (V-MoE does
+        # too): in bfloat16 the logits of near-tied experts round together
+        # and top-k flips (seen in tests/test_layers_mixed_precision.py).
+        # Its weights are float32 under mixed policies anyway.
         self.router = keras.layers.Dense(
             self.num_experts,
             use_bias=False,
-            dtype=self.dtype_policy,
+            dtype=router_policy(self.dtype_policy),
             name="router",
         )
         self.router.build(input_shape)

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import keras
@@ -18,6 +19,15 @@ from keras_mobile_moe.layers.token_routed_moe import check_positive_float
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
+
+
+def _scope(layer, tf_names):
+    """The name scope a call of `layer` would open, on TensorFlow only
+    (the attention's ops keep the `attention/` prefix in exported files);
+    other backends do not name ops: no context, no per-call work."""
+    if tf_names:
+        return keras.name_scope(layer.name, caller=layer)
+    return contextlib.nullcontext()
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
@@ -217,37 +227,51 @@ class TransformerEncoderBlock(keras.layers.Layer):
         # batch 1; a few backend ops per step do the same math. Variables
         # are read through `.value`, which the layer's autocast scope casts
         # to the compute dtype under a mixed policy.
-        eps = self.layer_norm_epsilon
+        #
+        # On TensorFlow the norms and the MLP / MoE stay layer calls: the
+        # TFLite export finds their ops by the TF names those calls give
+        # (it keeps the LayerNorms and the residual additions in float32 in
+        # int8 files) and TensorFlow runs traced, where a layer call costs
+        # nothing per step.
+        tf_names = keras.config.backend() == "tensorflow"
         dropping = bool(training) and self.dropout_rate > 0.0
-        x = ops.layer_normalization(
-            inputs,
-            self.attention_norm.gamma.value,
-            self.attention_norm.beta.value,
-            epsilon=eps,
-        )
-        x = self._self_attention(x, training)
+        x = self._norm(self.attention_norm, inputs, tf_names)
+        with _scope(self.attention, tf_names):
+            x = self._self_attention(x, training)
         if dropping:
             x = self.attention_dropout(x, training=training)
         x = inputs + self._drop_path(x, training)
 
-        y = ops.layer_normalization(
-            x, self.mlp_norm.gamma.value, self.mlp_norm.beta.value, epsilon=eps
-        )
+        y = self._norm(self.mlp_norm, x, tf_names)
         if self.is_moe and self.router_type == "image":
             if expert_indices is None or expert_gates is None:
                 raise ValueError(
                     "An MoE TransformerEncoderBlock needs `expert_indices` "
                     "and `expert_gates` from an ImageRouter. Received None."
                 )
-            y = self.mlp.call(y, expert_indices, expert_gates, training=training)
-        elif self.is_moe:
-            # A layer call: its `add_loss` (training only) must register.
+            if tf_names:
+                y = self.mlp(y, expert_indices, expert_gates, training=training)
+            else:
+                y = self.mlp.call(
+                    y, expert_indices, expert_gates, training=training
+                )
+        elif self.is_moe or tf_names:
+            # Token-routed MoE: a layer call, so that its `add_loss`
+            # (training only) registers.
             y = self.mlp(y, training=training)
         else:
             y = self._dense_mlp(y, training)
         if dropping:
             y = self.mlp_dropout(y, training=training)
         return x + self._drop_path(y, training)
+
+    def _norm(self, layer, x, tf_names):
+        if tf_names:
+            return layer(x)
+        return ops.layer_normalization(
+            x, layer.gamma.value, layer.beta.value,
+            epsilon=self.layer_norm_epsilon,
+        )
 
     def _self_attention(self, x, training):
         """Keras `MultiHeadAttention(x, x)` with its own weights: Q, K, V
