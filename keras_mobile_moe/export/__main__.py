@@ -1,6 +1,6 @@
 """Command line: export a preset or a saved model to TFLite.
 
-    python -m keras_mobile_moe.export --preset 6x64_e10_cifar100 \
+    python -m keras_mobile_moe.export --preset 6x64_e10_cifar100 \\
         --quantization int8 --out 6x64_e10_int8.tflite
 
 The presets with trained weights are listed by
