@@ -283,26 +283,29 @@ print(
 ## Step 5: int8 for the phone
 
 `kmm.export.to_tflite` converts the fine-tuned model (from any backend) to
-a builtin-only `.tflite` file. Full-integer `"int8"` needs about a hundred
+a builtin-only `.tflite` file. The file takes what `model.predict` takes:
+raw uint8 RGB images, here at CIFAR's 32x32 (`input_size`), and resizes and
+scales them inside the graph. Full-integer `"int8"` needs about a hundred
 calibration images; the routing layers stay in float so that rounding does
 not send images to other experts. `kmm.export.agreement` then runs the
 file with the LiteRT interpreter and compares it with Keras: same top-1
 class, same expert, and the test accuracy of both.
 """
 
-converter = moe.preprocessor.image_converter
-calibration = np.asarray(converter(x_train[:32 if SMOKE else 128]))
 tflite_path = os.path.join(OUTPUT_DIR, "upcycled_int8.tflite")
 report = kmm.export.to_tflite(
-    moe, tflite_path, quantization="int8", representative_data=calibration
+    moe,
+    tflite_path,
+    quantization="int8",
+    representative_data=x_train[: 32 if SMOKE else 128],
+    input_size=x_train.shape[1:3],
 )
 check = slice(0, 100 if SMOKE else 1000)
-parity = kmm.export.agreement(
-    moe, tflite_path, np.asarray(converter(x_test[check])), labels=y_test[check]
-)
+parity = kmm.export.agreement(moe, tflite_path, x_test[check], labels=y_test[check])
 print(
-    f"int8 file: {report['bytes'] / 1e6:.2f} MB; on {parity['num_images']} "
-    f"test images top-1 agreement {parity['top1']:.3f}, routing agreement "
+    f"int8 file: {report['bytes'] / 1e6:.2f} MB, input "
+    f"{report['inputs']}; on {parity['num_images']} test images top-1 "
+    f"agreement {parity['top1']:.3f}, routing agreement "
     f"{parity['routing']:.3f}, accuracy {parity['tflite_accuracy']:.3f} "
     f"(Keras {parity['keras_accuracy']:.3f})"
 )

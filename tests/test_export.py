@@ -369,6 +369,32 @@ def test_file_takes_raw_uint8_and_matches_predict(preset_model, tmp_path):
     assert np.abs(outputs["logits"] - want[800:]).max() <= 1e-4
 
 
+def test_bicubic_preprocessing_resizes_with_builtin_matmuls(tmp_path):
+    # timm's ViTs resize bicubically; TFLite has no builtin bicubic resize,
+    # so the file applies it as two constant matrices (exact for a fixed
+    # input size).
+    converter = kmm.models.MobileVMoEImageConverter(
+        image_size=(48, 48), interpolation="bicubic", scale=1 / 127.5,
+        offset=-1.0,
+    )
+    model = kmm.MobileVMoE(
+        tiny_backbone(image_shape=(48, 48, 3)), num_classes=10,
+        preprocessor=kmm.models.MobileVMoEImageClassifierPreprocessor(
+            converter
+        ),
+    )
+    report = to_tflite(model, tmp_path / "bicubic.tflite", input_size=32)
+    assert not [op for op in report["ops"] if op.startswith("Flex")]
+    assert "RESIZE_BILINEAR" not in report["ops"]
+    raw = fixture()["x_test"][:16]
+    want = keras.ops.convert_to_numpy(model.predict(raw, verbose=0))
+    got = TFLiteClassifier(report["path"]).predict(raw)["logits"]
+    assert np.abs(got - want).max() <= 1e-4
+    # A crop to another aspect ratio is refused, naming the argument.
+    with pytest.raises(ValueError, match=r"input_size=\(32, 40\)"):
+        to_tflite(model, tmp_path / "crop.tflite", input_size=(32, 40))
+
+
 def test_preprocessing_arguments_are_checked(preset_model, tmp_path):
     model = preset_model
     path = tmp_path / "x.tflite"

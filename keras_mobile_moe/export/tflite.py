@@ -374,6 +374,7 @@ def raw_input_shape(model, preprocessing=True, input_size=None):
         return None
     if input_size is None:
         size = converter.image_size
+    _check_resize(converter, size)
     return (int(size[0]), int(size[1]), 3)
 
 
@@ -491,7 +492,71 @@ def _serving_model(model, raw_shape=None):
     # The cast comes first, as in `predict`: the converter resizes float
     # pixels (resizing uint8 ones rounds differently).
     pixels = keras.ops.cast(raw, "float32")
-    return keras.Model(raw, serving(image_converter(model)(pixels)))
+    converter = image_converter(model)
+    if converter.image_size is not None and (
+        converter.interpolation not in BUILTIN_RESIZE
+    ):
+        pixels = _resize_with_matrices(pixels, raw_shape[:2], converter)
+        config = {**converter.get_config(), "image_size": None}
+        converter = converter.__class__.from_config(config)
+    return keras.Model(raw, serving(converter(pixels)))
+
+
+# Interpolations TFLite runs as builtin ops (RESIZE_BILINEAR,
+# RESIZE_NEAREST_NEIGHBOR); others (bicubic, the default of timm's ViTs,
+# lanczos, area) would need Flex ops.
+BUILTIN_RESIZE = ("bilinear", "nearest")
+
+
+def _resize_matrix(size_in, size_out, interpolation, antialias):
+    """`[size_out, size_in]` float32: the linear map that resizing one axis
+    of length `size_in` to `size_out` applies (the resize of each basis
+    vector)."""
+    basis = np.eye(size_in, dtype="float32").reshape(size_in, size_in, 1, 1)
+    resized = keras.ops.image.resize(
+        basis, (size_out, 1), interpolation=interpolation, antialias=antialias
+    )
+    return np.asarray(keras.ops.convert_to_numpy(resized)).reshape(
+        size_in, size_out
+    ).T
+
+
+def _check_resize(converter, raw_size):
+    """Refuses raw sizes whose resize the file cannot run with builtin ops:
+    a crop or pad to another aspect ratio before a non-builtin
+    interpolation."""
+    if converter.image_size is None or converter.interpolation in BUILTIN_RESIZE:
+        return
+    height, width = (int(v) for v in raw_size)
+    out_height, out_width = (int(v) for v in converter.image_size)
+    if (
+        getattr(converter, "crop_to_aspect_ratio", False)
+        or getattr(converter, "pad_to_aspect_ratio", False)
+    ) and height * out_width != width * out_height:
+        raise ValueError(
+            f"Received: input_size={(height, width)} for a model whose "
+            f"preprocessor crops or pads to {out_height}x{out_width} and "
+            f"resizes with interpolation={converter.interpolation!r}, which "
+            "TFLite has no builtin op for. Expected an input_size with the "
+            f"aspect ratio of {out_height}x{out_width}, or preprocessing="
+            "False (the file then takes the model's input format)."
+        )
+
+
+def _resize_with_matrices(pixels, raw_size, converter):
+    """The converter's resize as two matmuls with constant matrices.
+
+    These interpolations are separable (one kernel per axis), so resizing a
+    fixed input size is `A_h @ image @ A_w^T`, which converts to builtin
+    ops, where the resize op itself would need TensorFlow's Flex ops.
+    """
+    height, width = (int(v) for v in raw_size)
+    out_height, out_width = (int(v) for v in converter.image_size)
+    antialias = bool(getattr(converter, "antialias", False))
+    rows = _resize_matrix(height, out_height, converter.interpolation, antialias)
+    cols = _resize_matrix(width, out_width, converter.interpolation, antialias)
+    pixels = keras.ops.einsum("oh,bhwc->bowc", rows, pixels)
+    return keras.ops.einsum("pw,bowc->bopc", cols, pixels)
 
 
 def _classifier_outputs(model):
@@ -677,7 +742,8 @@ def to_tflite(
     `input_size` (e.g. 32x32 for the CIFAR-100 presets: the CLI picks the
     preset's source size), i.e. what `model.predict` takes; the file casts,
     resizes and scales them like the model's preprocessor, with builtin ops
-    (CAST, RESIZE_BILINEAR, MUL, ADD). With `preprocessing=False`, or for a
+    (CAST, RESIZE_BILINEAR, MUL, ADD; a bicubic resize, as timm's ViTs use,
+    runs as two constant matrices, exact for the fixed input size). With `preprocessing=False`, or for a
     model without a preprocessor, float32 `[1, *image_shape]` in the model's
     input format (after its preprocessor).
 
