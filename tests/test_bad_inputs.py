@@ -214,6 +214,27 @@ def test_every_input_kind_fits_evaluates_and_predicts(model, kind):
     assert predicted.shape == expected.shape
 
 
+@pytest.mark.parametrize("family", ["dense", "moe", "mone"])
+def test_every_layer_is_built_so_fit_never_rebuilds(family):
+    # An unbuilt sublayer (one that `call` skips outside training) makes
+    # Keras re-build the model at each `fit`, which consumes a batch of a
+    # one-pass generator: the epoch then ran no step.
+    if family == "mone":
+        model = kmm.MoNE.from_preset("6x64_mone", load_weights=False)
+    else:
+        model = classifier(num_moe_layers=0 if family == "dense" else 1)
+    # The preprocessor builds on its first call, outside the model graph.
+    model.predict(
+        np.zeros((1,) + tuple(model.backbone.image_shape), "float32"), verbose=0
+    )
+    unbuilt = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in model._flatten_layers()
+        if not layer.built
+    ]
+    assert not unbuilt, unbuilt
+
+
 @pytest.mark.parametrize("kind", sorted(SOURCES))
 def test_a_bad_batch_inside_a_pipeline_raises_its_own_error(model, kind):
     make = SOURCES[kind]

@@ -236,6 +236,7 @@ class NestedExpertBlock(keras.layers.Layer):
         self.drop_path = DropPath(
             self.drop_path_rate, dtype=policy, name="drop_path"
         )
+        self.drop_path.build(inputs_shape)  # see TransformerEncoderBlock.build
         self._scale = 1.0 / math.sqrt(self.hidden_dim // self.num_heads)
         self.built = True
 

@@ -215,6 +215,10 @@ class TransformerEncoderBlock(keras.layers.Layer):
         self.drop_path = DropPath(
             self.drop_path_rate, dtype=policy, name="drop_path"
         )
+        # `call` runs it only in training; built now, or Keras would see an
+        # unbuilt layer and re-build the model on every `fit` (consuming a
+        # batch of a one-pass generator).
+        self.drop_path.build(input_shape)
         self.built = True
 
     def call(
