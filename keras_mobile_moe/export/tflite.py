@@ -176,14 +176,8 @@ def routing_layers(model):
     >>> routing_layers(model)
     ['patch_embedding', 'dense_block_0', 'dense_block_1', 'router']
     """
-    backbone = model.backbone
-    names = [layer.name for layer in backbone.layers]
-    if "router" in names:
-        # Everything up to the router feeds its decision.
-        return [n for n in names[1 : names.index("router") + 1]
-                if not n.startswith(("moe_block", "nested_block"))]
-    # Per-token routing: every MoE layer's own router (named "router").
-    return ["router"] if any(n.startswith("moe_block") for n in names) else []
+    # The family knows its routing layers (models/base.py).
+    return list(model.backbone.routing_layer_names)
 
 
 def _layer_pattern(layer_names):
