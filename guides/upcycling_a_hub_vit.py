@@ -44,8 +44,10 @@ parameters, about 23 MB) from the Hugging Face Hub on first use (it is
 cached afterwards, and loads offline with `HF_HUB_OFFLINE=1`). Run it with
 `KERAS_BACKEND=jax python guides/upcycling_a_hub_vit.py` (any backend;
 the export needs TensorFlow and `ai-edge-litert`:
-`pip install 'keras-mobile-moe[hub,tflite]'`). About 20 minutes on 2 CPU
-cores with the full CIFAR-100 (`KMM_CIFAR100_PATH`).
+`pip install 'keras-mobile-moe[hub,tflite]'`). With the full CIFAR-100
+(`KMM_CIFAR100_PATH`) it took about an hour on a 2-core CPU shared with
+other jobs (each fine-tuning epoch 29 minutes; measured with a checkpoint of
+the same architecture from an offline cache); a GPU makes it minutes.
 
 Environment variables (besides those in `guides/getting_started.py`:
 `KMM_CIFAR100_PATH`, `KMM_GUIDE_OUTPUT_DIR`, `KMM_GUIDE_SMOKE`):
