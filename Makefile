@@ -1,13 +1,14 @@
 # Two commands for a new user:
 #   make demo   installs into .venv and runs the demo (offline)
 #   make test   installs into .venv and runs the tests on jax, tensorflow, torch
+#   make lint   ruff check + ruff format --check (keras-hub style, 80 columns)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 BACKENDS ?= jax tensorflow torch
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test benchmark clean
+.PHONY: setup demo test lint benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +28,12 @@ test: setup
 		echo "=== KERAS_BACKEND=$$backend"; \
 		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
 	done
+
+# keras-hub's style (pyproject.toml [tool.ruff]); `ruff format` and
+# `ruff check --fix` apply the fixable part.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 benchmark: setup
 	@for backend in $(BACKENDS); do \
