@@ -22,12 +22,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	KERAS_BACKEND=jax $(BIN)/python training/demo.py
 
-# pytest exits 5 when it collects nothing: any non-zero status fails.
+# The backends' pytest sessions run at once, one thread each (TEST_JOBS=1:
+# in turn); pytest exits 5 when it collects nothing: any non-zero status
+# fails. See scripts/run_tests.sh.
 test: setup
-	@for backend in $(BACKENDS); do \
-		echo "=== KERAS_BACKEND=$$backend"; \
-		KERAS_BACKEND=$$backend $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) || exit 1; \
-	done
+	@PYTHON=$(BIN)/python BACKENDS="$(BACKENDS)" scripts/run_tests.sh $(PYTEST_ARGS)
 
 # keras-hub's style (pyproject.toml [tool.ruff]); `ruff format` and
 # `ruff check --fix` apply the fixable part.

@@ -1,8 +1,24 @@
 """Shared test helpers: tiny configs, the CIFAR-100 fixture, gradients.
+The checks every layer, loss and model gets are in tests/harness.py.
 
 Run with KERAS_BACKEND set to jax, tensorflow or torch; `make test` runs all
-three.
+three at once (scripts/run_tests.sh).
+
+Backend-independent tests run in one backend's session only. A test (or a
+module, through `pytestmark`) marked `@pytest.mark.backend_independent`
+checks something no Keras backend computes: numpy-only code (capacities,
+super-class discovery, the CIFAR-100 loader), the import graph, the wheel
+and the README, file I/O faults, the registered-class list, TensorFlow
+subprocesses started whatever the session's backend. Running it three
+times adds CI time, not coverage, so it runs in the session of
+KMM_BACKEND_INDEPENDENT_ON (default torch, the shortest session) and is
+skipped in the others with a reason saying where it runs. `make test` runs
+every backend, so each such test runs once per CI run; a one-backend run
+with another backend skips them (set KMM_BACKEND_INDEPENDENT_ON to run
+them there).
 """
+
+import os
 
 import keras
 import numpy as np
@@ -11,6 +27,9 @@ import pytest
 import keras_mobile_moe as kmm
 
 BACKEND = keras.config.backend()
+BACKEND_INDEPENDENT_ON = os.environ.get(
+    "KMM_BACKEND_INDEPENDENT_ON", "torch"
+)
 
 # House rule 12: tiny shapes (32x32 images, patch 8, width <= 48, 4 experts).
 TINY = dict(
@@ -98,3 +117,23 @@ def gradients(layer, loss_fn, *args):
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "backend_independent: checks no Keras backend computes; runs in the "
+        "KMM_BACKEND_INDEPENDENT_ON session only (see tests/conftest.py)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if BACKEND == BACKEND_INDEPENDENT_ON:
+        return
+    skip = pytest.mark.skip(
+        reason=f"backend-independent: runs once, in the KERAS_BACKEND="
+        f"{BACKEND_INDEPENDENT_ON} session (tests/conftest.py)"
+    )
+    for item in items:
+        if item.get_closest_marker("backend_independent"):
+            item.add_marker(skip)

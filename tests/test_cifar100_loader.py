@@ -14,6 +14,9 @@ import pytest
 
 from keras_mobile_moe.datasets import cifar100
 
+# Files and numpy arrays only: the same on every backend.
+pytestmark = pytest.mark.backend_independent
+
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "datasets"
 SHARED_SHA256 = (
     "3cb937a02bbe098d5d485f471b19453a753f1bee1a98706ede51bc0b40098ae0"

@@ -8,6 +8,10 @@ import pytest
 
 import keras_mobile_moe
 
+# The examples' printed results do not depend on the backend; the code
+# they run is tested on every backend by the unit tests.
+pytestmark = pytest.mark.backend_independent
+
 MODULES = sorted(
     info.name
     for info in pkgutil.walk_packages(

@@ -413,6 +413,8 @@ def test_preprocessing_arguments_are_checked(preset_model, tmp_path):
     assert not path.exists()
 
 
+# The CLI runs on the TensorFlow backend whatever this session's.
+@pytest.mark.backend_independent
 def test_cli_help_example_exports_a_trained_preset(tmp_path):
     import json
     import os
@@ -440,6 +442,8 @@ def test_cli_help_example_exports_a_trained_preset(tmp_path):
         assert prefix not in result.stderr
 
 
+# The CLI runs on the TensorFlow backend whatever this session's.
+@pytest.mark.backend_independent
 def test_cli_exports_a_preset_with_builtin_ops_only(tmp_path):
     import json
     import os

@@ -28,6 +28,12 @@ from keras_mobile_moe import preset_loader
 from keras_mobile_moe.export import expert_split
 from keras_mobile_moe.export import tflite
 
+# Faults in file I/O (atomic_io, the preset saver, the export's file
+# handling); the kill points run on the numpy backend in a child process.
+# Saving, loading and predicting on each backend are tested by
+# test_presets_hub.py and the model tests.
+pytestmark = pytest.mark.backend_independent
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMAGES = (
     np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)) / 127.5 - 1

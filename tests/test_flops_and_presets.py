@@ -10,6 +10,7 @@ import pytest
 import keras_mobile_moe as kmm
 from conftest import BACKEND
 from conftest import tiny_backbone
+from harness import xla_flops
 from keras_mobile_moe import preset_registry
 
 # Daxberger et al. 2023, Fig. 3a (MFLOPs, patch 32, 224x224).
@@ -67,37 +68,19 @@ def test_count_flops_rejects_unknown_models():
     ids=["dense", "moe", "moe_top2_mean", "no_class_token"],
 )
 def test_flops_match_xla_cost_analysis(overrides):
-    import jax
-
     model = kmm.MobileVMoE(
         tiny_backbone(**overrides), num_classes=10, pooling="avg", compile=False
     )
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    forward = jax.jit(
-        lambda x: model.stateless_call(trainable, non_trainable, x)[0]
-    )
-    image = np.zeros((1, 32, 32, 3), "float32")
-    cost = forward.lower(image).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    xla = xla_flops(model, (32, 32, 3))
     ours = kmm.count_flops(model)
-    assert abs(ours / cost["flops"] - 1) < 0.05, (ours, cost["flops"])
+    assert abs(ours / xla - 1) < 0.05, (ours, xla)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA cost analysis is JAX's")
 def test_paper_scale_flops_match_xla_cost_analysis():
-    import jax
-
     model = kmm.MobileVMoE.from_preset("6x64_e10", load_weights=False)
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    forward = jax.jit(
-        lambda x: model.stateless_call(trainable, non_trainable, x)[0]
-    )
-    cost = forward.lower(np.zeros((1, 224, 224, 3), "float32")).compile()
-    cost = cost.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    assert abs(kmm.count_flops(model) / cost["flops"] - 1) < 0.05
+    xla = xla_flops(model, (224, 224, 3))
+    assert abs(kmm.count_flops(model) / xla - 1) < 0.05
 
 
 # --- presets --------------------------------------------------------------

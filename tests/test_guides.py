@@ -89,6 +89,7 @@ def is_fraction(value):
     return isinstance(value, float) and 0.0 <= value <= 1.0
 
 
+@pytest.mark.backend_independent  # a directory listing
 def test_every_guide_is_tested():
     guides = sorted(f for f in os.listdir(GUIDES) if f.endswith(".py"))
     assert guides == [
@@ -238,6 +239,8 @@ def test_upcycling_a_hub_vit(hub_cache, tmp_path):
     assert tflite["routing_agreement"] >= 0.9 and is_fraction(tflite["top1_agreement"])
 
 
+# The guide stops at the Hub download, before any backend computes.
+@pytest.mark.backend_independent
 def test_upcycling_a_hub_vit_says_it_needs_internet(tmp_path):
     """Without the checkpoint in the cache and no network, the default mode
     stops with a message saying the guide needs internet."""

@@ -15,6 +15,9 @@ import sys
 
 import pytest
 
+# The import graph and the import of each module alone: no backend computes.
+pytestmark = pytest.mark.backend_independent
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = "keras_mobile_moe"
 

@@ -7,8 +7,12 @@ import pytest
 import keras_mobile_moe as kmm
 from conftest import gradients
 from conftest import to_numpy
+from harness import run_layer_test
+from harness import run_loss_test
+from harness import run_serialization_test
 from keras_mobile_moe import layers
 from keras_mobile_moe.layers import xla_cpu
+from keras_mobile_moe.layers.activations import gelu_tanh
 
 RNG = np.random.default_rng(0)
 TOKENS = RNG.normal(size=(3, 5, 16)).astype("float32")
@@ -58,37 +62,19 @@ CASES = {
 }
 
 
-def functional(layer, arrays):
-    inputs = [
-        keras.Input(shape=a.shape[1:], dtype=str(a.dtype), batch_size=None)
-        for a in arrays
-    ]
-    outputs = layer(*inputs)
-    return keras.Model(inputs, outputs)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_config_round_trip(name):
+def test_layer_harness(name, tmp_path):
     make, arrays = CASES[name]
-    layer = make()
-    config = layer.get_config()
-    clone = type(layer).from_config(config)
-    assert clone.get_config() == config
+    run_layer_test(make, arrays(), tmp_path, name=name)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_keras_save_load(name, tmp_path):
-    make, arrays = CASES[name]
-    arrays = arrays()
-    model = functional(make(), arrays)
-    expected = model(arrays)
-    path = str(tmp_path / f"{name}.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    for want, got in zip(
-        keras.tree.flatten(expected), keras.tree.flatten(loaded(arrays))
-    ):
-        np.testing.assert_allclose(to_numpy(got), to_numpy(want), atol=1e-6)
+@pytest.mark.parametrize(
+    "obj",
+    [layers.ClipConstraint(0.0, 0.5), gelu_tanh],
+    ids=["clip_constraint", "gelu_tanh"],
+)
+def test_serialization_harness(obj):
+    run_serialization_test(obj)
 
 
 def numpy_expert(moe, tokens, expert):
@@ -268,23 +254,12 @@ def test_bad_inputs_raise():
         layers.PatchEmbedding(16, 8)(TOKENS)
 
 
-def test_superclass_router_loss_values_and_config():
+def test_superclass_router_loss_values_and_config(tmp_path):
     loss = kmm.losses.SuperclassRouterLoss(superclass_ids=[1, 0, 1])
     logits = np.log(np.array([[0.25, 0.75], [0.6, 0.4]], "float32"))
-    value = float(to_numpy(loss(np.array([0, 1]), logits)))
+    value = run_loss_test(loss, np.array([0, 1]), logits, tmp_path)
     np.testing.assert_allclose(value, -(np.log(0.75) + np.log(0.6)) / 2, rtol=1e-5)
-    clone = kmm.losses.SuperclassRouterLoss.from_config(loss.get_config())
-    assert clone.get_config() == loss.get_config()
     with pytest.raises(ValueError, match="router has 2 experts"):
         kmm.losses.SuperclassRouterLoss([0, 2])(np.array([1]), logits[:1])
     with pytest.raises(ValueError, match="1-D sequence of ints"):
         kmm.losses.SuperclassRouterLoss([0.5, 1.0])
-
-
-def test_superclass_router_loss_save_load(tmp_path):
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    model.compile(loss=kmm.losses.SuperclassRouterLoss([0, 1, 1]))
-    path = str(tmp_path / "with_loss.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert loaded.loss.get_config() == model.loss.get_config()

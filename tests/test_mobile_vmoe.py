@@ -14,6 +14,11 @@ from conftest import scaled_images
 from conftest import tiny_backbone
 from conftest import tiny_superclass_ids
 from conftest import to_numpy
+from harness import assert_batch_independent
+from harness import assert_finite_nonzero_gradients
+from harness import run_backbone_test
+from harness import run_preprocessing_test
+from harness import run_task_test
 
 
 def tiny_classifier(num_classes=100, **backbone_overrides):
@@ -33,48 +38,29 @@ def images(n=4, seed=0):
 
 
 @pytest.mark.parametrize("moe_layers", [0, 2])
-def test_backbone_config_round_trip(moe_layers):
+def test_backbone_harness(moe_layers, tmp_path):
     backbone = tiny_backbone(num_moe_layers=moe_layers, drop_path_rate=0.1)
-    config = backbone.get_config()
-    clone = kmm.MobileVMoEBackbone.from_config(config)
-    assert clone.get_config() == config
-    assert clone.count_params() == backbone.count_params()
-
-
-def test_classifier_config_round_trip():
-    model = tiny_classifier()
-    config = model.get_config()
-    clone = kmm.MobileVMoE.from_config(config)
-    assert clone.get_config() == config
-    assert clone.superclass_ids == model.superclass_ids
+    keys = ("sequence_output", "router_logits") if moe_layers else (
+        "sequence_output",
+    )
+    run_backbone_test(backbone, images(), tmp_path, keys)
 
 
 @pytest.mark.parametrize("moe_layers", [0, 2])
-def test_classifier_keras_save_load(moe_layers, tmp_path):
+def test_classifier_harness(moe_layers, tmp_path):
     model = tiny_classifier(num_moe_layers=moe_layers)
-    x = images()
-    expected = to_numpy(model.predict(x, verbose=0))
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, kmm.MobileVMoEImageClassifier)
-    np.testing.assert_allclose(
-        to_numpy(loaded.predict(x, verbose=0)), expected, atol=1e-5
+    loaded = run_task_test(
+        model, images(), tmp_path, kmm.MobileVMoEImageClassifier
     )
+    assert loaded.superclass_ids == model.superclass_ids
 
 
-def test_backbone_keras_save_load(tmp_path):
-    backbone = tiny_backbone()
-    x = images()
-    expected = backbone(x)
-    path = str(tmp_path / "backbone.keras")
-    backbone.save(path)
-    loaded = keras.saving.load_model(path)
-    got = loaded(x)
-    for key in ("sequence_output", "router_logits"):
-        np.testing.assert_allclose(
-            to_numpy(got[key]), to_numpy(expected[key]), atol=1e-5
-        )
+def test_preprocessing_harness():
+    run_preprocessing_test(
+        kmm.models.MobileVMoEImageConverter,
+        kmm.models.MobileVMoEImageClassifierPreprocessor,
+        fixture()["x_test"][:2].astype("float32"),
+    )
 
 
 # --- outputs ------------------------------------------------------------
@@ -212,11 +198,7 @@ def test_every_trainable_weight_gets_a_finite_nonzero_gradient():
     def loss(out):
         return model.compute_loss(x, y, out, training=True)
 
-    grads = gradients(model, loss, x)
-    for variable, grad in zip(model.trainable_variables, grads):
-        assert grad is not None, variable.path
-        assert np.all(np.isfinite(grad)), variable.path
-        assert np.abs(grad).sum() > 0, variable.path
+    assert_finite_nonzero_gradients(model, loss, x)
 
 
 def test_expert_no_image_chose_gets_zero_gradient():
@@ -249,14 +231,7 @@ def test_changing_one_images_expert_changes_only_that_image():
 
 def test_results_do_not_depend_on_the_rest_of_the_batch():
     model = tiny_classifier()
-    x = images(8, seed=3)
-    together = to_numpy(model(x))
-    others = images(8, seed=4)
-    others[5] = x[5]
-    mixed = to_numpy(model(others))
-    alone = to_numpy(model(x[5:6]))
-    np.testing.assert_allclose(alone[0], together[5], atol=1e-5)
-    np.testing.assert_allclose(mixed[5], together[5], atol=1e-5)
+    assert_batch_independent(model, images(8, seed=3), images(8, seed=4))
 
 
 def test_no_image_is_dropped_when_all_choose_one_expert():

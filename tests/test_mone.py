@@ -14,6 +14,14 @@ from conftest import fixture
 from conftest import gradients
 from conftest import scaled_images
 from conftest import to_numpy
+from harness import assert_batch_independent
+from harness import assert_config_round_trip
+from harness import assert_finite_nonzero_gradients
+from harness import run_backbone_test
+from harness import run_layer_test
+from harness import run_preprocessing_test
+from harness import run_task_test
+from harness import xla_flops
 from keras_mobile_moe.capacity import expert_cost_fractions
 from keras_mobile_moe.capacity import expert_token_counts
 from keras_mobile_moe.layers import NestedExpertBlock
@@ -61,7 +69,11 @@ def objective(c, beta=10.0, delta=2.0):
 
 # --- capacity distribution -----------------------------------------------------
 
+# The capacities and token counts are numpy: the same on every backend.
+numpy_only = pytest.mark.backend_independent
 
+
+@numpy_only
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_capacities_meet_the_constraints(budget):
     c = kmm.capacity_distribution(budget)
@@ -71,6 +83,7 @@ def test_capacities_meet_the_constraints(budget):
     assert abs(c @ expert_cost_fractions(4) - budget) < 1e-12
 
 
+@numpy_only
 def test_capacities_at_half_budget():
     c = kmm.capacity_distribution(0.5)
     assert abs(c.sum() - 1) < 1e-6
@@ -81,6 +94,7 @@ def test_capacities_at_half_budget():
     )
 
 
+@numpy_only
 @pytest.mark.parametrize("budget", [0.14, 0.25, 0.4, 0.5, 0.75, 0.95])
 @pytest.mark.parametrize("beta, delta", [(10.0, 2.0), (1.0, 2.0), (10.0, 5.0)])
 def test_capacities_are_optimal(budget, beta, delta):
@@ -101,6 +115,7 @@ def test_capacities_are_optimal(budget, beta, delta):
                 assert objective(moved, beta, delta) <= best + 1e-12
 
 
+@numpy_only
 @pytest.mark.parametrize("budget", [0.13, 0.2, 0.35, 0.5, 0.65, 0.8, 0.97])
 def test_capacities_match_scipy_slsqp(budget):
     optimize = pytest.importorskip("scipy.optimize")
@@ -121,6 +136,7 @@ def test_capacities_match_scipy_slsqp(budget):
     assert objective(c) >= -result.fun - 1e-9
 
 
+@numpy_only
 def test_capacities_shift_to_bigger_experts_as_the_budget_grows():
     table = np.stack([kmm.capacity_distribution(b) for b in BUDGETS])
     # First-order stochastic dominance: every "top-k experts" share grows.
@@ -132,6 +148,7 @@ def test_capacities_shift_to_bigger_experts_as_the_budget_grows():
     np.testing.assert_array_equal(table[-1], [0, 0, 0, 1])
 
 
+@numpy_only
 @pytest.mark.parametrize("num_experts", [1, 2, 3, 5])
 def test_capacities_for_other_expert_counts(num_experts):
     lowest = 1 / 2 ** (num_experts - 1)
@@ -141,6 +158,7 @@ def test_capacities_for_other_expert_counts(num_experts):
         assert abs(c @ expert_cost_fractions(num_experts) - budget) < 1e-12
 
 
+@numpy_only
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -159,6 +177,7 @@ def test_infeasible_capacity_arguments_raise(kwargs, match):
         kmm.capacity_distribution(**kwargs)
 
 
+@numpy_only
 @pytest.mark.parametrize("budget", BUDGETS)
 @pytest.mark.parametrize("num_tokens", [16, 49, 196])
 def test_token_counts_follow_the_capacities(budget, num_tokens):
@@ -427,37 +446,30 @@ def test_block_rejects_tokens_of_the_wrong_width():
 
 
 @pytest.mark.parametrize(
-    "layer",
+    "make",
     [
-        NestedExpertBlock(
+        lambda: NestedExpertBlock(
             hidden_dim=32, num_heads=2, mlp_dim=64, capacity_budget=0.3,
             dropout_rate=0.1, attention_dropout_rate=0.1, drop_path_rate=0.2,
         ),
-        NestedExpertRouter(num_nested_experts=3, capacity_budget=0.4),
+        lambda: NestedExpertRouter(num_nested_experts=3, capacity_budget=0.4),
     ],
     ids=["block", "router"],
 )
-def test_layer_config_round_trip(layer):
-    config = layer.get_config()
-    clone = type(layer).from_config(config)
-    assert clone.get_config() == config
-    constraint = kmm.layers.ClipConstraint(0.0, 0.5)
-    clone = keras.constraints.deserialize(keras.constraints.serialize(constraint))
-    assert clone.get_config() == constraint.get_config()
+def test_layer_harness(make, tmp_path):
+    tokens = np.random.default_rng(0).normal(size=(2, 16, 32))
+    run_layer_test(make, [tokens.astype("float32")], tmp_path)
 
 
-def test_backbone_and_classifier_config_round_trip():
+def test_backbone_and_classifier_harness(tmp_path):
     backbone = tiny_mone_backbone(capacity_budget=0.3, drop_path_rate=0.1)
-    config = backbone.get_config()
-    assert config["capacity_budget"] == 0.3
-    clone = kmm.MoNEBackbone.from_config(config)
-    assert clone.get_config() == config
-    assert clone.count_params() == backbone.count_params()
+    assert backbone.get_config()["capacity_budget"] == 0.3
+    run_backbone_test(
+        backbone, images(), tmp_path,
+        ("sequence_output", "router_probs", "expert_index"),
+    )
     model = kmm.MoNE(backbone, num_classes=10, training_budgets=[0.2, 0.6])
-    config = model.get_config()
-    clone = kmm.MoNE.from_config(config)
-    assert clone.get_config() == config
-    assert clone.training_budgets == [0.2, 0.6]
+    assert assert_config_round_trip(model).training_budgets == [0.2, 0.6]
     # A budget changed on the model is what its config now says.
     backbone.capacity_budget = 0.7
     assert model.get_config()["backbone"]["config"]["capacity_budget"] == 0.7
@@ -477,13 +489,10 @@ def test_mone_has_the_parameters_of_the_dense_vit():
 def test_classifier_keras_save_load_keeps_budget_and_outputs(tmp_path):
     model = tiny_mone(num_classes=10, capacity_budget=0.3)
     x = images()
-    expected = to_numpy(model(x))
-    path = str(tmp_path / "mone.keras")
-    model.save(path)
-    loaded = keras.saving.load_model(path)
-    assert isinstance(loaded, kmm.MoNEImageClassifier)
+    loaded = run_task_test(
+        model, x, tmp_path, kmm.MoNEImageClassifier, predict=False
+    )
     assert loaded.capacity_budget == 0.3
-    np.testing.assert_allclose(to_numpy(loaded(x)), expected, atol=1e-5)
     # Change the budget of the loaded model: as if built at that budget.
     loaded.capacity_budget = 0.8
     fresh = tiny_mone(num_classes=10, capacity_budget=0.8)
@@ -491,18 +500,12 @@ def test_classifier_keras_save_load_keeps_budget_and_outputs(tmp_path):
     np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(fresh(x)), atol=1e-5)
 
 
-def test_backbone_keras_save_load(tmp_path):
-    backbone = tiny_mone_backbone()
-    x = images()
-    expected = backbone(x)
-    path = str(tmp_path / "backbone.keras")
-    backbone.save(path)
-    loaded = keras.saving.load_model(path)
-    got = loaded(x)
-    for key in ("sequence_output", "router_probs", "expert_index"):
-        np.testing.assert_allclose(
-            to_numpy(got[key]), to_numpy(expected[key]), atol=1e-5
-        )
+def test_preprocessing_harness():
+    run_preprocessing_test(
+        kmm.models.MoNEImageConverter,
+        kmm.models.MoNEImageClassifierPreprocessor,
+        fixture()["x_test"][:2].astype("float32"),
+    )
 
 
 # --- the model -------------------------------------------------------------------
@@ -570,14 +573,7 @@ def test_changing_the_budget_of_a_built_model_recompiles_predict():
 
 def test_results_do_not_depend_on_the_rest_of_the_batch():
     model = tiny_mone(num_classes=10)
-    x = images(8, seed=3)
-    together = to_numpy(model(x))
-    others = images(8, seed=4)
-    others[5] = x[5]
-    mixed = to_numpy(model(others))
-    alone = to_numpy(model(x[5:6]))
-    np.testing.assert_allclose(alone[0], together[5], atol=1e-5)
-    np.testing.assert_allclose(mixed[5], together[5], atol=1e-5)
+    assert_batch_independent(model, images(8, seed=3), images(8, seed=4))
 
 
 def test_every_trainable_weight_gets_a_finite_nonzero_gradient():
@@ -592,13 +588,8 @@ def test_every_trainable_weight_gets_a_finite_nonzero_gradient():
     def loss(logits):
         return model.compute_loss(x, y, logits, training=True)
 
-    grads = gradients(model, loss, x)
-    names = [v.path for v in model.trainable_variables]
+    names = list(assert_finite_nonzero_gradients(model, loss, x))
     assert any("alpha" in n for n in names) and any("router" in n for n in names)
-    for name, grad in zip(names, grads):
-        assert grad is not None, name
-        assert np.all(np.isfinite(grad)), name
-        assert np.abs(grad).sum() > 0, name
 
 
 def test_alpha_gets_a_gradient_at_initialisation():
@@ -762,19 +753,10 @@ def test_flops_follow_the_budget():
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA cost analysis is JAX's")
 @pytest.mark.parametrize("budget", [1.0, 0.6, 0.3, 0.125])
 def test_flops_match_xla_cost_analysis(budget):
-    import jax
-
     model = tiny_mone(num_classes=10, capacity_budget=budget)
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    forward = jax.jit(
-        lambda x: model.stateless_call(trainable, non_trainable, x)[0]
-    )
-    cost = forward.lower(np.zeros((1, 32, 32, 3), "float32")).compile()
-    cost = cost.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    xla = xla_flops(model, (32, 32, 3))
     ours = kmm.count_flops(model)
-    assert abs(ours / cost["flops"] - 1) < 0.05, (ours, cost["flops"])
+    assert abs(ours / xla - 1) < 0.05, (ours, xla)
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA cost analysis is JAX's")
@@ -782,20 +764,11 @@ def test_compiled_compute_shrinks_with_the_budget():
     """Compute follows the assignment: XLA's own count of a compiled
     196-token forward (6x64 at 224, patch 16) falls with the budget as ours
     does."""
-    import jax
-
     model = kmm.MoNE.from_preset("6x64_mone", load_weights=False, patch_size=16)
     costs, ours = {}, {}
     for budget in (1.0, 0.4):
         model.capacity_budget = budget
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
-        forward = jax.jit(
-            lambda x: model.stateless_call(trainable, non_trainable, x)[0]
-        )
-        cost = forward.lower(np.zeros((1, 224, 224, 3), "float32"))
-        cost = cost.compile().cost_analysis()
-        costs[budget] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+        costs[budget] = xla_flops(model, (224, 224, 3))
         ours[budget] = kmm.count_flops(model)
         assert abs(ours[budget] / costs[budget] - 1) < 0.05
     # At 196 tokens and width 64 the full-width N^2 attention is a third of

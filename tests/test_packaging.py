@@ -19,6 +19,9 @@ import pytest
 
 from conftest import BACKEND
 
+# The wheel, its layout and the README: the same on every backend.
+pytestmark = pytest.mark.backend_independent
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

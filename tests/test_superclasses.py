@@ -14,6 +14,9 @@ from keras_mobile_moe.superclasses import balanced_assignment
 from keras_mobile_moe.superclasses import purity
 from keras_mobile_moe.superclasses import superclasses_from_confusion
 
+# Pure numpy (see above): the same on every backend.
+pytestmark = pytest.mark.backend_independent
+
 
 def planted_confusion(groups, within=20.0, noise=1.0, diagonal=100.0, seed=0):
     """A confusion matrix whose mistakes stay mostly inside `groups`."""
