@@ -32,6 +32,7 @@ import numpy as np
 from conftest import gradients
 from conftest import to_numpy
 
+
 def assert_config_round_trip(obj):
     """`from_config(get_config())` gives the same config; returns the
     clone."""
@@ -147,7 +148,8 @@ def _as_json(obj):
     # preprocessors keep theirs as objects in get_config) become configs.
     return json.dumps(
         keras.saving.serialize_keras_object(obj),
-        default=keras.saving.serialize_keras_object, sort_keys=True,
+        default=keras.saving.serialize_keras_object,
+        sort_keys=True,
     )
 
 
@@ -166,9 +168,7 @@ def run_preprocessing_test(converter_cls, preprocessor_cls, images):
     """A family's image converter (resizing to 16x16, scaling to [-1, 1])
     and its classifier preprocessor around it: serialization round trip,
     and each clone preprocesses `images` (raw pixels) the same."""
-    converter = converter_cls(
-        image_size=(16, 16), scale=1 / 127.5, offset=-1.0
-    )
+    converter = converter_cls(image_size=(16, 16), scale=1 / 127.5, offset=-1.0)
     for layer in (converter, preprocessor_cls(converter)):
         clone = run_serialization_test(layer)
         _assert_outputs_close(clone(images), layer(images), atol=0.0)

@@ -37,7 +37,9 @@ HARNESS_CASES = {
     ),
     "MobileVMoEBackbone": "test_mobile_vmoe.py::test_backbone_harness",
     "MobileVMoEImageClassifier": "test_mobile_vmoe.py::test_classifier_harness",
-    "MobileVMoEImageConverter": "test_mobile_vmoe.py::test_preprocessing_harness",
+    "MobileVMoEImageConverter": (
+        "test_mobile_vmoe.py::test_preprocessing_harness"
+    ),
     "MobileVMoEImageClassifierPreprocessor": (
         "test_mobile_vmoe.py::test_preprocessing_harness"
     ),
@@ -46,12 +48,18 @@ HARNESS_CASES = {
         "test_mone.py::test_classifier_keras_save_load_keeps_budget_and_outputs"
     ),
     "MoNEImageConverter": "test_mone.py::test_preprocessing_harness",
-    "MoNEImageClassifierPreprocessor": "test_mone.py::test_preprocessing_harness",
+    "MoNEImageClassifierPreprocessor": (
+        "test_mone.py::test_preprocessing_harness"
+    ),
 }
 
 HARNESS_FUNCTIONS = {
-    "run_layer_test", "run_backbone_test", "run_task_test",
-    "run_serialization_test", "run_preprocessing_test", "run_loss_test",
+    "run_layer_test",
+    "run_backbone_test",
+    "run_task_test",
+    "run_serialization_test",
+    "run_preprocessing_test",
+    "run_loss_test",
 }
 
 
@@ -63,7 +71,7 @@ def registered_names():
         importlib.import_module(info.name)
     prefix = f"{PACKAGE}>"
     return sorted(
-        name[len(prefix):]
+        name[len(prefix) :]
         for name in keras.saving.get_custom_objects()
         if name.startswith(prefix)
     )
@@ -90,11 +98,13 @@ def test_each_case_exists_and_calls_the_harness(name):
     assert name in text, f"{file} never names {name}"
     tree = ast.parse(text)
     (function,) = [
-        node for node in tree.body
+        node
+        for node in tree.body
         if isinstance(node, ast.FunctionDef) and node.name == test
     ]
     called = {
-        node.func.id for node in ast.walk(function)
+        node.func.id
+        for node in ast.walk(function)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
     }
     assert called & HARNESS_FUNCTIONS, (name, HARNESS_CASES[name], called)
