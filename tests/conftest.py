@@ -45,6 +45,22 @@ TINY = dict(
 )
 
 
+# training/train.py flags for a tiny run on the committed fixture (the
+# training and guide tests).
+TINY_TRAIN_ARGS = [
+    "--data=fixture",
+    "--image_size=32",
+    "--patch_size=8",
+    "--override=num_layers=2",
+    "--override=hidden_dim=16",
+    "--override=num_heads=2",
+    "--override=mlp_dim=32",
+    "--batch_size=32",
+    "--seed=3",
+    "--verbose=2",
+]
+
+
 def tiny_backbone(**overrides):
     return kmm.MobileVMoEBackbone(**{**TINY, **overrides})
 

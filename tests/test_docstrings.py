@@ -38,6 +38,15 @@ def test_public_api_has_examples():
         kmm.layers.PatchEmbedding, kmm.layers.TransformerEncoderBlock,
         kmm.layers.MLP, kmm.layers.DropPath,
         kmm.losses.SuperclassRouterLoss, kmm.datasets.cifar100.load_fixture,
+        # MoNE
+        kmm.MoNE, kmm.MoNEBackbone, kmm.capacity_distribution,
+        kmm.capacity.expert_token_counts, kmm.layers.NestedExpertBlock,
+        kmm.layers.NestedExpertRouter, kmm.layers.expert_preferred_routing,
+        kmm.layers.permute_tokens, kmm.layers.ClipConstraint,
+        kmm.flops.nested_block_flops, kmm.MoNE.from_preset,
+        kmm.MoNE.save_to_preset, kmm.MoNEBackbone.from_preset,
+        kmm.models.MoNEImageClassifierPreprocessor,
+        kmm.models.MoNEImageConverter,
     ]
     for obj in public:
         assert ">>> " in (obj.__doc__ or ""), obj

@@ -17,23 +17,12 @@ import sys
 import keras
 import pytest
 
+from conftest import TINY_TRAIN_ARGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUIDES = os.path.join(ROOT, "guides")
 TRAIN = os.path.join(ROOT, "training", "train.py")
-TINY_ARGS = [
-    "--data=fixture",
-    "--image_size=32",
-    "--patch_size=8",
-    "--override=num_layers=2",
-    "--override=hidden_dim=16",
-    "--override=num_heads=2",
-    "--override=mlp_dim=32",
-    "--batch_size=32",
-    "--seed=3",
-    "--verbose=2",
-    "--epochs=1",
-    "--max_steps_per_epoch=4",
-]
+TINY_ARGS = [*TINY_TRAIN_ARGS, "--epochs=1", "--max_steps_per_epoch=4"]
 
 
 def env(**extra):

@@ -82,8 +82,9 @@ def test_every_registered_class_has_a_harness_case():
     assert "MobileVMoEBackbone" in names and "MoNEBackbone" in names
     missing = [name for name in names if name not in HARNESS_CASES]
     assert not missing, (
-        f"registered under '{PACKAGE}>' without a harness case in "
-        f"tests/harness.py: {missing}; add one and name it in HARNESS_CASES"
+        f"registered under '{PACKAGE}>' without a harness case: {missing}; "
+        "test it with a tests/harness.py function and name the test in "
+        "HARNESS_CASES"
     )
     stale = sorted(set(HARNESS_CASES) - set(names))
     assert not stale, f"HARNESS_CASES names unregistered objects: {stale}"

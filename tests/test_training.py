@@ -18,24 +18,16 @@ import numpy as np
 import pytest
 
 import keras_mobile_moe as kmm
+from conftest import TINY_TRAIN_ARGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "training", "train.py")
 DISCOVER = os.path.join(ROOT, "training", "discover_superclasses.py")
 TINY_ARGS = [
     "--preset=6x64_e10",
-    "--data=fixture",
-    "--image_size=32",
-    "--patch_size=8",
-    "--override=num_layers=2",
-    "--override=hidden_dim=16",
-    "--override=num_heads=2",
-    "--override=mlp_dim=32",
+    *TINY_TRAIN_ARGS,
     "--routing=random",
     "--num_experts=4",
-    "--batch_size=32",
-    "--seed=3",
-    "--verbose=2",
 ]
 
 
@@ -417,19 +409,7 @@ def test_publish_preset_stores_compact_weights_and_a_registry_entry(
     )
 
 
-MONE_ARGS = [
-    "--data=fixture",
-    "--image_size=32",
-    "--patch_size=8",
-    "--override=num_layers=2",
-    "--override=hidden_dim=16",
-    "--override=num_heads=2",
-    "--override=mlp_dim=32",
-    "--batch_size=32",
-    "--seed=3",
-    "--verbose=2",
-    "--epochs=1",
-]
+MONE_ARGS = [*TINY_TRAIN_ARGS, "--epochs=1"]
 
 
 def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
