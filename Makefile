@@ -25,8 +25,10 @@ demo: setup
 # The backends' pytest sessions run at once, one thread each (TEST_JOBS=1:
 # in turn); pytest exits 5 when it collects nothing: any non-zero status
 # fails. See scripts/run_tests.sh.
+TEST_JOBS ?= 3
 test: setup
-	@PYTHON=$(BIN)/python BACKENDS="$(BACKENDS)" scripts/run_tests.sh $(PYTEST_ARGS)
+	@PYTHON=$(BIN)/python BACKENDS="$(BACKENDS)" TEST_JOBS=$(TEST_JOBS) \
+		scripts/run_tests.sh $(PYTEST_ARGS)
 
 # keras-hub's style (pyproject.toml [tool.ruff]); `ruff format` and
 # `ruff check --fix` apply the fixable part.
