@@ -5,6 +5,7 @@ Every message names the argument, the value received and what is accepted.
 
 import os
 
+import keras
 import numpy as np
 
 
@@ -56,6 +57,32 @@ def check_choice(name, value, choices):
 DEFAULT_VALUE_RANGE = (0, 255)
 
 
+def check_channels_last(owner):
+    """Raises a clear `ValueError` unless Keras' image data format is
+    `"channels_last"`.
+
+    The models take `image_shape=(height, width, channels)` and images
+    `[batch, height, width, channels]`; under
+    `keras.config.image_data_format() == "channels_first"` (keras-hub's
+    models then take `[batch, channels, height, width]`) they are refused
+    at construction instead of failing later on a transposed shape.
+
+    Args:
+        owner: str. The class being built, named in the error.
+    """
+    data_format = keras.config.image_data_format()
+    if data_format != "channels_last":
+        raise ValueError(
+            f"{owner} takes channels-last images: image_shape=(height, "
+            "width, channels) and inputs [batch, height, width, channels]. "
+            "Received: keras.config.image_data_format()="
+            f"{data_format!r}. Accepted: 'channels_last'. Call "
+            "keras.config.set_image_data_format('channels_last') before "
+            "building the model and transpose channels-first images with "
+            "keras.ops.transpose(images, (0, 2, 3, 1))."
+        )
+
+
 def check_image_shape(image_shape, patch_size):
     """Validates `image_shape` against `patch_size`; returns it as a tuple."""
     shape = tuple(image_shape) if isinstance(image_shape, (list, tuple)) else ()
@@ -67,10 +94,16 @@ def check_image_shape(image_shape, patch_size):
             "channels) of positive ints."
         )
     if shape[0] % patch_size or shape[1] % patch_size:
+        hint = ""
+        if shape[0] <= 4 < shape[2]:
+            hint = (
+                f" image_shape={shape} looks channels-first; these models "
+                "take (height, width, channels)."
+            )
         raise ValueError(
             f"Image size {shape[0]}x{shape[1]} is not divisible by "
             f"patch_size={patch_size}. Accepted: a patch_size that divides "
-            "both the image height and width."
+            f"both the image height and width.{hint}"
         )
     return shape
 

@@ -71,6 +71,10 @@ class PatchEmbedding(keras.layers.Layer):
             kernel_size=self.patch_size,
             strides=self.patch_size,
             padding="valid",
+            # Images are [batch, height, width, channels] whatever
+            # keras.config.image_data_format() says (the backbones refuse
+            # "channels_first"); the kernel is read directly in `_project`.
+            data_format="channels_last",
             dtype=self.dtype_policy,
             name="projection",
         )

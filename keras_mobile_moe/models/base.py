@@ -29,6 +29,7 @@ from keras_mobile_moe import preset_registry
 from keras_mobile_moe.layers.patch_embedding import PatchEmbedding
 from keras_mobile_moe.models import task_utils
 from keras_mobile_moe.models.task_utils import ShuffledFitMixin
+from keras_mobile_moe.validation import check_channels_last
 from keras_mobile_moe.validation import check_choice
 from keras_mobile_moe.validation import check_image_shape
 from keras_mobile_moe.validation import check_images
@@ -48,6 +49,20 @@ SHARED_BACKBONE_CONFIG = (
     "drop_path_rate",
     "layer_norm_epsilon",
 )
+
+
+def symbolic_images(images):
+    """`images` as a `keras.KerasTensor` of the same shape and dtype.
+
+    `compute_output_spec` runs the layers' `compute_output_shape` on the
+    shapes of the tensor arguments; a numpy array is not one on every
+    backend, so the patch embedding got `input_shape=None` (`TypeError:
+    'NoneType' object is not subscriptable`, seen in keras-hub's harness).
+    """
+    if isinstance(images, keras.KerasTensor) or not hasattr(images, "shape"):
+        return images
+    dtype = keras.backend.standardize_dtype(images.dtype)
+    return keras.KerasTensor(tuple(images.shape), dtype=dtype)
 
 
 class PresetMixin:
@@ -90,10 +105,10 @@ class FamilyBackbone(PresetMixin, Backbone):
 
     # --- construction helpers --------------------------------------------
 
-    @staticmethod
-    def _check_image_arguments(image_shape, patch_size, num_layers):
+    def _check_image_arguments(self, image_shape, patch_size, num_layers):
         """Checks the arguments every family has; returns `image_shape` as
         a tuple."""
+        check_channels_last(type(self).__name__)
         check_int("patch_size", patch_size, minimum=1)
         image_shape = check_image_shape(image_shape, patch_size)
         check_int("num_layers", num_layers, minimum=1)
@@ -134,6 +149,11 @@ class FamilyBackbone(PresetMixin, Backbone):
     def call(self, inputs, training=None, mask=None):
         check_images(inputs, self.image_shape)
         return super().call(inputs, training=training, mask=mask)
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        return super().compute_output_spec(
+            symbolic_images(inputs), training=training, mask=mask
+        )
 
     @classmethod
     def from_preset(cls, preset, load_weights=True, **kwargs):
@@ -314,6 +334,11 @@ class FamilyImageClassifier(PresetMixin, ShuffledFitMixin, ImageClassifier):
     def call(self, inputs, training=None, mask=None):
         check_images(inputs, self.backbone.image_shape)
         return super().call(inputs, training=training, mask=mask)
+
+    def compute_output_spec(self, inputs, training=None, mask=None):
+        return super().compute_output_spec(
+            symbolic_images(inputs), training=training, mask=mask
+        )
 
     def compile(
         self, optimizer="auto", loss="auto", *, metrics="auto", **kwargs
