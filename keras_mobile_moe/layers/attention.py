@@ -10,6 +10,8 @@ Python values fixed before the call, so tracing (jit, XLA, TFLite) sees
 static shapes and a constant scale.
 """
 
+import functools
+
 import keras
 from keras import ops
 
@@ -24,6 +26,26 @@ from keras_mobile_moe.layers.fast_ops import reshape
 _FLASH = {"torch": False}
 
 
+@functools.cache
+def _jax_on_cpu():
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def _fused_kernel_runs(query):
+    """False where the backend's fused kernel cannot take `query`'s dtype:
+    `jax.nn.dot_product_attention` multiplies float16 inputs into float32,
+    a dot XLA:CPU does not have ("The precision 'F16_F16_F32' is not
+    supported by dot_general on CPU", in every jitted `mixed_float16`
+    step)."""
+    return not (
+        keras.config.backend() == "jax"
+        and keras.backend.standardize_dtype(query.dtype) == "float16"
+        and _jax_on_cpu()
+    )
+
+
 def attend(query, key, value, num_heads, scale, dropout=None, training=None):
     """Full multi-head attention of all tokens: `softmax(QK^T * scale) V`.
 
@@ -35,6 +57,7 @@ def attend(query, key, value, num_heads, scale, dropout=None, training=None):
         dropout: a `keras.layers.Dropout` for the attention weights, or None.
             It is applied only when `training` is true and its rate is > 0;
             that path normalises the weights explicitly (dropout needs them),
+            as float16 on JAX's CPU backend does (`_fused_kernel_runs`);
             every other call runs the fused kernel.
         training: bool.
 
@@ -52,14 +75,18 @@ def attend(query, key, value, num_heads, scale, dropout=None, training=None):
     num_tokens, width = query.shape[1], query.shape[2]
     head_dim = width // num_heads
     split = (-1, num_tokens, num_heads, head_dim)
-    if training and dropout is not None and dropout.rate > 0.0:
+    dropping = training and dropout is not None and dropout.rate > 0.0
+    if dropping or not _fused_kernel_runs(query):
         # [B, H, N, d] so that both products are plain batched matmuls.
         query = ops.transpose(ops.reshape(query, split), (0, 2, 1, 3))
         key = ops.transpose(ops.reshape(key, split), (0, 2, 3, 1))
         value = ops.transpose(ops.reshape(value, split), (0, 2, 1, 3))
         scores = ops.matmul(query, key) * ops.cast(scale, query.dtype)
-        weights = ops.softmax(ops.cast(scores, "float32"), axis=-1)
-        weights = dropout(ops.cast(weights, value.dtype), training=training)
+        weights = ops.cast(
+            ops.softmax(ops.cast(scores, "float32"), axis=-1), value.dtype
+        )
+        if dropping:
+            weights = dropout(weights, training=training)
         out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
     else:
         out = ops.dot_product_attention(

@@ -85,7 +85,15 @@ class MobileVMoEBackbone(FamilyBackbone):
             `"keras_mobile_moe>gelu_tanh"` (default, as the paper's JAX
             ViTs) or `"gelu"` (exact GELU, as timm and keras-hub ViTs;
             set when converting their checkpoints).
-        dtype: dtype policy of the model.
+        dtype: dtype policy of the model (default: the global policy).
+            Under `"mixed_bfloat16"` / `"mixed_float16"` the weights stay
+            float32 and every layer computes in the half type, except the
+            routers, which compute in float32 on purpose (a half-precision
+            softmax over experts ties or flips the top-k choice):
+            `router_logits` is float32 under every policy.
+
+    Images are channels-last whatever `keras.config.image_data_format()`
+    says; under `"channels_first"` construction raises a `ValueError`.
 
     Call arguments:
         images: float tensor `[batch, height, width, channels]` (named

@@ -45,7 +45,15 @@ class MobileVMoEImageClassifier(FamilyImageClassifier):
             the super-class (= expert) of every class, or None.
         routing: `"superclass"` or `"learned"`.
         router_loss_weight: float >= 0, lambda of the router loss.
-        head_dtype: dtype policy of the head.
+        head_dtype: dtype policy of the head (default: the backbone's).
+
+    Mixed precision: the classifier takes the backbone's dtype policy. The
+    logits come out in its compute dtype, the router logits in float32, and
+    both losses (the classification loss and `SuperclassRouterLoss`) are
+    computed in float32 on purpose. Under `"mixed_float16"`, `compile`
+    wraps the optimizer in `keras.optimizers.LossScaleOptimizer` (Keras'
+    `auto_scale_loss`), so float16 gradients do not underflow;
+    `"mixed_bfloat16"` needs no loss scaling.
 
     Call arguments:
         images: images `[batch, height, width, channels]`.

@@ -50,7 +50,15 @@ class MoNEBackbone(FamilyBackbone):
         drop_path_rate: float in [0, 1). Stochastic depth of the last block;
             earlier blocks get linearly smaller rates.
         layer_norm_epsilon: float. Epsilon of the layer norms.
-        dtype: dtype policy of the model.
+        dtype: dtype policy of the model (default: the global policy).
+            Under `"mixed_bfloat16"` / `"mixed_float16"` the weights stay
+            float32 and every layer computes in the half type, except the
+            router, which computes in float32 on purpose (Expert Preferred
+            Routing ranks tokens by probability; half precision ties them):
+            `router_probs` is float32 under every policy.
+
+    Images are channels-last whatever `keras.config.image_data_format()`
+    says; under `"channels_first"` construction raises a `ValueError`.
 
     Call arguments:
         images: float tensor `[batch, height, width, channels]` (named

@@ -62,7 +62,12 @@ class MoNEImageClassifier(FamilyImageClassifier):
         training_budgets: None (train at the backbone's `capacity_budget`),
             `"adaptive"`, or a list of budgets to draw one from per training
             step (per execution with `steps_per_execution > 1`).
-        head_dtype: dtype policy of the head.
+        head_dtype: dtype policy of the head (default: the backbone's).
+
+    Mixed precision: the classifier takes the backbone's dtype policy; the
+    logits come out in its compute dtype and the loss is computed in
+    float32. Under `"mixed_float16"`, `compile` wraps the optimizer in
+    `keras.optimizers.LossScaleOptimizer` (Keras' `auto_scale_loss`).
 
     Call arguments:
         images: images `[batch, height, width, channels]`.
