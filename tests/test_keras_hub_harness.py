@@ -101,14 +101,16 @@ def _float32_router_layers(model):
     router_policy`)."""
     exempt = set()
     for layer in model._flatten_layers():
-        if isinstance(layer, (kmm.layers.ImageRouter,
-                              kmm.layers.NestedExpertRouter)):
+        if isinstance(
+            layer, (kmm.layers.ImageRouter, kmm.layers.NestedExpertRouter)
+        ):
             exempt.update(
                 id(sub) for sub in layer._flatten_layers(include_self=False)
             )
         if isinstance(layer, kmm.layers.TokenRoutedMoE):
             exempt.add(id(layer.router))
     return exempt
+
 
 # Backend tensors, as keras-hub's own tests pass.
 IMAGES = ops.convert_to_tensor(

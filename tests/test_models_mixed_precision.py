@@ -133,9 +133,7 @@ def test_fit_reduces_the_loss_under_mixed_precision(family, policy):
         family, num_classes=10, superclass_ids=superclass_ids, dtype=policy
     )
     model.compile(optimizer=keras.optimizers.Adam(2e-3))
-    scaled = isinstance(
-        model.optimizer, keras.optimizers.LossScaleOptimizer
-    )
+    scaled = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     # Keras' loss scaling keeps float16 gradients from underflowing; bfloat16
     # has float32's exponent range and needs none.
     assert scaled == (policy == "mixed_float16")
@@ -144,6 +142,4 @@ def test_fit_reduces_the_loss_under_mixed_precision(family, policy):
     after = model.evaluate(images, labels, batch_size=80, verbose=0)[0]
     assert np.isfinite(history.history["loss"]).all()
     assert np.isfinite(after) and after < before, (before, after)
-    assert all(
-        np.isfinite(to_numpy(w)).all() for w in model.trainable_weights
-    )
+    assert all(np.isfinite(to_numpy(w)).all() for w in model.trainable_weights)
