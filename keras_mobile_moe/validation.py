@@ -239,7 +239,7 @@ def check_image_batch(images, image_shape, value_range, exact_size=False):
         )
 
 
-def check_labels(labels, num_classes, sparse=True, num_images=None):
+def check_labels(labels, num_classes, sparse=True, num_images=None, name="y"):
     """Checks class labels as the user passed them.
 
     Args:
@@ -250,10 +250,11 @@ def check_labels(labels, num_classes, sparse=True, num_images=None):
         sparse: True (sparse loss: ids), False (categorical: targets) or
             None (a custom loss: either form, checked as given).
         num_images: the batch size of the images, if known.
+        name: str. The argument's name in the error messages.
     """
     labels = np.asarray(labels)
     shape, dtype = tuple(labels.shape), labels.dtype
-    received = f"Received: y of shape {shape} and dtype {dtype}"
+    received = f"Received: {name} of shape {shape} and dtype {dtype}"
     ids = f"integer class ids [batch] in [0, {num_classes})"
     targets = f"one-hot or soft targets [batch, {num_classes}]"
     if dtype == bool or dtype.kind not in "uif":

@@ -2,6 +2,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_mobile_moe import validation
+
 
 def check_superclass_ids(superclass_ids, num_classes=None, num_experts=None):
     """Validates a class -> super-class table and returns it as a list.
@@ -50,6 +52,14 @@ class SuperclassRouterLoss(keras.losses.Loss):
     `L = L_cls + lambda * L_router` with this loss as `L_router` (lambda = 0.3
     in the paper). The class -> super-class table is part of the config.
 
+    The labels are integer class ids or soft targets: one-hot rows, or the
+    label distributions Mixup / CutMix make (rows that sum to 1). A soft
+    label's super-class target is its distribution summed per super-class,
+    `y_true @ one_hot(superclass_ids)` (see `superclass_targets`): an image
+    mixed 70/30 from two classes of different super-classes asks the router
+    for 0.7 / 0.3 on their two experts, and a one-hot row gives exactly the
+    loss of its integer label.
+
     Args:
         superclass_ids: sequence of ints; entry `c` is the super-class (=
             expert) of fine class `c`.
@@ -60,7 +70,9 @@ class SuperclassRouterLoss(keras.losses.Loss):
         reduction, name, dtype: see `keras.losses.Loss`.
 
     Call arguments:
-        y_true: int tensor `[batch]` of fine class labels.
+        y_true: fine class labels: integer ids `[batch]` (or `[batch, 1]`),
+            or one-hot / soft targets `[batch, num_classes]` whose rows sum
+            to 1 (`num_classes = len(superclass_ids)`).
         y_pred: float tensor `[batch, num_experts]` of router logits.
 
     Returns:
@@ -72,6 +84,9 @@ class SuperclassRouterLoss(keras.losses.Loss):
     >>> loss = SuperclassRouterLoss(superclass_ids=[0, 0, 1, 1])
     >>> logits = np.array([[5.0, -5.0], [-5.0, 5.0]], "float32")
     >>> float(loss(np.array([1, 2]), logits)) < 1e-3
+    True
+    >>> mixed = np.array([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.3, 0.7]])
+    >>> float(loss(mixed, logits)) < 1e-3  # both rows stay in one super-class
     True
     """
 
@@ -94,22 +109,81 @@ class SuperclassRouterLoss(keras.losses.Loss):
             )
         self.label_smoothing = float(label_smoothing)
 
-    def call(self, y_true, y_pred):
-        num_experts = y_pred.shape[-1]
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        # Values can only be checked on concrete labels; tensors inside a
+        # compiled step are checked by shape (`superclass_targets`), and a
+        # task's `fit` checks every batch in numpy before Keras sees it.
+        if isinstance(y_true, (np.ndarray, list, tuple)):
+            validation.check_labels(
+                np.asarray(y_true),
+                len(self.superclass_ids),
+                sparse=None,
+                num_images=_static_batch(y_pred),
+                name="y_true",
+            )
+        return super().__call__(y_true, y_pred, sample_weight=sample_weight)
+
+    def superclass_targets(self, y_true, num_experts):
+        """The router's target distribution for a batch of labels.
+
+        Args:
+            y_true: integer class ids `[batch]` / `[batch, 1]`, or one-hot /
+                soft targets `[batch, num_classes]`.
+            num_experts: int. The router's number of experts.
+
+        Returns:
+            Float32 `[batch, num_experts]`: the one-hot super-class of each
+            integer label; for soft targets, the label distribution summed
+            per super-class (`y_true @ one_hot(superclass_ids)`).
+
+        Example:
+
+        >>> loss = SuperclassRouterLoss(superclass_ids=[0, 1, 1])
+        >>> import numpy as np
+        >>> targets = loss.superclass_targets(
+        ...     np.array([[0.2, 0.5, 0.3]], "float32"), 2)
+        >>> np.round(np.asarray(targets), 3).tolist()
+        [[0.2, 0.8]]
+        """
         if num_experts is not None and max(self.superclass_ids) >= num_experts:
             raise ValueError(
                 f"superclass_ids reaches id {max(self.superclass_ids)} but the "
                 f"router has {num_experts} experts. Accepted: ids in "
                 f"[0, {num_experts})."
             )
+        num_classes = len(self.superclass_ids)
+        shape = tuple(ops.shape(y_true)) if hasattr(y_true, "shape") else ()
+        rank = len(shape)
+        width = shape[-1] if rank == 2 else None
+        is_soft = rank == 2 and width not in (None, 1)
+        if rank not in (1, 2) or (is_soft and width != num_classes):
+            raise ValueError(
+                f"Received: y_true of shape {_shape_str(shape)}. Expected "
+                f"integer class ids [batch] (or [batch, 1]) in "
+                f"[0, {num_classes}), or one-hot / soft targets "
+                f"[batch, {num_classes}] whose rows sum to 1 (num_classes = "
+                "len(superclass_ids))."
+            )
+        if is_soft:
+            table = ops.one_hot(
+                ops.convert_to_tensor(self.superclass_ids, dtype="int32"),
+                num_experts,
+                dtype="float32",
+            )
+            return ops.matmul(ops.cast(y_true, "float32"), table)
         table = ops.convert_to_tensor(self.superclass_ids, dtype="int32")
         labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
         superclasses = ops.take(table, labels, axis=0)
-        targets = ops.one_hot(superclasses, ops.shape(y_pred)[-1])
+        return ops.one_hot(superclasses, num_experts, dtype="float32")
+
+    def call(self, y_true, y_pred):
+        num_experts = y_pred.shape[-1]
+        targets = self.superclass_targets(y_true, num_experts)
         if self.label_smoothing:
             targets = targets * (1.0 - self.label_smoothing) + (
-                self.label_smoothing / ops.cast(ops.shape(y_pred)[-1], "float32")
+                self.label_smoothing / float(num_experts)
             )
+        # In float32 whatever the model's dtype policy (router softmax rule).
         return keras.losses.categorical_crossentropy(
             targets, ops.cast(y_pred, "float32"), from_logits=self.from_logits
         )
@@ -124,3 +198,15 @@ class SuperclassRouterLoss(keras.losses.Loss):
             }
         )
         return config
+
+
+def _static_batch(y_pred):
+    shape = getattr(y_pred, "shape", None)
+    if shape is None or not len(shape) or shape[0] is None:
+        return None
+    return int(shape[0])
+
+
+def _shape_str(shape):
+    dims = ", ".join("None" if d is None else str(int(d)) for d in shape)
+    return f"({dims},)" if len(shape) == 1 else f"({dims})"

@@ -354,9 +354,11 @@ class FamilyImageClassifier(PresetMixin, ShuffledFitMixin, ImageClassifier):
                 lowered a trained preset's accuracy: see
                 `benchmarks/results/finetune_defaults.md`).
             loss: `"auto"` (sparse categorical cross-entropy on the logits)
-                or a Keras loss for the class labels. A family with a
-                router loss (Mobile V-MoE) adds it on top, with its
-                `router_loss_weight`.
+                or a Keras loss for the class labels, e.g.
+                `keras.losses.CategoricalCrossentropy(from_logits=True)` for
+                one-hot or Mixup/CutMix soft targets. A family with a router
+                loss (Mobile V-MoE) adds it on top, with its
+                `router_loss_weight`, reading the same labels.
             metrics: `"auto"` (top-1 accuracy on class ids, or on one-hot /
                 soft targets with a categorical loss) or Keras metrics.
             **kwargs: passed to `keras.Model.compile`.
@@ -456,6 +458,14 @@ class FamilyImageClassifier(PresetMixin, ShuffledFitMixin, ImageClassifier):
         10
         """
         self._save_preset(preset_dir, max_shard_size, overwrite)
+
+    @property
+    def loss_metrics(self):
+        """The metrics that `compute_loss` updates besides the loss (e.g.
+        Mobile V-MoE's router loss and accuracy), so that a model which
+        trains this task's graph with its `compute_loss` reports them too;
+        none here."""
+        return []
 
     @classmethod
     def from_config(cls, config):

@@ -267,11 +267,12 @@ class ShuffledFitMixin:
             )
             validation.check_image_batch(images, image_shape, value_range)
         if y is not None:
-            sparse = self._sparse_labels()
-            if sparse is not True and getattr(self, "router_loss", None):
-                sparse = True  # the router loss looks up each label's expert
+            # The router loss reads both label forms, as the class loss does.
             validation.check_labels(
-                _to_numpy(y), self.num_classes, sparse, num_images=len(images)
+                _to_numpy(y),
+                self.num_classes,
+                self._sparse_labels(),
+                num_images=len(images),
             )
 
     def _checked_element(self, element, errors):

@@ -23,7 +23,10 @@ class MobileVMoEImageClassifier(FamilyImageClassifier):
     and a linear head. In training the model also returns the router logits,
     and `fit` adds `router_loss_weight * SuperclassRouterLoss` (lambda = 0.3
     in the paper) to the classification loss, so a plain `compile()` trains
-    the router on the super-classes given by `superclass_ids`.
+    the router on the super-classes given by `superclass_ids`. The labels
+    are integer class ids (the default sparse loss) or, compiled with a
+    categorical loss, one-hot or Mixup/CutMix soft targets; the router's
+    target for a soft label is its distribution summed per super-class.
 
     Routing modes:
         - `"superclass"` (default): the router is supervised with the
@@ -191,7 +194,7 @@ class MobileVMoEImageClassifier(FamilyImageClassifier):
         if backbone.is_moe and routing == "superclass" and superclass_ids:
             self.router_loss = SuperclassRouterLoss(superclass_ids)
             self.router_loss_tracker = keras.metrics.Mean(name="router_loss")
-            self.router_accuracy = keras.metrics.SparseCategoricalAccuracy(
+            self.router_accuracy = keras.metrics.CategoricalAccuracy(
                 name="router_accuracy"
             )
 
@@ -226,16 +229,26 @@ class MobileVMoEImageClassifier(FamilyImageClassifier):
                 "superclass_ids=[one expert id per class] (e.g. CIFAR-100's "
                 "coarse labels) or routing='learned'."
             )
-        router_loss = self.router_loss(y, y_pred["router_logits"])
+        router_logits = y_pred["router_logits"]
+        router_loss = self.router_loss(y, router_logits)
         self.router_loss_tracker.update_state(router_loss)
-        table = ops.convert_to_tensor(self.superclass_ids, dtype="int32")
-        superclasses = ops.take(
-            table, ops.reshape(ops.cast(y, "int32"), (-1,)), axis=0
+        # The super-class distribution of each label (one-hot for an integer
+        # or one-hot label; a Mixup/CutMix mixture's argmax otherwise).
+        self.router_accuracy.update_state(
+            self.router_loss.superclass_targets(y, router_logits.shape[-1]),
+            router_logits,
         )
-        self.router_accuracy.update_state(superclasses, y_pred["router_logits"])
         return loss + ops.cast(self.router_loss_weight, loss.dtype) * ops.cast(
             router_loss, loss.dtype
         )
+
+    @property
+    def loss_metrics(self):
+        """The metrics `compute_loss` updates (router loss and accuracy);
+        empty without a router loss."""
+        if self.router_loss is None:
+            return []
+        return [self.router_loss_tracker, self.router_accuracy]
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if isinstance(y_pred, dict):
