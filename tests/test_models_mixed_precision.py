@@ -137,9 +137,10 @@ def test_fit_reduces_the_loss_under_mixed_precision(family, policy):
     # Keras' loss scaling keeps float16 gradients from underflowing; bfloat16
     # has float32's exponent range and needs none.
     assert scaled == (policy == "mixed_float16")
-    before = model.evaluate(images, labels, batch_size=80, verbose=0)[0]
+    # The epochs' mean training losses (classification, plus the router
+    # loss for Mobile V-MoE): no evaluate step to compile (CI time).
     history = model.fit(images, labels, batch_size=16, epochs=3, verbose=0)
-    after = model.evaluate(images, labels, batch_size=80, verbose=0)[0]
-    assert np.isfinite(history.history["loss"]).all()
-    assert np.isfinite(after) and after < before, (before, after)
+    losses = history.history["loss"]
+    assert np.isfinite(losses).all(), losses
+    assert losses[-1] < losses[0], losses
     assert all(np.isfinite(to_numpy(w)).all() for w in model.trainable_weights)
