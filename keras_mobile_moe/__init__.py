@@ -4,6 +4,13 @@ Implements Mobile V-MoE (Daxberger et al. 2023) and their dense ViT
 baselines in Keras 3, on the JAX, TensorFlow and PyTorch backends.
 """
 
+# First, before TensorFlow is imported: `python -m keras_mobile_moe.export`
+# imports this package before its __main__ runs, and TensorFlow prints its
+# start-up log lines at import.
+from keras_mobile_moe import native_logs
+
+native_logs.quiet_export_cli()
+
 from keras_mobile_moe import datasets
 from keras_mobile_moe import export
 from keras_mobile_moe import layers

@@ -46,16 +46,24 @@ def exported(trained, tmp_path_factory):
         "none": dict(quantization="none"),
         "float16": dict(quantization="float16"),
         "dynamic": dict(quantization="dynamic"),
-        # Defaults: routing path and residual stream in float32.
+        # The default: int8 weights, dynamic activations, the blocks before
+        # the router with float32 weights; no calibration.
         "int8": dict(quantization="int8"),
-        "int8_routing": dict(quantization="int8", float_residual_stream=False),
+        # Static int8 activations; defaults: routing path and residual
+        # stream in float32.
+        "int8_static": dict(quantization="int8", int8_activations="static"),
+        "int8_routing": dict(
+            quantization="int8", int8_activations="static",
+            float_residual_stream=False,
+        ),
         "int8_full": dict(
-            quantization="int8", float_routing=False, float_residual_stream=False
+            quantization="int8", int8_activations="static",
+            float_routing=False, float_residual_stream=False,
         ),
     }
     reports = {}
     for name, options in variants.items():
-        if options["quantization"] == "int8":
+        if options.get("int8_activations") == "static":
             options["representative_data"] = calibration
         reports[name] = to_tflite(model, folder / f"{name}.tflite", **options)
     return reports
@@ -85,7 +93,8 @@ def test_float32_matches_keras_to_1e_4(trained, exported):
 
 
 @pytest.mark.parametrize("mode", [
-    "none", "float16", "dynamic", "int8", "int8_routing", "int8_full",
+    "none", "float16", "dynamic", "int8", "int8_static", "int8_routing",
+    "int8_full",
 ])
 def test_files_use_builtin_ops_and_keep_per_image_routing(exported, mode):
     report = exported[mode]
@@ -108,11 +117,48 @@ def _ops(path):
     ]
 
 
+def _weight_dtypes(path, pattern):
+    """The dtypes of the constant (weight) inputs of the ops whose output
+    name matches `pattern`."""
+    interpreter = load_interpreter(path, xnnpack=False)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    produced = {i for op in ops for i in op["outputs"]}
+    inputs = {t["index"] for t in interpreter.get_input_details()}
+    return {
+        tensors[i]["dtype"] for op in ops
+        if op["op_name"] == "FULLY_CONNECTED"
+        and any(re.search(pattern, tensors[o]["name"]) for o in op["outputs"])
+        for i in op["inputs"][1:2] if i >= 0 and i not in produced
+        and i not in inputs
+    }
+
+
+def test_int8_default_keeps_the_routing_blocks_weights_float(exported):
+    report = exported["int8"]
+    assert report["int8_activations"] == "dynamic"
+    assert report["float_layers"] == ["dense_block_0", "dense_block_1",
+                                      "router"]
+    assert report["float_residual_stream"] is None
+    path = report["path"]
+    # The blocks before the router: float32 weights (float ops); the patch
+    # embedding and the MoE blocks' attention: int8 weights.
+    assert _weight_dtypes(path, r"/dense_block_\d_1/") == {np.float32}
+    for pattern in (r"/patch_embedding_1/", r"/moe_block_\d_1/attention/"):
+        assert _weight_dtypes(path, pattern) == {np.int8}, pattern
+    # The stacked expert kernels are int8, gathered, then dequantized.
+    ops = _ops(path)
+    gathers = [op for op in ops if op[0] == "GATHER" and op[1][0] == np.int8]
+    assert len(gathers) == 4
+    assert "DEQUANTIZE" in {op[0] for op in ops}
+    assert kmm.export.read_metadata(path)["int8_activations"] == "dynamic"
+
+
 def test_int8_routing_path_is_float_up_to_the_topk(exported):
-    # The router's dense layer, softmax and TopK: float inputs (the
-    # converter names the dense layer's output after the model output
+    # Static int8: the router's dense layer, softmax and TopK: float inputs
+    # (the converter names the dense layer's output after the model output
     # `router_logits`, so a deny list by layer name alone missed it).
-    ops = _ops(exported["int8"]["path"])
+    ops = _ops(exported["int8_static"]["path"])
     topk = [op for op in ops if op[0] == "TOPK_V2"]
     assert len(topk) == 1 and topk[0][1][0] == np.float32
     softmax_index = max(
@@ -137,13 +183,13 @@ def test_int8_routing_path_is_float_up_to_the_topk(exported):
     norm_mean = r"/moe_block_\d_1/(attention|mlp)_norm_1/moments/mean$"
     experts = r"/moe_block_\d_1/moe_1/MatMul"
     for pattern, op_name in ((residual, "ADD"), (norm_mean, "MEAN")):
-        assert input_dtypes(exported["int8"]["path"], op_name, pattern) == {
-            np.float32
-        }
+        assert input_dtypes(
+            exported["int8_static"]["path"], op_name, pattern
+        ) == {np.float32}
         assert input_dtypes(
             exported["int8_routing"]["path"], op_name, pattern
         ) == {np.int8}
-    for mode in ("int8", "int8_routing", "int8_full"):
+    for mode in ("int8_static", "int8_routing", "int8_full"):
         assert input_dtypes(
             exported[mode]["path"], "BATCH_MATMUL", experts
         ) == {np.int8}
@@ -156,12 +202,12 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
     assert size["dynamic"] < 0.4 * size["none"]
     assert size["int8_full"] < 0.4 * size["none"]
     # The float routing path (patch embedding, 2 dense blocks, router).
-    for mode in ("int8", "int8_routing"):
+    for mode in ("int8", "int8_static", "int8_routing"):
         assert size[mode] < 0.6 * size["none"]
-    assert exported["int8"]["float_layers"] == ROUTING + [
+    assert exported["int8_static"]["float_layers"] == ROUTING + [
         "attention_norm", "mlp_norm", "final_norm", "predictions"
     ]
-    assert exported["int8"]["float_residual_stream"] is True
+    assert exported["int8_static"]["float_residual_stream"] is True
     assert exported["int8_routing"]["float_layers"] == ROUTING
     assert exported["int8_routing"]["float_residual_stream"] is False
     assert exported["int8_full"]["float_layers"] == []
@@ -177,12 +223,15 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
     assert result["float16"]["routing"] >= 0.99
     assert result["dynamic"]["top1"] >= 0.97
     assert result["dynamic"]["routing"] >= 0.98
-    # Issue #6's goal: int8 agrees on top-1 for >= 97% of the images and on
-    # the chosen expert for >= 99%. Measured on this model (1000 fixture
-    # images, calibrated on the first 100): int8 defaults 97.8% / 100%,
-    # routing path only float 95.8% / 100%, all int8 91.6% / 96.0%.
-    assert result["int8"]["top1"] >= 0.97
-    for mode in ("int8", "int8_routing"):
+    # Issue 14's goal for the int8 default: >= 98% top-1 and >= 99.5%
+    # routing agreement (measured on this model, 1000 fixture images: 99.2%
+    # / 99.9%; "dynamic", all weights int8: 98.2% / 99.1%).
+    assert result["int8"]["top1"] >= 0.98
+    # Static int8 (issue 6's goal, >= 97% / 99%; 1000 fixture images,
+    # calibrated on the first 100): defaults 97.8% / 100%, routing path
+    # only float 95.8% / 100%, all int8 91.6% / 96.0%.
+    assert result["int8_static"]["top1"] >= 0.97
+    for mode in ("int8", "int8_static", "int8_routing"):
         assert result[mode]["routing"] >= 0.995
     assert result["int8_routing"]["top1"] >= 0.93
     assert result["int8_full"]["top1"] >= 0.88
@@ -256,7 +305,11 @@ def test_bad_arguments_raise(trained, tmp_path):
     with pytest.raises(ValueError, match="quantization='int4'"):
         to_tflite(model, tmp_path / "x.tflite", quantization="int4")
     with pytest.raises(ValueError, match="needs representative_data"):
-        to_tflite(model, tmp_path / "x.tflite", quantization="int8")
+        to_tflite(model, tmp_path / "x.tflite", quantization="int8",
+                  int8_activations="static")
+    with pytest.raises(ValueError, match="int8_activations='float'"):
+        to_tflite(model, tmp_path / "x.tflite", quantization="int8",
+                  int8_activations="float")
     with pytest.raises(ValueError, match=r"representative_data has shape"):
         to_tflite(
             model, tmp_path / "x.tflite", quantization="int8",
@@ -436,10 +489,45 @@ def test_cli_help_example_exports_a_trained_preset(tmp_path):
     assert report["agreement"]["num_images"] == 1000
     summary = result.stderr.strip().splitlines()[-1]
     assert summary.startswith(f"wrote {out}") and "top-1 agreement" in summary
-    # TensorFlow's and LiteRT's native log lines after the package import
-    # are filtered out.
-    for prefix in ("fully_quantize", "W0000", "INFO: Created TensorFlow"):
+    # TensorFlow's and LiteRT's native log lines, those TensorFlow prints
+    # while it is imported included, are filtered out: the summary is all.
+    for prefix in ("fully_quantize", "W0000", "INFO: Created TensorFlow",
+                   "oneDNN", "cuda", "cpu_feature_guard", "absl::"):
         assert prefix not in result.stderr
+    assert result.stderr.strip().splitlines() == [summary]
+    # Issue 14's goals on the fixture (measured: 99.2% top-1, 99.9% routing,
+    # accuracy 27.0% vs Keras 27.1%).
+    assert report["agreement"]["top1"] >= 0.98
+    assert report["agreement"]["routing"] >= 0.995
+    assert abs(report["agreement"]["tflite_accuracy"]
+               - report["agreement"]["keras_accuracy"]) <= 0.005
+
+
+def test_native_log_filter_passes_other_lines_even_on_a_crash():
+    import subprocess
+    import sys
+
+    # The filter drops native log lines and passes the rest, also the lines
+    # written just before the process dies without cleaning up.
+    # The module alone (the package would import TensorFlow first).
+    path = pathlib.Path(kmm.__file__).parent / "native_logs.py"
+    code = (
+        "import os, importlib.util as u; "
+        f"s = u.spec_from_file_location('native_logs', {str(path)!r}); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); "
+        "m.hide_native_logs(); "
+        "os.write(2, b'I0000 00:00 port.cc:153] oneDNN custom operations\\n'); "
+        "os.write(2, b'E0000 00:00 cuda_platform.cc:52] failed call to "
+        "cuInit\\n'); "
+        "os.write(2, b'E0000 00:00 real.cc:1] a real error\\n'); "
+        "os.write(2, b'Traceback: the last line\\n'); os._exit(3)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                            text=True, check=False, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr.splitlines() == [
+        "E0000 00:00 real.cc:1] a real error", "Traceback: the last line"
+    ]
 
 
 # The CLI runs on the TensorFlow backend whatever this session's.

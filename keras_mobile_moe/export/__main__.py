@@ -12,7 +12,10 @@ model's own size otherwise; `--input_size` overrides it) and resizes and
 scales them itself; `--nopreprocessing` writes a file that takes float32
 images in the model's input format. int8 calibrates on the CIFAR-100 fixture
 shipped with the package unless `--representative_file` (a .npy of images in
-the file's input format) is given. The last line on stderr is a one-line
+the file's input format) is given; only `--int8_activations=static` (int8
+activations) calibrates, the default `dynamic` (int8 weights, activations
+quantized per call, the blocks that decide the routing in float32) needs no
+data. The last line on stderr is a one-line
 summary (file, size, builtin ops, agreement with Keras on the fixture); the
 full report is printed as JSON on stdout.
 """
@@ -29,6 +32,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
+
+from keras_mobile_moe.native_logs import hide_native_logs  # noqa: E402
 
 PRESET = flags.DEFINE_string(
     "preset", None,
@@ -71,7 +76,14 @@ FLOAT_ROUTING = flags.DEFINE_bool(
 )
 FLOAT_RESIDUAL_STREAM = flags.DEFINE_bool(
     "float_residual_stream", True,
-    "int8 only: keep the residual stream (block additions) in float32.",
+    "int8 with --int8_activations=static only: keep the residual stream "
+    "(block additions) in float32.",
+)
+INT8_ACTIVATIONS = flags.DEFINE_enum(
+    "int8_activations", "dynamic", ["dynamic", "static"],
+    "int8 only: 'dynamic' (int8 weights, activations quantized per call; "
+    "the blocks that decide the routing keep float32 weights) or 'static' "
+    "(int8 activations calibrated on the fixture, float fallback).",
 )
 FLOAT_LAYERS = flags.DEFINE_list(
     "float_layers", [],
@@ -92,44 +104,8 @@ TF_LOGS = flags.DEFINE_bool(
 
 # Native log lines of TensorFlow, the converter and LiteRT (C++ writes them
 # to fd 2 directly; TF 2.21's absl logging ignores TF_CPP_MIN_LOG_LEVEL).
-NATIVE_LOG_PREFIXES = (
-    "I0000", "W0000", "E0000", "WARNING: All log messages before absl",
-    "To enable the following instructions", "fully_quantize:",
-    "INFO: Created TensorFlow Lite", "INFO: Initialized TensorFlow Lite",
-)
-
-
-def hide_native_logs(prefixes=NATIVE_LOG_PREFIXES):
-    """Routes fd 2 through a filter that drops native log lines.
-
-    Returns:
-        A function that restores fd 2 and waits until every line written
-        so far has been passed on.
-    """
-    import threading
-
-    sys.stderr.flush()
-    original = os.dup(2)
-    read_end, write_end = os.pipe()
-    os.dup2(write_end, 2)
-    os.close(write_end)
-    encoded = tuple(p.encode() for p in prefixes)
-
-    def pump():
-        with os.fdopen(read_end, "rb") as source:
-            for line in source:
-                if not line.startswith(encoded):
-                    os.write(original, line)
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-
-    def restore():
-        sys.stderr.flush()
-        os.dup2(original, 2)  # closes the pipe's last write end: EOF
-        thread.join(timeout=5)
-
-    return restore
+# The package's __init__ starts the filter (native_logs) before TensorFlow is
+# imported; main() starts it for other entry points.
 
 
 # Raw image size of the datasets presets are trained on.
@@ -276,11 +252,10 @@ def run(argv):
         input_size = source_image_size(PRESET.value)
     raw_shape = raw_input_shape(model, PREPROCESSING.value, input_size)
     data = None
-    if QUANTIZATION.value == "int8":
-        if REPRESENTATIVE.value:
-            data = np.load(REPRESENTATIVE.value, allow_pickle=False)
-        else:
-            data = calibration_images(model, NUM_CALIBRATION.value, raw_shape)
+    if REPRESENTATIVE.value:
+        data = np.load(REPRESENTATIVE.value, allow_pickle=False)
+    elif QUANTIZATION.value == "int8" and INT8_ACTIVATIONS.value == "static":
+        data = calibration_images(model, NUM_CALIBRATION.value, raw_shape)
     report = to_tflite(
         model, OUT.value, QUANTIZATION.value, data,
         float_routing=FLOAT_ROUTING.value,
@@ -288,6 +263,7 @@ def run(argv):
         float_layers=FLOAT_LAYERS.value,
         preprocessing=PREPROCESSING.value,
         input_size=input_size,
+        int8_activations=INT8_ACTIVATIONS.value,
     )
     summary = _summary(report)
     if CHECK.value and not os.environ.get("KMM_EXPORT_SUBPROCESS"):

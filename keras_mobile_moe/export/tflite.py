@@ -29,6 +29,11 @@ import numpy as np
 from keras_mobile_moe import atomic_io
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+# How `quantization="int8"` quantizes activations: "dynamic" (int8 weights,
+# activations quantized per call by the kernels, the routing blocks'
+# weights float; the default) or "static" (int8 activations calibrated on
+# representative data, float fallback; the default before).
+INT8_ACTIVATIONS = ("dynamic", "static")
 
 
 def _import_tensorflow():
@@ -275,12 +280,23 @@ def _float_nodes(model_content, layer_names, residual_blocks=()):
     return {name: sorted(nodes) for name, nodes in found.items()}
 
 
-def _check_arguments(model, quantization, representative_data, raw_shape=None):
+def _check_arguments(
+    model, quantization, representative_data, raw_shape=None,
+    int8_activations="static",
+):
     if quantization not in QUANTIZATIONS:
         raise ValueError(
             f"Received: quantization={quantization!r}. Expected one of "
             f"{list(QUANTIZATIONS)}."
         )
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise ValueError(
+            f"Received: int8_activations={int8_activations!r}. Expected one "
+            f"of {list(INT8_ACTIVATIONS)}."
+        )
+    if (quantization == "int8" and int8_activations == "dynamic"
+            and representative_data is None):
+        return None  # nothing to calibrate
     if not hasattr(model, "backbone"):
         raise ValueError(
             f"to_tflite exports classifier tasks; received a "
@@ -292,7 +308,8 @@ def _check_arguments(model, quantization, representative_data, raw_shape=None):
     if quantization == "int8":
         if representative_data is None:
             raise ValueError(
-                "quantization='int8' needs representative_data: a float32 "
+                "quantization='int8' with int8_activations='static' needs "
+                "representative_data: a float32 "
                 f"array [n, {', '.join(map(str, image_shape))}] of images in "
                 "the model's input format (n >= 1, ~100 is typical)."
             )
@@ -378,7 +395,8 @@ def _check_raw_calibration(representative_data, raw_shape):
     expected = f"[n, {', '.join(map(str, raw_shape))}]"
     if representative_data is None:
         raise ValueError(
-            "quantization='int8' needs representative_data: raw uint8 images "
+            "quantization='int8' with int8_activations='static' needs "
+            "representative_data: raw uint8 images "
             f"{expected} (n >= 1, ~100 is typical), the file's input."
         )
     data = np.asarray(representative_data)
@@ -593,6 +611,7 @@ def _classifier_outputs(model):
 def convert_functional(
     serving, quantization="none", representative_data=None, float_layers=(),
     float_ops=(), residual_blocks=(), required_layers=None, metadata=None,
+    int8_activations="static",
 ):
     """Converts a functional Keras model to TFLite bytes (TF backend only).
 
@@ -613,13 +632,18 @@ def convert_functional(
             of the graph (None: all of them).
         metadata: a dict to store in the file (`add_metadata`), completed
             with the signature's `inputs` and `outputs`; None stores none.
+        int8_activations: for `"int8"`, `"static"` (calibrated int8
+            activations; `float_layers`' ops stay float) or `"dynamic"`
+            (the converter's dynamic range quantization, then the weights
+            of `float_layers` put back in float32; `float_ops` and
+            `residual_blocks` do not apply: activations are float).
 
     Returns:
         The `.tflite` flatbuffer as bytes.
     """
     flatbuffer = _convert(
         serving, quantization, representative_data, float_layers, float_ops,
-        residual_blocks, required_layers,
+        residual_blocks, required_layers, int8_activations,
     )
     if metadata is None:
         return flatbuffer
@@ -631,7 +655,7 @@ def convert_functional(
 
 def _convert(
     serving, quantization, representative_data, float_layers, float_ops,
-    residual_blocks, required_layers,
+    residual_blocks, required_layers, int8_activations="static",
 ):
     tf = _import_tensorflow()
     if keras.config.backend() != "tensorflow":
@@ -657,6 +681,17 @@ def _convert(
         archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if quantization == "int8" and int8_activations == "dynamic":
+            float_model = converter.convert()
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS
+            ]
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            return float_weights(
+                converter.convert(), float_model, float_layers,
+                float_layers if required_layers is None else required_layers,
+            )
         if quantization == "float16":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.target_spec.supported_types = [tf.float16]
@@ -685,6 +720,80 @@ def _convert(
                     else required_layers,
                 )
         return converter.convert()
+
+
+def float_weights(quantized, float_model, layer_names, required_layers=()):
+    """Puts the float32 weights of some layers back into a dynamic range
+    file.
+
+    The converter's dynamic range quantization has no deny list; it turns
+    every large enough weight into int8, and each op with int8 weights then
+    quantizes its float input on the fly (a "hybrid" op). An op given back
+    its float32 weights is an ordinary float op. Both files come from the
+    same SavedModel, so their tensors have the same names.
+
+    Args:
+        quantized: the dynamic range file's bytes.
+        float_model: the float32 file's bytes, converted from the same
+            SavedModel.
+        layer_names: the layers (as in `routing_layers`) whose weights
+            stay float32 (see `_float_nodes` for how ops are matched).
+        required_layers: the names of `layer_names` that must match an op.
+
+    Returns:
+        The file's bytes.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    found = _float_nodes(quantized, layer_names)
+    missing = [name for name in required_layers if not found[name]]
+    if missing:
+        raise ValueError(
+            f"Received: float_layers={list(required_layers)}, but {missing} "
+            "matched no op of the converted graph. Accepted: names of layers "
+            "of the backbone or head (e.g. 'final_norm', 'predictions', "
+            "'moe_block_3') or of their sublayers (e.g. 'mlp_norm')."
+        )
+    outputs = {name for names in found.values() for name in names}
+    if not outputs:
+        return quantized
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(quantized))
+    source = flatbuffer_utils.convert_bytearray_to_object(
+        bytearray(float_model)
+    )
+    float_tensors = {t.name: t for t in source.subgraphs[0].tensors}
+    graph = model.subgraphs[0]
+    codes = model.operatorCodes
+    for op in graph.operators:
+        if not any(graph.tensors[i].name.decode() in outputs
+                   for i in op.outputs):
+            continue
+        # A DEQUANTIZE (int8 weights turned float once, e.g. before a
+        # GATHER) is left as it is: its output is already float.
+        code = codes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == (
+            schema.BuiltinOperator.DEQUANTIZE
+        ):
+            continue
+        for index in op.inputs:
+            tensor = graph.tensors[index] if index >= 0 else None
+            if (tensor is None or tensor.type != schema.TensorType.INT8
+                    or model.buffers[tensor.buffer].data is None):
+                continue
+            original = float_tensors.get(tensor.name)
+            if original is None or list(original.shape) != list(tensor.shape):
+                raise RuntimeError(
+                    f"The float32 conversion has no weight tensor "
+                    f"{tensor.name.decode()!r} shaped {list(tensor.shape)}; "
+                    "the two conversions of the model differ."
+                )
+            tensor.type = original.type
+            tensor.quantization = None
+            model.buffers[tensor.buffer].data = (
+                source.buffers[original.buffer].data
+            )
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _selective_int8(
@@ -727,7 +836,7 @@ def _selective_int8(
 def to_tflite(
     model, path, quantization="none", representative_data=None,
     float_routing=True, float_residual_stream=True, float_layers=(),
-    preprocessing=True, input_size=None,
+    preprocessing=True, input_size=None, int8_activations="dynamic",
 ):
     """Exports a classifier to a `.tflite` file with builtin ops only.
 
@@ -749,19 +858,27 @@ def to_tflite(
     format and the quantization are stored in the file's metadata entry
     `"keras_mobile_moe"` (`read_metadata(path)`).
 
-    int8 agreement with Keras on the 1000 CIFAR-100 fixture images for the
-    small model of the tests (top-1 / routing, mean over 4 calibration sets
-    of 100 images; benchmarks/results/tflite_agreement.md): everything int8
-    (`float_routing=False, float_residual_stream=False`) 92.0% / 96.1%;
-    float routing only 95.7% / 100%; float routing and residual stream (the
-    defaults) 97.6% / 100%, at 0.52x the float32 file (0.35x all int8).
-    On the trained presets (2,000 CIFAR-100 test images, raw 32x32 input,
-    200 calibration images; benchmarks/results/tflite_quantization.md) the
-    int8 default reaches 96.4% / 99.75% (`6x64_e10.cifar100`) and 97.5% /
-    99.65% (`12x64_e10.cifar100`), short of 98% top-1; ai-edge-quantizer's
-    static recipes measured worse there (int8 weights + int16 activations:
-    68% / 84%; int8 with float routing: 78% / 97%), and `"dynamic"` came
-    closest (98.4% / 99.4% and 98.5% / 99.2%). Measure a model with
+    `quantization="int8"` (default `int8_activations="dynamic"`): the
+    converter's dynamic range quantization (int8 weights; each matmul
+    quantizes its float input per call), with the blocks that decide the
+    routing given back their float32 weights (`float_routing`). On the
+    trained presets (2,000 CIFAR-100 test images, raw 32x32 input;
+    benchmarks/results/tflite_quantization.md) it agrees with Keras on
+    top-1 / routing for 99.0% / 99.9% (`6x64_e10.cifar100`) and 99.4% /
+    99.9% (`12x64_e10.cifar100`) of the images, where `"dynamic"` (every
+    weight int8) gets 98.4% / 99.4% and 98.5% / 99.2%, and static int8
+    activations (`int8_activations="static"`, calibrated, the default
+    before) 96.4% / 99.8% and 97.5% / 99.7%; it is also the int8 variant
+    that runs faster than float32 with XNNPACK on x86. Why those blocks:
+    with every weight int8, each dense block before the router contributes
+    20-36% of the router logits' squared error (attention projections 63%
+    in all, MLPs 38%), the patch embedding 2%, so the patch embedding (a
+    third of the multiply-adds of a 6x64 at 224 px) stays int8. On the
+    small model of the tests (1000 fixture images) the default agrees
+    99.2% / 99.9%; static int8 with everything int8 (`float_routing=False,
+    float_residual_stream=False`) 92% / 96%, float routing only 96% /
+    100%, float routing and residual stream 98% / 100%
+    (benchmarks/results/tflite_agreement.md). Measure a model with
     `kmm.export.agreement`.
 
     Args:
@@ -769,23 +886,29 @@ def to_tflite(
             backend.
         path: where to write the `.tflite` file.
         quantization: `"none"` (float32), `"float16"` (float16 weights),
-            `"dynamic"` (int8 weights, float activations) or `"int8"` (int8
-            weights and activations, calibrated on `representative_data`;
-            ops without an int8 kernel stay float).
-        representative_data: calibration images for `"int8"`, in the
-            file's input format: raw uint8 images `[n, height, width, 3]` at
-            `input_size` with the preprocessing inside, else float32 images
-            `[n, *image_shape]` in the model's input format.
+            `"dynamic"` (every large weight int8, float activations) or
+            `"int8"` (int8 weights, the routing blocks' float; see
+            `int8_activations`).
+        representative_data: calibration images for `"int8"` with
+            `int8_activations="static"` (checked, and otherwise unused), in
+            the file's input format: raw uint8 images `[n, height, width,
+            3]` at `input_size` with the preprocessing inside, else float32
+            images `[n, *image_shape]` in the model's input format.
         float_routing: bool, for `"int8"` only. Keep the layers that decide
-            the routing (`routing_layers(model)`: for Mobile V-MoE the patch
-            embedding, the dense blocks before the router and the router,
-            including its dense layer, softmax and TopK) in float32, so that
-            int8 noise does not change which experts run: on the small
-            CIFAR-100 model of the tests the file then picks the same expert
-            as Keras for every fixture image (96.1% with everything int8).
-            The blocks that follow the router, the experts and the head stay
-            int8. False quantizes everything that has an int8 kernel.
-        float_residual_stream: bool, for `"int8"` only. Keep the ops that
+            the routing in float32, so that int8 noise does not change
+            which experts run. With dynamic activations: the weights of
+            `routing_layers(model)` but the patch embedding (for Mobile
+            V-MoE the dense blocks before the router and the router). With
+            static activations: all of `routing_layers(model)` (the patch
+            embedding too) and the router's softmax and TopK; on the small
+            CIFAR-100 model of the tests the file then picks the same
+            expert as Keras for every fixture image (96.1% with everything
+            int8). The blocks that follow the router, the experts and the
+            head stay int8. False quantizes everything that has an int8
+            kernel.
+        float_residual_stream: bool, for `"int8"` with
+            `int8_activations="static"` only (dynamic activations are float
+            everywhere). Keep the ops that
             read or write the residual stream in float32: the patch
             embedding, the additions that close each encoder block, the
             LayerNorms in front of attention and MLP, the final LayerNorm
@@ -795,7 +918,8 @@ def to_tflite(
             int8. Quantizing the stream costs most of the int8 top-1
             agreement left once the routing is float.
         float_layers: for `"int8"` only, more layer names to keep in
-            float32: backbone layers (`"final_norm"`, `"moe_block_3"`), the
+            float32 (their weights, and with static activations their
+            ops): backbone layers (`"final_norm"`, `"moe_block_3"`), the
             head (`"predictions"`) or sublayer names, which match in every
             block (`"attention_norm"`, `"mlp_norm"`).
         preprocessing: bool. True: the file takes raw uint8 images and
@@ -806,15 +930,22 @@ def to_tflite(
         input_size: `(height, width)` (or one int) of the raw images the
             file takes, with `preprocessing=True`; None: the converter's
             `image_size` (the backbone's). The file resizes them.
+        int8_activations: for `"int8"`: `"dynamic"` (the default; int8
+            weights, activations quantized per call by the kernels, no
+            calibration) or `"static"` (int8 activations calibrated on
+            `representative_data`, ops without an int8 kernel stay float;
+            for accelerators that need integer activations; slower than
+            float32 on x86 CPUs).
 
     Returns:
         A dict report: `path`, `bytes`, `quantization`, `preprocessing`,
         `inputs` and `outputs` (as stored in the metadata), `ops` (the builtin
         op names), `stacked_expert_tensors` (per-image routing check),
         `float_layers` (layers kept in float32 by `float_routing` and
-        `float_layers`, with the stream's LayerNorms and head) and
+        `float_layers`, with the stream's LayerNorms and head),
         `float_residual_stream` (whether the residual additions were kept
-        in float32).
+        in float32; None with dynamic int8 activations) and, for `"int8"`,
+        `int8_activations`.
 
     Example:
 
@@ -829,7 +960,8 @@ def to_tflite(
     """
     raw_shape = raw_input_shape(model, preprocessing, input_size)
     data = _check_arguments(model, quantization, representative_data,
-                            raw_shape)
+                            raw_shape, int8_activations)
+    dynamic = quantization == "int8" and int8_activations == "dynamic"
     if isinstance(float_layers, str) or not all(
         isinstance(name, str) and name for name in float_layers
     ):
@@ -852,7 +984,19 @@ def to_tflite(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kept, float_ops, residual_blocks = [], (), []
-    if quantization == "int8":
+    if dynamic:
+        if float_routing:
+            # The blocks before the router keep float32 weights: their
+            # int8 weights are what moves the router's input (measured on
+            # 6x64_e10.cifar100: each dense block 20-36% of the router
+            # logits' squared error, the patch embedding 2%). The patch
+            # embedding, a third of the multiply-adds of a 6x64 at 224
+            # px, stays int8.
+            kept = [
+                n for n in routing_layers(model) if n != "patch_embedding"
+            ]
+        kept += [name for name in float_layers if name not in kept]
+    elif quantization == "int8":
         if float_routing:
             kept = routing_layers(model)
             # The router's TopK picks the experts: in int8 it ranks
@@ -871,7 +1015,10 @@ def to_tflite(
             flatbuffer = convert_functional(
                 _serving_model(model, raw_shape), quantization, data, kept,
                 float_ops, residual_blocks, required_layers=list(float_layers),
-                metadata=_file_metadata(model, quantization, raw_shape),
+                metadata=_file_metadata(
+                    model, quantization, raw_shape, int8_activations
+                ),
+                int8_activations=int8_activations,
             )
             with open(temporary, "wb") as f:
                 f.write(flatbuffer)
@@ -882,6 +1029,7 @@ def to_tflite(
                  f"--float_routing={float_routing}",
                  f"--float_residual_stream={float_residual_stream}",
                  f"--float_layers={','.join(float_layers)}",
+                 f"--int8_activations={int8_activations}",
                  f"--preprocessing={raw_shape is not None}",
                  *(["--input_size", f"{raw_shape[0]},{raw_shape[1]}"]
                    if raw_shape is not None else [])],
@@ -891,7 +1039,12 @@ def to_tflite(
     report["path"] = str(path)
     report["preprocessing"] = raw_shape is not None
     report["float_layers"] = list(kept)
-    report["float_residual_stream"] = bool(residual_blocks)
+    # Dynamic range activations are float everywhere: not applicable.
+    report["float_residual_stream"] = None if dynamic else bool(
+        residual_blocks
+    )
+    if quantization == "int8":
+        report["int8_activations"] = int8_activations
     return report
 
 
@@ -986,7 +1139,7 @@ def read_metadata(path_or_bytes):
     return None
 
 
-def _file_metadata(model, quantization, raw_shape):
+def _file_metadata(model, quantization, raw_shape, int8_activations=None):
     import keras_mobile_moe
 
     if raw_shape is not None:
@@ -1006,6 +1159,8 @@ def _file_metadata(model, quantization, raw_shape):
         "preprocessing": raw_shape is not None,
         "input_format": input_format,
         "quantization": quantization,
+        **({"int8_activations": int8_activations}
+           if quantization == "int8" else {}),
         "model": type(model).__name__,
         "keras_mobile_moe_version": getattr(
             keras_mobile_moe, "__version__", None
@@ -1107,6 +1262,8 @@ CLI_NAMES = (
     ("float_residual_stream=", "--float_residual_stream="),
     ("Received: quantization=", "Received: --quantization="),
     ("Received: float_layers=", "Received: --float_layers="),
+    ("Received: int8_activations=", "Received: --int8_activations="),
+    ("int8_activations='static'", "--int8_activations=static"),
 )
 
 
