@@ -3,6 +3,7 @@
 Implements Mobile V-MoE (Daxberger et al. 2023) and their dense ViT
 baselines in Keras 3, on the JAX, TensorFlow and PyTorch backends.
 """
+# ruff: noqa: E402 (the log filter is set up before the imports)
 
 # First, before TensorFlow is imported: `python -m keras_mobile_moe.export`
 # imports this package before its __main__ runs, and TensorFlow prints its

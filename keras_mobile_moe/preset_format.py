@@ -299,6 +299,36 @@ def model_card(preset_dir, handle=None):
         "`num_classes=10` to fine-tune on new classes (the head is rebuilt, "
         "every other weight is kept).",
         "",
+    ]
+    if task is not None:
+        # The exported file's interface (kmm.export.to_tflite's defaults).
+        routed = (
+            family == "mobile_vmoe"
+            and backbone_config.get("num_moe_layers")
+            and backbone_config.get("router_type") != "token"
+        )
+        lines += [
+            "## On a phone (TFLite / LiteRT)",
+            "",
+            "```",
+            f"python -m keras_mobile_moe.export --preset {where} "
+            "--quantization int8 --out model.tflite",
+            "```",
+            "",
+            "The file holds builtin ops only. Input `images`: uint8 "
+            "`[1, height, width, 3]`, raw RGB pixels 0-255 (the file resizes "
+            "and scales them itself). Outputs: `logits` float32 `[1, "
+            f"{num_classes}]`"
+            + (", `router_logits` float32 `[1, num_experts]` and "
+               "`expert_index` int32 `[1, top_k]` (the experts the router "
+               "chose)" if routed else "")
+            + ". `int8`: int8 weights with activations quantized per call "
+            "and the blocks that decide the routing in float32. "
+            "`kmm.export.read_metadata(path)` reads this description from "
+            "the file.",
+            "",
+        ]
+    lines += [
         "## Backbone configuration",
         "",
     ]
