@@ -503,6 +503,8 @@ def test_cli_help_example_exports_a_trained_preset(tmp_path):
                - report["agreement"]["keras_accuracy"]) <= 0.005
 
 
+# A plain Python subprocess: nothing of the session's backend.
+@pytest.mark.backend_independent
 def test_native_log_filter_passes_other_lines_even_on_a_crash():
     import subprocess
     import sys
