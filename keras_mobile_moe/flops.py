@@ -241,8 +241,11 @@ def nested_block_flops(token_counts, widths, num_heads, mlp_dim):
 
 
 def mone_flops(backbone, num_classes=0, capacity_budget=None):
-    """Per-part FLOPs of a `MoNEBackbone` (plus mean pooling and a linear
+    """Per-part FLOPs of a `MoNEBackbone` (plus its pooling and a linear
     head) at its capacity budget or at `capacity_budget`.
+
+    A class token (`use_class_token=True`) runs every block at the full
+    width; the head then reads it (no mean).
 
     Args:
         backbone: a `MoNEBackbone`.
@@ -255,20 +258,24 @@ def mone_flops(backbone, num_classes=0, capacity_budget=None):
     """
     height, width, channels = backbone.image_shape
     patch = backbone.patch_size
-    n = backbone.num_tokens
+    n = backbone.num_tokens  # routed patches
+    class_tokens = int(backbone.use_class_token)
+    tokens = n + class_tokens
     d = backbone.hidden_dim
     experts = backbone.num_nested_experts
-    counts = backbone.token_counts(capacity_budget)
+    counts = list(backbone.token_counts(capacity_budget))
+    counts[-1] += class_tokens
     block = nested_block_flops(
         counts, backbone.expert_widths, backbone.num_heads, backbone.mlp_dim
     )
-    head = LAYER_NORM * n * d  # final norm
+    head = LAYER_NORM * tokens * d  # final norm
     if num_classes:
-        head += n * d + 2 * d * num_classes + num_classes  # mean + linear
+        pooling = 0 if class_tokens else n * d  # the class token, or a mean
+        head += pooling + 2 * d * num_classes + num_classes
     return {
         "patch_embedding": 2 * n * patch * patch * channels * d
         + n * d  # bias
-        + n * d,  # position embedding
+        + tokens * d,  # position embedding
         "router": 2 * n * d * experts + n * experts + SOFTMAX * n * experts,
         "attention": backbone.num_layers * block["attention"],
         "mlp": backbone.num_layers * block["mlp"],
@@ -405,6 +412,8 @@ def mone_unused_params(backbone):
     its current `capacity_budget`: `(D - W) * (4 D + 2 mlp_dim + 6)` per
     block, W the widest expert that receives a token (see
     `activated_params`)."""
+    if backbone.use_class_token:
+        return 0  # the class token runs at the full width
     widest = max(
         width
         for count, width in zip(backbone.token_counts(), backbone.expert_widths)

@@ -103,7 +103,7 @@ def upcycle(
     # asked of the classes, so this module imports no model.
     is_task = hasattr(model, "backbone") and hasattr(model, "num_classes")
     backbone = model.backbone if is_task else model
-    if not getattr(type(backbone), "converts_dense_vits", False):
+    if not getattr(type(backbone), "supports_upcycling", False):
         raise ValueError(
             f"upcycle expects a dense MobileVMoEBackbone or MobileVMoE "
             f"classifier. Received: {type(model).__name__}."

@@ -751,9 +751,14 @@ def test_flops_follow_the_budget():
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="XLA cost analysis is JAX's")
-@pytest.mark.parametrize("budget", [1.0, 0.6, 0.3, 0.125])
-def test_flops_match_xla_cost_analysis(budget):
-    model = tiny_mone(num_classes=10, capacity_budget=budget)
+@pytest.mark.parametrize(
+    "budget, use_class_token",
+    [(1.0, False), (0.6, False), (0.3, False), (0.125, False), (0.3, True)],
+)
+def test_flops_match_xla_cost_analysis(budget, use_class_token):
+    model = tiny_mone(
+        num_classes=10, capacity_budget=budget, use_class_token=use_class_token
+    )
     xla = xla_flops(model, (32, 32, 3))
     ours = kmm.count_flops(model)
     assert abs(ours / xla - 1) < 0.05, (ours, xla)
@@ -832,3 +837,40 @@ def test_public_mone_names():
     # Their examples are checked in test_docstrings.py.
     assert kmm.MoNE is kmm.MoNEImageClassifier
     assert kmm.models.MoNEBackbone is kmm.MoNEBackbone
+
+
+# --- a class token (dense ViT checkpoints: timm, keras-hub) -----------------
+
+
+def test_class_token_is_first_full_width_and_not_routed():
+    backbone = tiny_mone_backbone(
+        capacity_budget=0.125, use_class_token=True, mlp_activation="gelu"
+    )
+    outputs = backbone(images(2))
+    # 16 routed patches (all on the D/8 expert at this budget) + the token.
+    assert tuple(outputs["sequence_output"].shape) == (2, 17, 32)
+    assert tuple(outputs["expert_index"].shape) == (2, 16)
+    assert backbone.token_counts() == (16, 0, 0, 0)
+    block = backbone.encoder_blocks[0]
+    assert block.full_width_tokens == 1
+    assert block.token_counts(17) == (16, 0, 0, 1)
+    assert block.groups(17)[-1] == (16, 1, 32)
+    # Every weight column is used (by the class token): nothing unused.
+    model = kmm.MoNE(backbone, num_classes=5)
+    assert model.pooling == "token"
+    assert kmm.flops.activated_params(model) == model.count_params()
+    with pytest.raises(ValueError, match="pooling='avg'.*use_class_token=True"):
+        kmm.MoNE(backbone, num_classes=5, pooling="avg")
+    with pytest.raises(ValueError, match="use_class_token"):
+        tiny_mone_backbone(use_class_token=1)
+
+
+def test_class_token_mone_harness(tmp_path):
+    model = tiny_mone(
+        num_classes=5, capacity_budget=0.4, use_class_token=True,
+        mlp_activation="gelu",
+    )
+    config = model.get_config()["backbone"]["config"]
+    assert config["use_class_token"] is True
+    assert config["mlp_activation"] == "gelu"
+    run_task_test(model, images(), tmp_path, kmm.MoNEImageClassifier)

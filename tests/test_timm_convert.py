@@ -1,4 +1,5 @@
-"""timm and keras-hub ViT checkpoints load into the Mobile V-MoE family.
+"""timm and keras-hub ViT checkpoints load into the Mobile V-MoE and MoNE
+families.
 
 Each checkpoint is written by its own library (timm's `save_for_hf`, the
 code `push_to_hf_hub` runs before uploading; keras-hub's `save_to_preset`)
@@ -263,10 +264,52 @@ def test_pickle_only_checkpoint_is_refused(hf_cache, tmp_path, monkeypatch):
     assert not opened
 
 
-def test_timm_checkpoint_refuses_mone(small_checkpoint, hf_cache):
+def test_timm_checkpoint_converts_into_mone(small_checkpoint, hf_cache):
+    """MoNE's nested experts are slices of the dense ViT: at
+    `capacity_budget=1.0` (the converted default) every token runs at full
+    width and the logits are timm's; a lower budget runs the same weights
+    on fewer features."""
+    reference, folder = small_checkpoint
+    handle = publish(hf_cache, folder)
+    model = kmm.MoNE.from_preset(handle)
+    backbone = model.backbone
+    assert backbone.capacity_budget == 1.0
+    assert backbone.use_class_token and backbone.mlp_activation == "gelu"
+    assert model.pooling == "token" and model.num_classes == 10
+    images = raw_images()
+    theirs = timm_logits(reference, timm_normalize(images, reference))
+    ours = to_numpy(model.predict(images, verbose=0))
+    assert np.abs(ours - theirs).max() <= TOLERANCE
+    full_flops = kmm.count_flops(model)
+
+    model.capacity_budget = 0.5
+    cheaper = to_numpy(model.predict(images, verbose=0))
+    assert np.isfinite(cheaper).all()
+    assert np.abs(cheaper - theirs).max() > 1e-3  # other tokens, narrower
+    assert kmm.count_flops(model) < 0.75 * full_flops
+
+    # The budget as a from_preset override (the router is new, so which
+    # tokens go where differs from `model`'s); the backbone alone.
+    half = kmm.MoNE.from_preset(handle, capacity_budget=0.5)
+    assert half.capacity_budget == 0.5
+    assert np.isfinite(to_numpy(half.predict(images, verbose=0))).all()
+    features = kmm.MoNEBackbone.from_preset(handle)
+    x = timm_normalize(raw_images(8), reference)
+    with torch.no_grad():
+        expected = reference.forward_features(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        ).numpy()
+    got = to_numpy(features(x)["sequence_output"])
+    assert np.abs(got - expected).max() <= TOLERANCE
+
+
+def test_mone_refuses_upcycling_arguments(small_checkpoint, hf_cache):
     _, folder = small_checkpoint
+    handle = publish(hf_cache, folder)
+    with pytest.raises(ValueError, match="num_experts.*capacity_budget"):
+        kmm.MoNE.from_preset(handle, num_experts=4, num_moe_layers=1)
     with pytest.raises(ValueError, match="MobileVMoE"):
-        kmm.MoNE.from_preset(publish(hf_cache, folder))
+        kmm.upcycle(kmm.MoNE.from_preset(handle), num_experts=4)
 
 
 def test_resample_matches_timm_downsampling():
@@ -320,6 +363,10 @@ def test_keras_hub_vit_preset_loads_with_keras_hubs_logits(hf_cache, tmp_path):
     assert np.abs(
         to_numpy(moe(x)["sequence_output"]) - to_numpy(backbone(x))
     ).max() <= TOLERANCE
+    # keras-hub's ViT (hidden_dim 48 = 8 x 6) is also a MoNE at budget 1.
+    mone = kmm.MoNE.from_preset(handle)
+    got = to_numpy(mone.predict(images, verbose=0))
+    assert np.abs(got - theirs).max() <= TOLERANCE
 
 
 # --- the acceptance checkpoint at full size -----------------------------------

@@ -1,17 +1,23 @@
-"""Loading checkpoints of other libraries into the Mobile V-MoE family.
+"""Loading checkpoints of other libraries into the model families.
 
-`MobileVMoE.from_preset` / `MobileVMoEBackbone.from_preset` accept, besides
-this package's presets, a folder or `hf://` handle holding
+`from_preset` of the Mobile V-MoE and MoNE families (`kmm.MobileVMoE`,
+`kmm.MoNE` and their backbones) accepts, besides this package's presets, a
+folder or `hf://` handle holding
 
 - a timm ViT checkpoint (`config.json` with an `architecture`, and
   `model.safetensors`), e.g. `hf://timm/vit_small_patch32_224.augreg_in21k_ft_in1k`;
 - a keras-hub `ViTBackbone` / `ViTImageClassifier` preset.
 
-The checkpoint becomes a dense ViT (`num_moe_layers=0`) computing the same
-function as in its own library; passing `num_experts=...` /
-`num_moe_layers=...` to `from_preset` upcycles it into a Mobile V-MoE in the
-same call (`kmm.upcycle`). The classifier's preprocessor is built from the
-checkpoint's own config (input size, interpolation, mean and std).
+Into the Mobile V-MoE family the checkpoint becomes a dense ViT
+(`num_moe_layers=0`) computing the same function as in its own library;
+passing `num_experts=...` / `num_moe_layers=...` to `from_preset` upcycles it
+into a Mobile V-MoE in the same call (`kmm.upcycle`). Into MoNE it becomes a
+`MoNEBackbone` with a class token at `capacity_budget=1.0`, which computes
+the same function (every token at full width); pass `capacity_budget=...`
+(or set it later) for nested-expert compute. The family decides how
+(`dense_vit_arguments`, `load_dense_vit`). The classifier's preprocessor is
+built from the checkpoint's own config (input size, interpolation, mean and
+std).
 """
 
 import json
@@ -83,15 +89,15 @@ def _check_family(cls, vit):
     if not getattr(backbone_cls, "converts_dense_vits", False):
         raise ValueError(
             f"{vit.source} is a dense ViT checkpoint; it converts into the "
-            "Mobile V-MoE family (kmm.MobileVMoE, kmm.models."
-            f"MobileVMoEBackbone), not into {cls.__name__}."
+            "Mobile V-MoE and MoNE families (kmm.MobileVMoE, kmm.MoNE and "
+            f"their backbones), not into {cls.__name__}."
         )
 
 
 def _dense_backbone(backbone_cls, vit, overrides, load_weights):
     """Builds the dense backbone (and loads the converted weights)."""
     overrides = dict(overrides)
-    spec = dict(vit.spec)
+    spec = backbone_cls.dense_vit_arguments(vit.spec)
     if overrides.get("router_type", "image") != "image":
         raise ValueError(
             f"{vit.source}: router_type={overrides['router_type']!r} is not "
@@ -132,19 +138,27 @@ def _dense_backbone(backbone_cls, vit, overrides, load_weights):
                 weights["position_embedding"],
                 common.grid_of(old_shape, patch),
                 common.grid_of(new_shape, patch),
-                prefix=1,
+                prefix=int(spec["use_class_token"]),
             )
     spec.update(overrides)
     backbone = backbone_cls(**spec)
     if weights is not None:
-        common.assign_backbone(backbone, weights)
+        backbone.load_dense_vit(weights)
     return backbone
 
 
-def _split_upcycle(overrides):
+def _split_upcycle(backbone_cls, overrides, source):
     upcycle_kwargs = {
         k: overrides.pop(k) for k in common.UPCYCLE_ARGUMENTS if k in overrides
     }
+    if upcycle_kwargs and not backbone_cls.supports_upcycling:
+        raise ValueError(
+            f"{source}: {upcycle_kwargs} upcycle a dense ViT into a Mobile "
+            f"V-MoE, which {backbone_cls.__name__} is not. Its experts come "
+            "from the checkpoint's own weights: pass capacity_budget=... or "
+            "num_nested_experts=... instead, or load the checkpoint with "
+            "kmm.MobileVMoE. Nothing was loaded."
+        )
     wants_moe = bool(upcycle_kwargs) and upcycle_kwargs.get("num_moe_layers", 2) > 0
     if not wants_moe:
         # num_moe_layers=0 (or nothing asked): the dense model.
@@ -157,10 +171,10 @@ def _split_upcycle(overrides):
 
 
 def load_backbone(cls, directory, kind, load_weights, overrides, label):
-    """`MobileVMoEBackbone.from_preset` for a timm / keras-hub checkpoint.
+    """A backbone's `from_preset` for a timm / keras-hub checkpoint.
 
     Args:
-        cls: the backbone class.
+        cls: the backbone class (of a family that `converts_dense_vits`).
         directory: the checkpoint folder (e.g. the Hub cache snapshot).
         kind: `detect(directory)`.
         load_weights: bool.
@@ -170,12 +184,12 @@ def load_backbone(cls, directory, kind, load_weights, overrides, label):
         label: str naming the checkpoint in messages.
 
     Returns:
-        A `MobileVMoEBackbone`.
+        A backbone of class `cls`.
     """
     overrides = dict(overrides)
     vit = _read(directory, kind, load_weights, task=False, label=label)
     _check_family(cls, vit)
-    upcycle_kwargs = _split_upcycle(overrides)
+    upcycle_kwargs = _split_upcycle(cls, overrides, vit.source)
     backbone = _dense_backbone(cls, vit, overrides, load_weights)
     if upcycle_kwargs:
         backbone = upcycle(backbone, **upcycle_kwargs)
@@ -183,7 +197,8 @@ def load_backbone(cls, directory, kind, load_weights, overrides, label):
 
 
 def load_task(cls, directory, kind, load_weights, overrides, label):
-    """`MobileVMoE.from_preset` for a timm / keras-hub checkpoint.
+    """A classifier's `from_preset` (`kmm.MobileVMoE`, `kmm.MoNE`) for a
+    timm / keras-hub checkpoint.
 
     The head is the checkpoint's (a new random one when `num_classes`
     differs); `superclass_ids` and `routing` go to `kmm.upcycle` when the
@@ -193,7 +208,7 @@ def load_task(cls, directory, kind, load_weights, overrides, label):
     vit = _read(directory, kind, load_weights, task=True, label=label)
     _check_family(cls, vit)
     backbone_cls = cls.backbone_cls
-    upcycle_kwargs = _split_upcycle(overrides)
+    upcycle_kwargs = _split_upcycle(backbone_cls, overrides, vit.source)
     backbone_overrides, task_overrides = preset_registry.split_kwargs(
         backbone_cls, overrides
     )

@@ -208,8 +208,7 @@ def _assign(variable, value, name):
     variable.assign(np.asarray(value, dtype="float32"))
 
 
-def assign_backbone(backbone, weights):
-    """Copies the dense ViT `weights` into a dense `MobileVMoEBackbone`."""
+def _assign_embedding_and_final_norm(backbone, weights):
     embed = backbone.patch_embedding
     _assign(embed.projection.kernel, weights["patch_kernel"], "patch_kernel")
     _assign(embed.projection.bias, weights["patch_bias"], "patch_bias")
@@ -220,6 +219,13 @@ def assign_backbone(backbone, weights):
         weights["position_embedding"],
         "position_embedding",
     )
+    _assign(backbone.final_norm.gamma, weights["final_norm.gamma"], "final_norm")
+    _assign(backbone.final_norm.beta, weights["final_norm.beta"], "final_norm")
+
+
+def assign_backbone(backbone, weights):
+    """Copies the dense ViT `weights` into a dense `MobileVMoEBackbone`."""
+    _assign_embedding_and_final_norm(backbone, weights)
     for i, block in enumerate(backbone.encoder_blocks):
         b = f"blocks.{i}."
         for norm_name in ("attention_norm", "mlp_norm"):
@@ -239,8 +245,39 @@ def assign_backbone(backbone, weights):
         _assign(block.mlp.dense_in.bias, weights[b + "mlp_in.bias"], b + "mlp_in")
         _assign(block.mlp.dense_out.kernel, weights[b + "mlp_out.kernel"], b + "mlp_out")
         _assign(block.mlp.dense_out.bias, weights[b + "mlp_out.bias"], b + "mlp_out")
-    _assign(backbone.final_norm.gamma, weights["final_norm.gamma"], "final_norm")
-    _assign(backbone.final_norm.beta, weights["final_norm.beta"], "final_norm")
+
+
+def assign_mone_backbone(backbone, weights):
+    """Copies the dense ViT `weights` into a `MoNEBackbone` (with
+    `use_class_token` as the checkpoint). Every nested expert is a slice of
+    these weights; the router keeps its initialisation and every block's
+    `alpha` is set to 0, so at `capacity_budget=1.0` the backbone computes
+    the dense ViT."""
+    _assign_embedding_and_final_norm(backbone, weights)
+    d = backbone.hidden_dim
+    for i, block in enumerate(backbone.encoder_blocks):
+        b = f"blocks.{i}."
+        for norm_name in ("attention_norm", "mlp_norm"):
+            for part in ("gamma", "beta"):
+                _assign(
+                    getattr(block, f"{norm_name}_{part}"),
+                    weights[f"{b}{norm_name}.{part}"],
+                    b + norm_name,
+                )
+        # [D, H, D/H] heads are [D, D] columns; [H, D/H, D] rows.
+        for name in ("query", "key", "value", "attention_output"):
+            kernel = weights[b + name + ".kernel"].reshape(d, d)
+            _assign(getattr(block, f"{name}_kernel"), kernel, b + name)
+            bias = weights[b + name + ".bias"].reshape(d)
+            _assign(getattr(block, f"{name}_bias"), bias, b + name)
+        for name in ("mlp_in", "mlp_out"):
+            for part in ("kernel", "bias"):
+                _assign(
+                    getattr(block, f"{name}_{part}"),
+                    weights[f"{b}{name}.{part}"],
+                    b + name,
+                )
+        block.alpha.assign(0.0)
 
 
 def converter_arguments(preprocessing):

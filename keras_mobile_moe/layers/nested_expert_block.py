@@ -5,7 +5,8 @@ from keras import ops
 
 from keras_mobile_moe.capacity import check_capacity_budget
 from keras_mobile_moe.capacity import expert_token_counts
-from keras_mobile_moe.layers.activations import gelu_tanh
+from keras_mobile_moe.layers.activations import get_activation
+from keras_mobile_moe.layers.activations import serialize_activation
 from keras_mobile_moe.layers.attention import attend
 from keras_mobile_moe.layers.drop_path import DropPath
 from keras_mobile_moe.layers.fast_ops import linear
@@ -96,6 +97,12 @@ class NestedExpertBlock(keras.layers.Layer):
     tokens, and each group is multiplied only by its slice of the weights.
     No token runs at a width it was not assigned.
 
+    A class token (`full_width_tokens=1`) is not routed: it comes last, after
+    the routed groups, always runs at the full width, and its MLP branch is
+    not scaled (r = 0). With `capacity_budget=1.0` every token runs at full
+    width and the block computes a pre-norm ViT block (alpha starts at 0),
+    which is how a dense checkpoint becomes a MoNE.
+
     Args:
         hidden_dim: int. Token width D; divisible by `num_heads` and by
             2^(num_nested_experts-1).
@@ -110,15 +117,22 @@ class NestedExpertBlock(keras.layers.Layer):
         attention_dropout_rate: float in [0, 1). Dropout on attention weights.
         drop_path_rate: float in [0, 1). Stochastic depth of both branches.
         layer_norm_epsilon: float. Epsilon of the layer norms.
+        mlp_activation: activation of the MLP hidden layer: a Keras name
+            (`"gelu"` is the exact GELU of timm and PyTorch) or the default
+            `"keras_mobile_moe>gelu_tanh"` (big_vision's tanh approximation).
+        full_width_tokens: int >= 0. Tokens at the end of the sequence that
+            always run at the full width, outside the budget (1 for a class
+            token).
 
     Call arguments:
         inputs: tokens `[batch, num_tokens, hidden_dim]` grouped by expert:
             the first `counts[0]` tokens of every image belong to the
             smallest expert, the next `counts[1]` to the next, and so on,
-            with `counts = block.token_counts(num_tokens)`.
+            with `counts = block.token_counts(num_tokens)` (the last group
+            includes the `full_width_tokens`).
         expert_gates: float tensor `[batch, num_tokens]`, the router
-            probability of each token's own expert (same order), or None for
-            r = 0 (no router).
+            probability of each token's own expert (same order; 0 for the
+            full-width tokens), or None for r = 0 (no router).
         training: bool.
 
     Returns:
@@ -147,6 +161,8 @@ class NestedExpertBlock(keras.layers.Layer):
         attention_dropout_rate=0.0,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        mlp_activation="keras_mobile_moe>gelu_tanh",
+        full_width_tokens=0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -170,6 +186,13 @@ class NestedExpertBlock(keras.layers.Layer):
         )
         self.drop_path_rate = check_rate("drop_path_rate", drop_path_rate)
         self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.mlp_activation = serialize_activation(
+            get_activation(mlp_activation)
+        )
+        self._activation = get_activation(self.mlp_activation)
+        self.full_width_tokens = check_int(
+            "full_width_tokens", full_width_tokens, minimum=0
+        )
 
     @property
     def capacity_budget(self):
@@ -186,10 +209,19 @@ class NestedExpertBlock(keras.layers.Layer):
         return nested_widths(self.hidden_dim, self.num_nested_experts)
 
     def token_counts(self, num_tokens):
-        """Tokens per expert (smallest first) for images of `num_tokens`."""
-        return expert_token_counts(
-            self.capacity_budget, num_tokens, self.num_nested_experts
+        """Tokens per expert (smallest first) for images of `num_tokens`
+        (the full-width tokens included, in the last expert)."""
+        routed = num_tokens - self.full_width_tokens
+        if routed < 1:
+            raise ValueError(
+                f"NestedExpertBlock(full_width_tokens="
+                f"{self.full_width_tokens}) needs at least one routed token. "
+                f"Received: num_tokens={num_tokens}."
+            )
+        counts = expert_token_counts(
+            self.capacity_budget, routed, self.num_nested_experts
         )
+        return (*counts[:-1], counts[-1] + self.full_width_tokens)
 
     def build(self, inputs_shape, expert_gates_shape=None):
         if len(inputs_shape) != 3 or inputs_shape[-1] != self.hidden_dim:
@@ -336,7 +368,7 @@ class NestedExpertBlock(keras.layers.Layer):
             y = self._norm(
                 x[:, start : start + size, :width], norm_gamma, norm_beta, width
             )
-            y = gelu_tanh(linear(y, in_kernel[:width], in_bias))
+            y = self._activation(linear(y, in_kernel[:width], in_bias))
             if dropping:
                 y = self.mlp_hidden_dropout(y, training=training)
             y = linear(y, out_kernel[:, :width], out_bias[:width])
@@ -373,6 +405,8 @@ class NestedExpertBlock(keras.layers.Layer):
                 "attention_dropout_rate": self.attention_dropout_rate,
                 "drop_path_rate": self.drop_path_rate,
                 "layer_norm_epsilon": self.layer_norm_epsilon,
+                "mlp_activation": self.mlp_activation,
+                "full_width_tokens": self.full_width_tokens,
             }
         )
         return config

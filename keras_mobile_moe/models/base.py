@@ -13,7 +13,12 @@ backbone class:
 - `flops_breakdown(num_classes)`: its analytic FLOPs (`kmm.count_flops`);
 - `unused_params_per_image()`: the parameters one image does not use
   (`kmm.flops.activated_params`);
-- `routing_layer_names`: the layers that decide which experts run.
+- `routing_layer_names`: the layers that decide which experts run;
+- `converts_dense_vits`, `dense_vit_arguments(spec)` and
+  `load_dense_vit(weights)`: whether and how a dense ViT checkpoint (timm,
+  keras-hub; `keras_mobile_moe.convert`) becomes a member of the family;
+  `supports_upcycling`: whether `kmm.upcycle` turns its dense members into
+  a mixture of experts.
 
 The classifier module registers the family (`keras_mobile_moe.families`),
 which is how `kmm.flops`, the model card and the training scripts find it.
@@ -102,6 +107,24 @@ class FamilyBackbone(PresetMixin, Backbone):
     preset_family = None
     family_title = None
     paper = None
+    converts_dense_vits = False
+    supports_upcycling = False
+
+    @classmethod
+    def dense_vit_arguments(cls, spec):
+        """Constructor arguments of a member of the family computing the
+        dense ViT `spec` (`MobileVMoEBackbone` arguments read from a
+        checkpoint; `keras_mobile_moe.convert.common.DenseViT`)."""
+        raise NotImplementedError(
+            f"{cls.__name__} does not convert dense ViT checkpoints."
+        )
+
+    def load_dense_vit(self, weights):
+        """Copies a converted dense ViT's weights (named as in
+        `keras_mobile_moe.convert.common`) into this backbone."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not convert dense ViT checkpoints."
+        )
 
     # --- construction helpers --------------------------------------------
 

@@ -1,6 +1,7 @@
 import keras
 
 from keras_mobile_moe import flops
+from keras_mobile_moe.convert import common
 from keras_mobile_moe.layers.image_router import ImageRouter
 from keras_mobile_moe.layers.token_routed_moe import check_non_negative_float
 from keras_mobile_moe.layers.token_routed_moe import check_positive_float
@@ -133,6 +134,18 @@ class MobileVMoEBackbone(FamilyBackbone):
     # Its dense members load timm / keras-hub ViT checkpoints
     # (`keras_mobile_moe.convert`) and upcycle into MoE (`kmm.upcycle`).
     converts_dense_vits = True
+    supports_upcycling = True
+
+    @classmethod
+    def dense_vit_arguments(cls, spec):
+        """A dense ViT is a Mobile V-MoE with `num_moe_layers=0`: the
+        checkpoint's arguments as they are."""
+        return dict(spec)
+
+    def load_dense_vit(self, weights):
+        """Copies a converted dense ViT's weights into this (dense)
+        backbone (`keras_mobile_moe.convert.common.assign_backbone`)."""
+        common.assign_backbone(self, weights)
 
     def __init__(
         self,

@@ -1,8 +1,10 @@
 import keras
+from keras import ops
 
 from keras_mobile_moe import flops
 from keras_mobile_moe.capacity import check_capacity_budget
 from keras_mobile_moe.capacity import expert_token_counts
+from keras_mobile_moe.convert import common
 from keras_mobile_moe.layers.nested_expert_block import NestedExpertBlock
 from keras_mobile_moe.layers.nested_expert_block import check_nested_width
 from keras_mobile_moe.layers.nested_expert_block import nested_widths
@@ -19,12 +21,12 @@ class MoNEBackbone(FamilyBackbone):
     """Mixture of Nested Experts (MoNE) vision transformer backbone.
 
     Jain et al., "Mixture of Nested Experts: Adaptive Processing of Visual
-    Tokens", NeurIPS 2024 (arXiv 2407.19985). A ViT (no class token) with
-    the parameters of the dense model of its scale, whose every block holds
-    `num_nested_experts` nested experts of widths D/8, D/4, D/2, D (E = 4).
-    One `NestedExpertRouter` on the patch embeddings assigns every token to
-    one expert with Expert Preferred Routing; all blocks reuse that
-    assignment. The tokens are grouped by expert once, after the router, so
+    Tokens", NeurIPS 2024 (arXiv 2407.19985). A ViT (by default without a
+    class token) with the parameters of the dense model of its scale, whose
+    every block holds `num_nested_experts` nested experts of widths D/8,
+    D/4, D/2, D (E = 4). One `NestedExpertRouter` on the patch embeddings
+    assigns every token to one expert with Expert Preferred Routing; all
+    blocks reuse that assignment. The tokens are grouped by expert once, after the router, so
     every `NestedExpertBlock` multiplies each group only by its weight slice
     (attention, which is permutation-equivariant, still sees all tokens at
     full width); the output is put back in patch order.
@@ -34,6 +36,13 @@ class MoNEBackbone(FamilyBackbone):
     (`kmm.capacity_distribution`). It is part of the config and can also be
     changed on a built, trained or loaded model for inference without
     retraining: `backbone.capacity_budget = 0.3`.
+
+    With `use_class_token=True` a learned class token is prepended, as in a
+    timm or keras-hub ViT: it is not routed, always runs at the full width
+    (outside the budget) and comes first in `sequence_output`. That, exact
+    GELU (`mlp_activation="gelu"`) and `capacity_budget=1.0` make the
+    backbone compute a dense ViT, so a dense checkpoint loads into MoNE
+    (`from_preset("hf://timm/...")`, then lower the budget).
 
     Args:
         num_layers: int. Transformer blocks.
@@ -50,6 +59,11 @@ class MoNEBackbone(FamilyBackbone):
         drop_path_rate: float in [0, 1). Stochastic depth of the last block;
             earlier blocks get linearly smaller rates.
         layer_norm_epsilon: float. Epsilon of the layer norms.
+        use_class_token: bool. Prepend a learned class token (full width,
+            not routed).
+        mlp_activation: activation of the MLP hidden layers: the default
+            `"keras_mobile_moe>gelu_tanh"` or a Keras name such as `"gelu"`
+            (exact, as timm).
         dtype: dtype policy of the model (default: the global policy).
             Under `"mixed_bfloat16"` / `"mixed_float16"` the weights stay
             float32 and every layer computes in the half type, except the
@@ -66,7 +80,8 @@ class MoNEBackbone(FamilyBackbone):
 
     Returns:
         A dict with `"sequence_output"`: the normalised tokens
-        `[batch, num_patches, hidden_dim]` in patch order;
+        `[batch, num_patches, hidden_dim]` in patch order (after the class
+        token, with `use_class_token`);
         `"router_probs"`: float32 `[batch, num_patches, num_nested_experts]`;
         `"expert_index"`: int32 `[batch, num_patches]`, the nested expert
         (0 = smallest) of every patch.
@@ -93,6 +108,28 @@ class MoNEBackbone(FamilyBackbone):
         "Jain et al., \"Mixture of Nested Experts: Adaptive Processing of "
         "Visual Tokens\", NeurIPS 2024"
     )
+    # The nested experts are slices of one dense ViT, so a dense checkpoint
+    # (timm, keras-hub) is a valid start (`keras_mobile_moe.convert`).
+    converts_dense_vits = True
+
+    @classmethod
+    def dense_vit_arguments(cls, spec):
+        """The dense ViT `spec` as a MoNE at `capacity_budget=1.0` (every
+        token at full width: the checkpoint's own function; lower the
+        budget after loading, or pass `capacity_budget=...`)."""
+        arguments = {
+            key: value
+            for key, value in spec.items()
+            if key not in ("num_experts", "num_moe_layers")
+        }
+        arguments["capacity_budget"] = 1.0
+        return arguments
+
+    def load_dense_vit(self, weights):
+        """Copies a converted dense ViT's weights into this backbone
+        (`keras_mobile_moe.convert.common.assign_mone_backbone`): the
+        router keeps its initialisation, every `alpha` is 0."""
+        common.assign_mone_backbone(self, weights)
 
     def __init__(
         self,
@@ -108,6 +145,8 @@ class MoNEBackbone(FamilyBackbone):
         attention_dropout_rate=0.0,
         drop_path_rate=0.0,
         layer_norm_epsilon=1e-6,
+        use_class_token=False,
+        mlp_activation="keras_mobile_moe>gelu_tanh",
         dtype=None,
         **kwargs,
     ):
@@ -119,6 +158,11 @@ class MoNEBackbone(FamilyBackbone):
         check_nested_width(hidden_dim, num_nested_experts)
         check_capacity_budget(capacity_budget, num_nested_experts)
         check_rate("drop_path_rate", drop_path_rate)
+        if not isinstance(use_class_token, bool):
+            raise ValueError(
+                f"Received: use_class_token={use_class_token!r}. Expected a "
+                "bool."
+            )
         if isinstance(mlp_dim, int) and isinstance(num_heads, int):
             check_model_memory(
                 type(self).__name__, image_shape, patch_size, num_layers,
@@ -126,7 +170,9 @@ class MoNEBackbone(FamilyBackbone):
             )
 
         # === Layers ===
-        self._make_patch_embedding(hidden_dim, patch_size, False, dtype)
+        self._make_patch_embedding(
+            hidden_dim, patch_size, use_class_token, dtype
+        )
         self.router = NestedExpertRouter(
             num_nested_experts=num_nested_experts,
             capacity_budget=capacity_budget,
@@ -146,6 +192,8 @@ class MoNEBackbone(FamilyBackbone):
                     drop_path_rate, i, num_layers
                 ),
                 layer_norm_epsilon=layer_norm_epsilon,
+                mlp_activation=mlp_activation,
+                full_width_tokens=int(use_class_token),
                 dtype=dtype,
                 name=f"nested_block_{i}",
             )
@@ -156,11 +204,25 @@ class MoNEBackbone(FamilyBackbone):
         # === Functional model ===
         images = keras.Input(shape=image_shape, name="images")
         x = self.patch_embedding(images)
+        if use_class_token:
+            class_token, x = x[:, :1], x[:, 1:]
         probs, expert_index, order, position, gates = self.router(x)
         x = permute_tokens(x, order)  # grouped by expert, once
+        if use_class_token:
+            # Last: it joins the full-width group; r = 0 (not routed).
+            x = ops.concatenate([x, class_token], axis=1)
+            gates = ops.concatenate(
+                [gates, ops.zeros_like(gates[:, :1])], axis=1
+            )
         for block in self.encoder_blocks:
             x = block(x, gates)
-        x = permute_tokens(self.final_norm(x), position)  # patch order
+        x = self.final_norm(x)
+        if use_class_token:
+            x = ops.concatenate(
+                [x[:, -1:], permute_tokens(x[:, :-1], position)], axis=1
+            )
+        else:
+            x = permute_tokens(x, position)  # patch order
         outputs = {
             "sequence_output": x,
             "router_probs": probs,
@@ -172,6 +234,8 @@ class MoNEBackbone(FamilyBackbone):
         self._set_shared_config(locals())
         self.num_nested_experts = num_nested_experts
         self._capacity_budget = float(capacity_budget)
+        self.use_class_token = use_class_token
+        self.mlp_activation = self.encoder_blocks[0].mlp_activation
 
     @property
     def capacity_budget(self):
@@ -200,7 +264,8 @@ class MoNEBackbone(FamilyBackbone):
 
     @property
     def num_tokens(self):
-        """Tokens per image N (patches; MoNE uses no class token)."""
+        """Routed tokens per image N: the patches (a class token is not
+        routed)."""
         height, width = self.image_shape[:2]
         return (height // self.patch_size) * (width // self.patch_size)
 
@@ -249,6 +314,8 @@ class MoNEBackbone(FamilyBackbone):
             {
                 "num_nested_experts": self.num_nested_experts,
                 "capacity_budget": self.capacity_budget,
+                "use_class_token": self.use_class_token,
+                "mlp_activation": self.mlp_activation,
             }
         )
         return config

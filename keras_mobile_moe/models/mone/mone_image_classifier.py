@@ -35,12 +35,13 @@ def resolve_training_budgets(training_budgets, num_nested_experts):
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
 class MoNEImageClassifier(FamilyImageClassifier):
-    """MoNE image classifier (`kmm.MoNE`): nested experts + mean pooling +
-    linear head.
+    """MoNE image classifier (`kmm.MoNE`): nested experts + pooling + linear
+    head.
 
     Jain et al., "Mixture of Nested Experts: Adaptive Processing of Visual
-    Tokens", NeurIPS 2024. A `MoNEBackbone`, the mean of its tokens and a
-    linear layer. There is no auxiliary loss: the router learns through the
+    Tokens", NeurIPS 2024. A `MoNEBackbone`, the mean of its tokens (or its
+    class token, for a backbone with `use_class_token=True`, e.g. one
+    converted from a timm ViT) and a linear layer. There is no auxiliary loss: the router learns through the
     `(alpha * r + 1)` scaling of every block's MLP branch.
 
     The compute budget can be changed at any time, e.g. on a trained or
@@ -55,8 +56,9 @@ class MoNEImageClassifier(FamilyImageClassifier):
         backbone: a `MoNEBackbone`.
         num_classes: int. Number of classes.
         preprocessor: a `MoNEImageClassifierPreprocessor` or None.
-        pooling: `"avg"`, the mean of the tokens (the only choice; MoNE has
-            no class token).
+        pooling: `"avg"` (the mean of the tokens; for a backbone without a
+            class token) or `"token"` (the class token; for a backbone with
+            `use_class_token=True`). None: the one the backbone has.
         dropout: float in [0, 1). Dropout before the head.
         activation: activation of the head (None: logits).
         training_budgets: None (train at the backbone's `capacity_budget`),
@@ -99,7 +101,7 @@ class MoNEImageClassifier(FamilyImageClassifier):
         backbone,
         num_classes,
         preprocessor=None,
-        pooling="avg",
+        pooling=None,
         dropout=0.0,
         activation=None,
         training_budgets=None,
@@ -107,8 +109,18 @@ class MoNEImageClassifier(FamilyImageClassifier):
         **kwargs,
     ):
         self._check_head_arguments(
-            backbone, num_classes, pooling, ("avg",), dropout
+            backbone, num_classes, pooling, ("avg", "token", None), dropout
         )
+        # With a class token the head reads it (the one full-width token);
+        # without, the mean of the routed tokens.
+        natural = "token" if backbone.use_class_token else "avg"
+        pooling = natural if pooling is None else pooling
+        if pooling != natural:
+            raise ValueError(
+                f"Received: pooling={pooling!r} for a backbone with "
+                f"use_class_token={backbone.use_class_token}. Accepted: "
+                f"pooling={natural!r} (or None)."
+            )
         budgets = resolve_training_budgets(
             training_budgets, backbone.num_nested_experts
         )
@@ -122,7 +134,11 @@ class MoNEImageClassifier(FamilyImageClassifier):
         # === Functional model ===
         images = backbone.input
         tokens = backbone(images)["sequence_output"]
-        x = self.output_dropout(ops.mean(tokens, axis=1))
+        if pooling == "token":
+            x = tokens[:, 0, :]
+        else:
+            x = ops.mean(tokens, axis=1)
+        x = self.output_dropout(x)
         logits = self.output_dense(x)
         self._finish_functional(
             logits, num_classes, pooling, dropout, activation, **kwargs
