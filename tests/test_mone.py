@@ -282,6 +282,21 @@ def test_permute_tokens_reorders_each_image():
     np.testing.assert_array_equal(got, np.take_along_axis(tokens, order[..., None], 1))
 
 
+@pytest.mark.parametrize("batch", [3, 4])
+def test_permute_tokens_in_a_functional_model_when_batch_equals_tokens(batch):
+    """Regression: on TensorFlow, Keras adds a [batch, 1] tensor to a
+    [batch, tokens] one as a bias over the last axis when batch == tokens,
+    which mixed up the images' tokens inside functional models (MoNE's
+    `predict` with batch 16 on 16 patches) and nowhere else."""
+    tokens = keras.Input((4, 2))
+    order = keras.Input((4,), dtype="int32")
+    model = keras.Model([tokens, order], permute_tokens(tokens, order))
+    x = np.arange(batch * 4 * 2, dtype="float32").reshape(batch, 4, 2)
+    o = np.stack([np.roll(np.arange(4), b) for b in range(batch)]).astype("int32")
+    got = to_numpy(model([x, o]))
+    np.testing.assert_array_equal(got, np.take_along_axis(x, o[..., None], 1))
+
+
 def test_router_gates_are_each_tokens_own_expert_probability():
     router = NestedExpertRouter(num_nested_experts=4, capacity_budget=0.4)
     tokens = np.random.default_rng(3).normal(size=(3, 16, 8)).astype("float32")

@@ -51,10 +51,12 @@ def permute_tokens(tokens, order):
     num_tokens = tokens.shape[1]
     feature_shape = tuple(tokens.shape[2:])
     order = ops.cast(order, "int32")
-    # Row offset b * num_tokens of every image, without the (possibly
-    # symbolic) batch size.
-    first = ops.ones_like(order[:, :1])
-    offsets = (ops.cumsum(first, axis=0) - first) * num_tokens
+    # Row offset b * num_tokens of every token, without the (possibly
+    # symbolic) batch size. Built at the full [batch, num_tokens] shape: on
+    # TensorFlow, Keras adds a [batch, 1] tensor as a bias over the last
+    # axis when batch == num_tokens (keras.ops.add's BiasAdd special case),
+    # which silently mixed up the tokens of different images.
+    offsets = (ops.cumsum(ops.ones_like(order), axis=0) - 1) * num_tokens
     rows = ops.reshape(order + offsets, (-1,))
     flat = ops.reshape(tokens, (-1, *feature_shape))
     return ops.reshape(
