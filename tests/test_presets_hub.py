@@ -507,11 +507,11 @@ def test_config_of_another_class(tmp_path):
         hidden_dim=16, mlp_dim=32,
     )
     vit.save_to_preset(str(tmp_path))
-    # A keras-hub ViT converts into a dense Mobile V-MoE (tests/
-    # test_timm_convert.py checks the logits); not into another family.
+    # A keras-hub ViT converts into a dense Mobile V-MoE and into MoNE
+    # (tests/test_timm_convert.py checks the logits).
     assert kmm.MobileVMoEBackbone.from_preset(str(tmp_path)).hidden_dim == 16
-    with pytest.raises(ValueError, match="not into MoNEBackbone"):
-        kmm.MoNEBackbone.from_preset(str(tmp_path))
+    mone = kmm.MoNEBackbone.from_preset(str(tmp_path))
+    assert mone.use_class_token and mone.capacity_budget == 1.0
     config_path = tmp_path / "config.json"
     config = json.load(open(config_path))
     config["registered_name"] = "keras_hub>ResNetBackbone"
