@@ -257,26 +257,21 @@ def assign_mone_backbone(backbone, weights):
     d = backbone.hidden_dim
     for i, block in enumerate(backbone.encoder_blocks):
         b = f"blocks.{i}."
-        for norm_name in ("attention_norm", "mlp_norm"):
-            for part in ("gamma", "beta"):
-                _assign(
-                    getattr(block, f"{norm_name}_{part}"),
-                    weights[f"{b}{norm_name}.{part}"],
-                    b + norm_name,
-                )
         # [D, H, D/H] heads are [D, D] columns; [H, D/H, D] rows.
         for name in ("query", "key", "value", "attention_output"):
             kernel = weights[b + name + ".kernel"].reshape(d, d)
             _assign(getattr(block, f"{name}_kernel"), kernel, b + name)
             bias = weights[b + name + ".bias"].reshape(d)
             _assign(getattr(block, f"{name}_bias"), bias, b + name)
-        for name in ("mlp_in", "mlp_out"):
-            for part in ("kernel", "bias"):
-                _assign(
-                    getattr(block, f"{name}_{part}"),
-                    weights[f"{b}{name}.{part}"],
-                    b + name,
-                )
+        for name, parts in (
+            ("attention_norm", ("gamma", "beta")),
+            ("mlp_norm", ("gamma", "beta")),
+            ("mlp_in", ("kernel", "bias")),
+            ("mlp_out", ("kernel", "bias")),
+        ):
+            for part in parts:
+                variable = getattr(block, f"{name}_{part}")
+                _assign(variable, weights[f"{b}{name}.{part}"], b + name)
         block.alpha.assign(0.0)
 
 
