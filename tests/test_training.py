@@ -346,6 +346,64 @@ def test_trainer_resizes_and_scales_like_the_preset():
     model.preprocessor = preprocessor
 
 
+def h5_paths(path):
+    import h5py
+
+    paths = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(
+            lambda name, obj: paths.__setitem__(name, obj.shape)
+            if isinstance(obj, h5py.Dataset)
+            else None
+        )
+    return paths
+
+
+def test_trainer_loads_and_writes_the_committed_checkpoint_format(tmp_path):
+    # training/cpu_runs.sh resumes 100-epoch runs from the BackupAndRestore
+    # checkpoints in training/checkpoints/ (a copy is read here): every
+    # weight and optimizer variable loads, and a new checkpoint has exactly
+    # the same entries.
+    import shutil
+    import warnings
+
+    trainer_lib = _load("trainer")
+    source = os.path.join(
+        ROOT, "training", "checkpoints", "6x64_e10_p4_100ep_s0",
+        "latest.weights.h5",
+    )
+    checkpoint = str(tmp_path / "latest.weights.h5")
+    shutil.copy(source, checkpoint)
+    model = kmm.MobileVMoE.from_preset(
+        "6x64_e10", load_weights=False, num_classes=100,
+        image_shape=(32, 32, 3), patch_size=4, routing="learned",
+    )
+    model.preprocessor = None
+    trainer = trainer_lib.Trainer(model)
+    # train.py's learning rate is a schedule (not an optimizer variable).
+    schedule = keras.optimizers.schedules.CosineDecay(1e-3, 10)
+    trainer.compile(
+        optimizer=keras.optimizers.AdamW(schedule),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    trainer.optimizer.build(trainer.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped variable warns
+        trainer.load_weights(checkpoint)
+    saved = h5_paths(checkpoint)
+    head = model.get_layer("predictions").kernel
+    import h5py
+
+    with h5py.File(checkpoint, "r") as f:
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(head),
+            f["layers/functional/layers/dense/vars/0"][()],
+        )
+    rewritten = str(tmp_path / "rewritten.weights.h5")
+    trainer.save_weights(rewritten)
+    assert h5_paths(rewritten) == saved
+
+
 def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
     workdir, _ = smoke_run
     with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:

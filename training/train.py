@@ -24,6 +24,7 @@ Usage:
       --image_size 32 --patch_size 8 --override hidden_dim=16 ...
 """
 
+import csv
 import inspect
 import json
 import os
@@ -52,7 +53,6 @@ from common import machine  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 from keras_mobile_moe.atomic_io import write_json  # noqa: E402
 from keras_mobile_moe.atomic_io import write_text  # noqa: E402
-from keras_mobile_moe import preset_registry  # noqa: E402
 
 PRESET = flags.DEFINE_string("preset", "6x64_e10", "Preset architecture.")
 DATA = flags.DEFINE_enum(
@@ -189,43 +189,14 @@ def parse_overrides(items):
     return overrides
 
 
-def preset_info(preset):
-    """(task class, backbone config) of `--preset`, as the registry or the
-    preset directory's own files say (`kmm.MobileVMoE` or `kmm.MoNE`).
-
-    A built-in name is looked up in each family's registry; a directory is
-    read: the class registered in its task.json (or config.json) decides.
-    """
-    families = (kmm.MobileVMoE, kmm.MoNE)
-    for cls in families:
-        if preset in cls.presets:
-            entry = cls.presets[preset]
-            return cls, preset_registry.backbone_config(entry, {})
-    if os.path.isdir(preset):
-        with open(os.path.join(preset, "config.json"), encoding="utf-8") as f:
-            backbone = json.load(f)
-        registered = backbone.get("registered_name")
-        task_path = os.path.join(preset, "task.json")
-        if os.path.isfile(task_path):
-            with open(task_path, encoding="utf-8") as f:
-                registered = json.load(f).get("registered_name")
-        found = keras.saving.get_registered_object(registered)
-        for cls in families:
-            if isinstance(found, type) and (
-                issubclass(found, cls) or issubclass(found, cls.backbone_cls)
-            ):
-                return cls, dict(backbone["config"])
-        raise ValueError(
-            f"Received: --preset={preset!r}, a directory holding a "
-            f"{registered!r}. Accepted: a Mobile V-MoE or MoNE preset "
-            "(MobileVMoEImageClassifier, MoNEImageClassifier or their "
-            "backbones)."
-        )
-    raise ValueError(
-        f"Received: --preset={preset!r}. Accepted: a Mobile V-MoE preset "
-        f"name ({', '.join(sorted(kmm.MobileVMoE.presets))}), a MoNE preset "
-        f"name ({', '.join(sorted(kmm.MoNE.presets))}) or a preset directory."
-    )
+def preset_family(preset):
+    """(task class, backbone config) of `--preset`: the family the preset
+    loader finds for a built-in name or a preset directory."""
+    try:
+        family, backbone_config = kmm.preset_loader.family_of_preset(preset)
+    except ValueError as error:
+        raise ValueError(f"--preset: {error}") from None
+    return family.task_cls, backbone_config
 
 
 def parse_training_budgets(value):
@@ -241,10 +212,9 @@ def parse_training_budgets(value):
         ) from None
 
 
-def build_model(dataset, recipe, num_classes=100):
-    """The classifier (random weights) and a description of its routing."""
-    preset = PRESET.value
-    cls, backbone_config = preset_info(preset)
+def flag_overrides(cls, recipe, num_classes):
+    """`from_preset` overrides from the recipe and the flags (--image_size,
+    --patch_size, --override, --training_budgets)."""
     overrides = {"num_classes": num_classes}
     if recipe.drop_path_rate:
         overrides["drop_path_rate"] = recipe.drop_path_rate
@@ -258,64 +228,86 @@ def build_model(dataset, recipe, num_classes=100):
     if TRAINING_BUDGETS.value is not None:
         if cls is not kmm.MoNE:
             raise ValueError(
-                f"--training_budgets is for MoNE presets; --preset={preset!r} "
-                f"is a {cls.__name__}."
+                f"--training_budgets is for MoNE presets; "
+                f"--preset={PRESET.value!r} is a {cls.__name__}."
             )
         overrides["training_budgets"] = parse_training_budgets(
             TRAINING_BUDGETS.value
         )
+    return overrides
+
+
+def superclass_groups(dataset, num_experts, num_classes):
+    """--routing superclass: the class -> expert table and where it came
+    from (--superclasses: 'coarse' or a groups file)."""
+    source = SUPERCLASSES.value or ("coarse" if num_experts == 20 else None)
+    if source is None:
+        raise ValueError(
+            f"--routing superclass with {num_experts} experts needs "
+            "--superclasses: 'coarse' (CIFAR-100's 20 super-classes; "
+            "sets E=20) or a groups file written by "
+            "training/discover_superclasses.py."
+        )
+    groups = coarse_table(dataset) if source == "coarse" else read_groups(source)
+    if len(groups) != num_classes:
+        raise ValueError(
+            f"--superclasses {source}: {len(groups)} entries, expected "
+            f"one per class ({num_classes})."
+        )
+    return groups, source
+
+
+def routing_overrides(dataset, num_experts, num_classes):
+    """A Mobile V-MoE's routing overrides (--routing, --superclasses,
+    --capacity_factor) and their description for results.json."""
+    mode = ROUTING.value
+    routing = {"mode": mode}
+    overrides = {}
+    groups = None
+    if mode == "superclass":
+        groups, routing["superclasses"] = superclass_groups(
+            dataset, num_experts, num_classes
+        )
+        num_experts = int(groups.max()) + 1
+    elif mode == "random":
+        groups = random_groups(num_classes, num_experts, SEED.value)
+    overrides["num_experts"] = int(num_experts)
+    if mode == "token":
+        overrides["router_type"] = "token"
+        overrides["capacity_factor"] = CAPACITY_FACTOR.value
+    if groups is not None:
+        overrides["superclass_ids"] = [int(g) for g in groups]
+        overrides["routing"] = "superclass"
+        routing["superclass_ids"] = overrides["superclass_ids"]
+    else:
+        overrides["routing"] = "learned"
+    routing["num_experts"] = int(num_experts)
+    if INIT_FROM.value:
+        # With normalised gates the upcycled model is exactly the dense one
+        # at the start, whatever the fresh router picks.
+        overrides["normalize_gates"] = True
+    return overrides, routing
+
+
+def build_model(dataset, recipe, num_classes=100):
+    """The classifier (random weights, or --init_from's), a description of
+    its routing, and the `from_preset` overrides."""
+    preset = PRESET.value
+    cls, backbone_config = preset_family(preset)
+    overrides = flag_overrides(cls, recipe, num_classes)
     routing = {"mode": None}
     config = {**backbone_config, **overrides}
     if NUM_EXPERTS.value:
         config["num_experts"] = NUM_EXPERTS.value
     defaults = inspect.signature(kmm.models.MobileVMoEBackbone).parameters
+    num_experts = config.get("num_experts", defaults["num_experts"].default)
     is_moe = cls is kmm.MobileVMoE and bool(
         config.get("num_moe_layers", defaults["num_moe_layers"].default)
-        and config.get("num_experts", defaults["num_experts"].default)
+        and num_experts
     )
     if is_moe:
-        num_experts = config.get("num_experts", defaults["num_experts"].default)
-        mode = ROUTING.value
-        routing = {"mode": mode}
-        if mode == "superclass":
-            source = SUPERCLASSES.value or ("coarse" if num_experts == 20 else None)
-            if source is None:
-                raise ValueError(
-                    f"--routing superclass with {num_experts} experts needs "
-                    "--superclasses: 'coarse' (CIFAR-100's 20 super-classes; "
-                    "sets E=20) or a groups file written by "
-                    "training/discover_superclasses.py."
-                )
-            if source == "coarse":
-                groups = coarse_table(dataset)
-            else:
-                groups = read_groups(source)
-            if len(groups) != num_classes:
-                raise ValueError(
-                    f"--superclasses {source}: {len(groups)} entries, expected "
-                    f"one per class ({num_classes})."
-                )
-            num_experts = int(groups.max()) + 1
-            routing["superclasses"] = source
-        elif mode == "random":
-            groups = random_groups(num_classes, num_experts, SEED.value)
-        else:
-            groups = None
-        overrides["num_experts"] = int(num_experts)
-        if mode == "token":
-            overrides["router_type"] = "token"
-            overrides["capacity_factor"] = CAPACITY_FACTOR.value
-        if groups is not None:
-            overrides["superclass_ids"] = [int(g) for g in groups]
-            overrides["routing"] = "superclass"
-            routing["superclass_ids"] = overrides["superclass_ids"]
-        else:
-            overrides["routing"] = "learned"
-        routing["num_experts"] = int(num_experts)
-    if INIT_FROM.value and is_moe:
-        # With normalised gates the upcycled model is exactly the dense one
-        # at the start, whatever the fresh router picks.
-        overrides["normalize_gates"] = True
+        extra, routing = routing_overrides(dataset, num_experts, num_classes)
+        overrides.update(extra)
     if DISTRIBUTION.value != "none":
         # Set before the model is built, so its variables get their layouts;
         # the expert mesh axis must divide the number of experts.
@@ -542,43 +534,40 @@ def budget_sweep(model, trainer, test):
     return curve
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- steps
 
 
-def main(argv):
-    del argv
-    start = time.perf_counter()
-    workdir = WORKDIR.value
-    os.makedirs(workdir, exist_ok=True)
-    command = " ".join(shlex.quote(a) for a in sys.argv)
-    backend = keras.config.backend()
-    if DISTRIBUTION.value != "none":
-        if backend != "jax":
-            raise ValueError(
-                f"--distribution {DISTRIBUTION.value} runs on the JAX backend "
-                f"only; this is KERAS_BACKEND={backend}. Use "
-                "KERAS_BACKEND=jax or --distribution none."
-            )
-        if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1:
-            # Several hosts: join the job before any JAX computation (this
-            # runs jax.distributed.initialize()).
-            keras.distribution.initialize()
+def start_distribution(backend):
+    """Checks --distribution against the backend; joins a multi-host job."""
+    if DISTRIBUTION.value == "none":
+        return
+    if backend != "jax":
+        raise ValueError(
+            f"--distribution {DISTRIBUTION.value} runs on the JAX backend "
+            f"only; this is KERAS_BACKEND={backend}. Use "
+            "KERAS_BACKEND=jax or --distribution none."
+        )
+    if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1:
+        # Several hosts: join the job before any JAX computation (this
+        # runs jax.distributed.initialize()).
+        keras.distribution.initialize()
 
-    keras.utils.set_random_seed(SEED.value)
-    dataset = load_cifar100()
-    num_classes = 100
+
+def make_recipe():
+    """The --recipe for the model's width (--override hidden_dim=... or
+    the preset's)."""
+    width = parse_overrides(OVERRIDE.value).get("hidden_dim")
+    if width is None:
+        width = preset_family(PRESET.value)[1]["hidden_dim"]
+    return recipes.get_recipe(RECIPE.value, width)
+
+
+def make_batches(dataset, recipe, num_classes):
+    """The train (augmented by the recipe), validation (a stratified share
+    of the training set, or None) and test batches, and the split sizes."""
     train_idx, val_idx = data_lib.stratified_split(
         dataset["y_train"], VAL_FRACTION.value, SEED.value
     )
-    width = parse_overrides(OVERRIDE.value).get("hidden_dim")
-    if width is None:
-        width = preset_info(PRESET.value)[1]["hidden_dim"]
-    recipe = recipes.get_recipe(RECIPE.value, width)
-
-    model, routing, overrides = build_model(dataset, recipe, num_classes)
-    image_size = tuple(model.backbone.image_shape[:2])
-    preprocessor = model.preprocessor
-    model.preprocessor = None  # the Trainer resizes and scales in its graph
     batch_size = BATCH_SIZE.value
     train = data_lib.CifarBatches(
         dataset["x_train"][train_idx],
@@ -601,8 +590,22 @@ def main(argv):
     test = data_lib.CifarBatches(
         dataset["x_test"], dataset["y_test"], batch_size, num_classes
     )
-    optimizer, peak_lr = make_optimizer(recipe, len(train), EPOCHS.value, batch_size)
-    trainer = Trainer(model, dataset["x_train"].shape[1:3])
+    sizes = {
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "test_images": int(len(dataset["y_test"])),
+    }
+    return train, val, test, sizes
+
+
+def make_trainer(model, recipe, train, source_size):
+    """The compiled `Trainer` of `model` (the classifier's loss, with the
+    recipe's label smoothing on one-hot or Mixup/CutMix targets) and the
+    peak learning rate."""
+    optimizer, peak_lr = make_optimizer(
+        recipe, len(train), EPOCHS.value, BATCH_SIZE.value
+    )
+    trainer = Trainer(model, source_size)
     trainer.compile(
         optimizer=optimizer,
         loss=keras.losses.CategoricalCrossentropy(
@@ -610,22 +613,17 @@ def main(argv):
         ),
         metrics=[keras.metrics.CategoricalAccuracy("accuracy")],
     )
+    return trainer, peak_lr
 
-    backup_dir = os.path.join(workdir, "backup")
-    resumed_from = backup_epoch(backup_dir)
-    train.epoch = resumed_from
-    print(
-        f"== {PRESET.value} ({type(model).__name__}, "
-        f"{model.count_params() / 1e6:.2f}M params, input {image_size}) on "
-        f"{backend}; recipe {recipe.name}, {EPOCHS.value} epochs x "
-        f"{len(train)} steps of {batch_size}, peak lr {peak_lr:.2e}; "
-        f"{len(train_idx)} train / {len(val_idx)} val / "
-        f"{len(dataset['y_test'])} test images; routing {routing.get('mode')}"
-        + (f"; resuming after epoch {resumed_from}" if resumed_from else ""),
-        flush=True,
-    )
+
+def fit_callbacks(workdir, train):
+    """Checkpointing (BackupAndRestore), CSV / TensorBoard logs, timing and
+    progress lines; and the fit verbosity."""
+    batch_size = BATCH_SIZE.value
     callbacks = [
-        keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
+        keras.callbacks.BackupAndRestore(
+            os.path.join(workdir, "backup"), delete_checkpoint=False
+        ),
         EpochTimer(len(train) * batch_size),
         keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=True),
     ]
@@ -644,6 +642,150 @@ def main(argv):
                 STEP_DELAY.value,
             )
         )
+    return callbacks, verbose
+
+
+def score(model, trainer, val, test):
+    """Validation and test top-1 and router accuracy, and (MoNE) the
+    accuracy-vs-budget curve."""
+    superclass_ids = getattr(model, "superclass_ids", None)
+    if getattr(model, "router_loss", None) is None:
+        superclass_ids = None
+    scores = {"val_top1": None, "val_router_accuracy": None}
+    if val is not None:
+        val.max_steps = None
+        scores["val_top1"], scores["val_router_accuracy"] = evaluate(
+            trainer.predict_on_batch, val, superclass_ids
+        )
+    scores["test_top1"], scores["test_router_accuracy"] = evaluate(
+        trainer.predict_on_batch, test, superclass_ids
+    )
+    print(
+        f"val top-1 {scores['val_top1']}, test top-1 "
+        f"{scores['test_top1']:.4f}, test router accuracy "
+        f"{scores['test_router_accuracy']}",
+        flush=True,
+    )
+    scores["budget_curve"] = None
+    if isinstance(model, kmm.MoNE):
+        scores["budget_curve"] = budget_sweep(model, trainer, test)
+    return scores
+
+
+def save_preset(model, preset_dir, training_info):
+    """Saves the classifier as a preset; its metadata.json and model card
+    record `training_info`."""
+    model.save_to_preset(preset_dir)
+    metadata_path = os.path.join(preset_dir, "metadata.json")
+    with open(metadata_path, encoding="utf-8") as f:
+        metadata = json.load(f)
+    metadata["training"] = training_info
+    write_json(metadata_path, metadata)
+    card_path = os.path.join(preset_dir, "README.md")
+    with open(card_path, encoding="utf-8") as f:
+        card = f.read()
+    info = training_info
+    write_text(
+        card_path,
+        card
+        + (
+            "\n## Training\n\n"
+            f"Trained with `training/train.py` on {info['dataset']} "
+            f"({info['train_images']} training images, "
+            f"{info['val_images']} held out for validation), "
+            f"{info['epochs']} epochs, seed {info['seed']}, "
+            f"{info['backend']} backend, recipe `{info['recipe']['name']}`."
+            "\n\n"
+            f"- test top-1: {info['test_top1']:.4f}\n"
+            f"- validation top-1: {info['val_top1']}\n"
+            f"- test router accuracy: {info['test_router_accuracy']}\n\n"
+            f"Command:\n\n```\n{info['command']}\n```\n"
+        ),
+    )
+
+
+ARCH_KEYS = (
+    "num_layers",
+    "hidden_dim",
+    "num_heads",
+    "mlp_dim",
+    "patch_size",
+    "num_experts",
+    "top_k",
+    "num_moe_layers",
+    "router_type",
+    "capacity_factor",
+    "drop_path_rate",
+    "num_nested_experts",
+    "capacity_budget",
+)
+
+
+def architecture(model):
+    """results.json's `arch`: the backbone's settings and the family."""
+    backbone = model.backbone
+    arch = {k: getattr(backbone, k) for k in ARCH_KEYS if hasattr(backbone, k)}
+    arch["family"] = type(model).preset_family
+    if isinstance(model, kmm.MoNE):
+        arch["training_budgets"] = model.training_budgets
+    arch["image_shape"] = list(backbone.image_shape)
+    arch["is_moe"] = bool(getattr(backbone, "is_moe", False))
+    return arch
+
+
+def add_history(results, workdir):
+    """Adds log.csv's rows and the summed epoch times (also those of the
+    sessions before a resume, which may have run on another machine;
+    `machine` is this session's)."""
+    log_path = os.path.join(workdir, "log.csv")
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path, encoding="utf-8") as f:
+        results["history"] = list(csv.DictReader(f))
+    results["train_seconds"] = sum(
+        float(row.get("epoch_seconds") or 0) for row in results["history"]
+    )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv):
+    del argv
+    start = time.perf_counter()
+    workdir = WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+    backend = keras.config.backend()
+    start_distribution(backend)
+
+    keras.utils.set_random_seed(SEED.value)
+    dataset = load_cifar100()
+    num_classes = 100
+    recipe = make_recipe()
+    model, routing, overrides = build_model(dataset, recipe, num_classes)
+    train, val, test, sizes = make_batches(dataset, recipe, num_classes)
+    # The Trainer resizes and scales in its graph; the preprocessor is put
+    # back for the saved preset.
+    preprocessor, model.preprocessor = model.preprocessor, None
+    trainer, peak_lr = make_trainer(
+        model, recipe, train, dataset["x_train"].shape[1:3]
+    )
+
+    resumed_from = backup_epoch(os.path.join(workdir, "backup"))
+    train.epoch = resumed_from
+    print(
+        f"== {PRESET.value} ({type(model).__name__}, "
+        f"{model.count_params() / 1e6:.2f}M params, input "
+        f"{tuple(model.backbone.image_shape[:2])}) on {backend}; recipe "
+        f"{recipe.name}, {EPOCHS.value} epochs x {len(train)} steps of "
+        f"{BATCH_SIZE.value}, peak lr {peak_lr:.2e}; "
+        f"{sizes['train_images']} train / {sizes['val_images']} val / "
+        f"{sizes['test_images']} test images; routing {routing.get('mode')}"
+        + (f"; resuming after epoch {resumed_from}" if resumed_from else ""),
+        flush=True,
+    )
+    callbacks, verbose = fit_callbacks(workdir, train)
     fit_start = time.perf_counter()
     trainer.fit(
         train,
@@ -653,120 +795,44 @@ def main(argv):
         verbose=verbose,
     )
     fit_seconds = time.perf_counter() - fit_start
+    scores = score(model, trainer, val, test)
 
-    superclass_ids = getattr(model, "superclass_ids", None)
-    if getattr(model, "router_loss", None) is None:
-        superclass_ids = None
-    val_top1 = val_router = None
-    if val is not None:
-        val.max_steps = None
-        val_top1, val_router = evaluate(
-            trainer.predict_on_batch, val, superclass_ids
-        )
-    test_top1, test_router = evaluate(
-        trainer.predict_on_batch, test, superclass_ids
-    )
-    print(
-        f"val top-1 {val_top1}, test top-1 {test_top1:.4f}, "
-        f"test router accuracy {test_router}",
-        flush=True,
-    )
-    budget_curve = None
-    if isinstance(model, kmm.MoNE):
-        budget_curve = budget_sweep(model, trainer, test)
-
-
-    # The preset: the (never compiled) classifier with its preprocessor.
+    # The preset: the classifier with its preprocessor.
     model.preprocessor = preprocessor
-    clean = model
-    preset_dir = os.path.join(workdir, "preset")
-    clean.save_to_preset(preset_dir)
-    flops = kmm.count_flops(clean)
     training_info = {
         "command": command,
         "backend": backend,
         "dataset": "cifar100" if DATA.value == "full" else "cifar100-fixture",
-        "train_images": int(len(train_idx)),
-        "val_images": int(len(val_idx)),
-        "test_images": int(len(dataset["y_test"])),
+        **sizes,
         "epochs": EPOCHS.value,
         "steps_per_epoch": len(train),
-        "batch_size": batch_size,
+        "batch_size": BATCH_SIZE.value,
         "seed": SEED.value,
         "recipe": recipe.as_dict(),
         "peak_learning_rate": peak_lr,
         "routing": {k: v for k, v in routing.items() if k != "superclass_ids"},
-        "val_top1": val_top1,
-        "test_top1": test_top1,
-        "test_router_accuracy": test_router,
+        "val_top1": scores["val_top1"],
+        "test_top1": scores["test_top1"],
+        "test_router_accuracy": scores["test_router_accuracy"],
     }
-    metadata_path = os.path.join(preset_dir, "metadata.json")
-    with open(metadata_path, encoding="utf-8") as f:
-        metadata = json.load(f)
-    metadata["training"] = training_info
-    write_json(metadata_path, metadata)
-    card_path = os.path.join(preset_dir, "README.md")
-    with open(card_path, encoding="utf-8") as f:
-        card = f.read()
-    write_text(
-        card_path,
-        card
-        + (
-            "\n## Training\n\n"
-            f"Trained with `training/train.py` on {training_info['dataset']} "
-            f"({len(train_idx)} training images, {len(val_idx)} held out for "
-            f"validation), {EPOCHS.value} epochs, seed {SEED.value}, "
-            f"{backend} backend, recipe `{recipe.name}`.\n\n"
-            f"- test top-1: {test_top1:.4f}\n"
-            f"- validation top-1: {val_top1}\n"
-            f"- test router accuracy: {test_router}\n\n"
-            f"Command:\n\n```\n{command}\n```\n"
-        ),
-    )
+    preset_dir = os.path.join(workdir, "preset")
+    save_preset(model, preset_dir, training_info)
 
-    arch = {
-        k: getattr(clean.backbone, k)
-        for k in (
-            "num_layers",
-            "hidden_dim",
-            "num_heads",
-            "mlp_dim",
-            "patch_size",
-            "num_experts",
-            "top_k",
-            "num_moe_layers",
-            "router_type",
-            "capacity_factor",
-            "drop_path_rate",
-            "num_nested_experts",
-            "capacity_budget",
-        )
-        if hasattr(clean.backbone, k)
-    }
-    arch["family"] = type(clean).preset_family
-    if isinstance(clean, kmm.MoNE):
-        arch["training_budgets"] = clean.training_budgets
-    arch["image_shape"] = list(clean.backbone.image_shape)
-    arch["is_moe"] = bool(getattr(clean.backbone, "is_moe", False))
     results = {
         "preset": PRESET.value,
-        "arch": arch,
+        "arch": architecture(model),
         "overrides": {
             k: v for k, v in overrides.items() if k != "superclass_ids"
         },
-        "flops": int(flops),
-        "params": int(clean.count_params()),
-        "activated_params": int(kmm.flops.activated_params(clean)),
+        "flops": int(kmm.count_flops(model)),
+        "params": int(model.count_params()),
+        "activated_params": int(kmm.flops.activated_params(model)),
         "epochs": EPOCHS.value,
         "resumed_from_epoch": resumed_from,
-        "val_top1": val_top1,
-        "val_router_accuracy": val_router,
-        "test_top1": test_top1,
-        "test_router_accuracy": test_router,
-        "budget_curve": budget_curve,
+        **scores,
         "training_budget_steps": (
             {str(k): v for k, v in sorted(trainer.budget_steps.items())}
-            if trainer.training_budgets
+            if getattr(model, "training_budgets", None)
             else None
         ),
         "fit_seconds": fit_seconds,
@@ -774,17 +840,7 @@ def main(argv):
         "machine": machine(),
         "training": training_info,
     }
-    log_path = os.path.join(workdir, "log.csv")
-    if os.path.isfile(log_path):
-        import csv
-
-        with open(log_path, encoding="utf-8") as f:
-            results["history"] = list(csv.DictReader(f))
-        # Every epoch's time, also those of sessions before a resume (which
-        # may have run on another machine; `machine` is this session's).
-        results["train_seconds"] = sum(
-            float(row.get("epoch_seconds") or 0) for row in results["history"]
-        )
+    add_history(results, workdir)
     write_json(os.path.join(workdir, "results.json"), results)
     print(f"wrote {preset_dir} and {os.path.join(workdir, 'results.json')}")
 

@@ -1,133 +1,111 @@
 """The model `train.py` fits: the classifier's graph on 32x32 batches.
 
 Kept apart from `train.py` (which defines absl flags) so that tests and
-other programs (`evaluate.py`) can import it.
+other programs (`evaluate.py`, `benchmarks/train_throughput.py`) can
+import it.
 """
-
-import collections
 
 import keras
 import numpy as np
 
 
 class Trainer(keras.Model):
-    """The classifier's graph (shared weights) trained on float targets.
+    """A classifier's graph behind an in-graph resize, fitted with the
+    classifier's own loss.
 
-    keras-hub's `Task.fit` only takes arrays, `tf.data` or grain datasets and
-    the classifier's `compute_loss` reads integer labels for the router loss.
-    This functional model shares every layer of `classifier`, always returns
-    `{"logits", "router_logits"}` for MoE models and computes the loss on
-    float (one-hot or Mixup/CutMix soft) targets `y` [B, C]; the router's
-    target is the matching super-class mixture `y @ onehot(superclass_ids)`
-    [B, E], its cross-entropy (float32) added with `router_loss_weight`.
-    Its input is the loader's 32x32 images in [0, 255]. The classifier
-    itself is what gets saved.
+    What differs from `classifier.fit`: the input. The loader moves 32x32
+    batches in [0, 255] and this model resizes and scales them in its graph,
+    as the preset's image converter does at inference, so that the
+    accelerator does the upsampling (keras-hub's `Task.fit` would run the
+    preprocessor in the input pipeline). Everything else is the classifier's:
+    `compute_loss` (with Mobile V-MoE's router loss, on one-hot or
+    Mixup/CutMix soft targets), the metrics it updates
+    (`router_loss`, `router_accuracy`), and a MoNE classifier's
+    budget-sampled train step (`training_budgets`; `budget_steps` counts the
+    steps run at each budget). The classifier is what gets saved.
 
-    A MoNE classifier's `training_budgets` (e.g. `"adaptive"`) are honoured
-    as `MoNEImageClassifier.make_train_function` does: one compiled step per
-    budget, and every step runs at a budget drawn uniformly (from numpy's
-    global generator, seeded by `keras.utils.set_random_seed`);
-    evaluation and prediction run at the classifier's `capacity_budget`.
-    `budget_steps` counts the steps run at each budget.
+    The layers are `[images, resizing, rescaling, classifier graph]`: the
+    `BackupAndRestore` checkpoints in `training/checkpoints/` hold exactly
+    these (the classifier itself is not a tracked layer here).
+
+    Args:
+        classifier: a `kmm.MobileVMoE` or `kmm.MoNE` (its `preprocessor` is
+            not used: set it to None while training).
+        source_size: (height, width) of the loader's images.
     """
 
     def __init__(self, classifier, source_size=(32, 32)):
-        # Resizing and scaling in the graph, as the preset's image converter
-        # does at inference: the loader moves 32x32 batches, the accelerator
-        # does the upsampling.
         height, width = classifier.backbone.image_shape[:2]
         images = keras.Input((*source_size, 3), name="images")
         x = keras.layers.Resizing(height, width, interpolation="bilinear")(images)
         x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
         graph = keras.Model(classifier.input, classifier.output, name="classifier")
         super().__init__(inputs=images, outputs=graph(x), name="trainer")
-        self.training_budgets = None
-        budgets = getattr(classifier, "training_budgets", None)
-        if budgets is not None:
-            from keras_mobile_moe.models.mone.mone_image_classifier import (
-                resolve_training_budgets,
-            )
+        # Reached through a function: Keras saves every attribute that is a
+        # Keras object (`dir()`), and the checkpoints must hold exactly this
+        # model's layers and optimizer, not the classifier's optimizer too.
+        self._task = lambda: classifier
 
-            backbone = classifier.backbone
-            self.training_budgets = resolve_training_budgets(
-                budgets, backbone.num_nested_experts
+    def compile(self, optimizer, loss, metrics=None, **kwargs):
+        """Compiles the classifier with `loss` (its `compute_loss` reads
+        it) and this model with `optimizer` and `metrics`."""
+        # The classifier keeps its own (unused) optimizer: its saved preset
+        # holds no training state, as before.
+        task = self._task()
+        task.compile(
+            optimizer=getattr(task, "optimizer", None) or "auto",
+            loss=loss,
+            metrics=[],
+        )
+        super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        task = self._task()
+        # On JAX the losses that layers add in a step (token routers' load
+        # balancing) are held by the model being fit: lend them to the task.
+        held = task._losses_override
+        task._losses_override = list(self.losses)
+        try:
+            return task.compute_loss(
+                x, y, y_pred, sample_weight, training=training
             )
-            # Bound methods: not tracked as layers (the checkpoint's
-            # variables stay those of the graph).
-            self._use_budget = backbone.use_budget
-            self._inference_budget = lambda: backbone.capacity_budget
-        self.superclass_ids = None
-        if getattr(classifier, "router_loss", None) is not None:
-            self.superclass_ids = list(classifier.superclass_ids)
-            self.router_loss_weight = float(classifier.router_loss_weight)
-            self.router_loss_tracker = keras.metrics.Mean(name="router_loss")
-            self.router_accuracy = keras.metrics.CategoricalAccuracy(
-                name="router_accuracy"
-            )
+        finally:
+            task._losses_override = held
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # The graph returns the router logits outside training too.
+        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
+        return super().compute_metrics(x, y, logits, sample_weight)
+
+    @property
+    def metrics(self):
+        task = getattr(self, "_task", None)  # unset while __init__ runs
+        return super().metrics + (list(task().loss_metrics) if task else [])
 
     def make_train_function(self, force=False):
-        """The train step; with `training_budgets`, one compiled step per
-        budget and a dispatcher that draws the budget of every step."""
-        if not self.training_budgets:
+        if not getattr(self._task(), "training_budgets", None):
             return super().make_train_function(force=force)
         if self.train_function is not None and not force:
             return self.train_function
-        steps = {}
-        for budget in dict.fromkeys(self.training_budgets):
-            # A new, lazily traced step; traced at its first call, while the
-            # dispatcher below has set its budget.
-            super().make_train_function(force=True)
-            steps[budget] = self.train_function
-        rng = np.random.default_rng(np.random.randint(2**31 - 1))
-        budgets = tuple(self.training_budgets)
-        counts = collections.Counter()
-        use_budget, inference_budget = self._use_budget, self._inference_budget
+        from keras_mobile_moe.models.mone.mone_image_classifier import (
+            budget_sampling_train_function,
+        )
 
-        def train_function(*args, **kwargs):
-            budget = budgets[int(rng.integers(len(budgets)))]
-            counts[budget] += 1
-            use_budget(budget)
-            try:
-                return steps[budget](*args, **kwargs)
-            finally:
-                use_budget(inference_budget())
+        def make_step():
+            super(Trainer, self).make_train_function(force=True)
+            return self.train_function
 
-        train_function.budget_steps = counts
-        self.train_function = train_function
-        return train_function
+        self.train_function = budget_sampling_train_function(
+            self._task(), make_step
+        )
+        return self.train_function
 
     @property
     def budget_steps(self):
         """{budget: steps run at it} of the current train function."""
         return dict(getattr(self.train_function, "budget_steps", {}))
-
-    def compute_loss(
-        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
-    ):
-        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
-        loss = super().compute_loss(x, y, logits, sample_weight, training=training)
-        if self.superclass_ids is None or not isinstance(y_pred, dict):
-            return loss
-        router_logits = keras.ops.cast(y_pred["router_logits"], "float32")
-        table = keras.ops.one_hot(
-            keras.ops.convert_to_tensor(self.superclass_ids, dtype="int32"),
-            router_logits.shape[-1],
-        )
-        targets = keras.ops.matmul(keras.ops.cast(y, "float32"), table)
-        router_loss = keras.ops.mean(
-            keras.losses.categorical_crossentropy(
-                targets, router_logits, from_logits=True
-            )
-        )
-        self.router_loss_tracker.update_state(router_loss)
-        self.router_accuracy.update_state(targets, router_logits)
-        return loss + keras.ops.cast(self.router_loss_weight, loss.dtype) * (
-            keras.ops.cast(router_loss, loss.dtype)
-        )
-
-    def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        logits = y_pred["logits"] if isinstance(y_pred, dict) else y_pred
-        return super().compute_metrics(x, y, logits, sample_weight)
 
 
 def evaluate(predict, batches, superclass_ids):

@@ -1,3 +1,5 @@
+import collections
+
 import keras
 import numpy as np
 from keras import ops
@@ -31,6 +33,44 @@ def resolve_training_budgets(training_budgets, num_nested_experts):
             "list of capacity budgets."
         )
     return tuple(check_capacity_budget(b, num_nested_experts) for b in budgets)
+
+
+def budget_sampling_train_function(task, make_step):
+    """A train function that runs each step at a budget drawn uniformly from
+    a MoNE classifier's `training_budgets`.
+
+    One step function per budget (each traced at its first call, while its
+    budget is set); the draws come from a generator seeded from numpy's
+    global one (`keras.utils.set_random_seed`). After every step the
+    backbone is back at its `capacity_budget`. Used by
+    `MoNEImageClassifier.make_train_function` and by models that train a
+    MoNE classifier's graph (`training/trainer.py`).
+
+    Args:
+        task: a `MoNEImageClassifier` with `training_budgets`.
+        make_step: callable returning a new, not yet traced, train step of
+            the model being fit.
+
+    Returns:
+        The train function; its `budget_steps` attribute counts the steps
+        run at each budget.
+    """
+    budgets, backbone = task._budgets, task.backbone
+    steps = {budget: make_step() for budget in dict.fromkeys(budgets)}
+    rng = np.random.default_rng(np.random.randint(2**31 - 1))
+    counts = collections.Counter()
+
+    def train_function(*args, **kwargs):
+        budget = budgets[int(rng.integers(len(budgets)))]
+        counts[budget] += 1
+        backbone.use_budget(budget)
+        try:
+            return steps[budget](*args, **kwargs)
+        finally:
+            backbone.use_budget(backbone.capacity_budget)
+
+    train_function.budget_steps = counts
+    return train_function
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")
@@ -171,27 +211,13 @@ class MoNEImageClassifier(FamilyImageClassifier):
             return super().make_train_function(force=force)
         if self.train_function is not None and not force:
             return self.train_function
-        steps = {}
-        for budget in dict.fromkeys(self._budgets):
-            # Each call builds a new (lazily traced) step function; it is
-            # traced at its first call, with the budget set below.
-            super().make_train_function(force=True)
-            steps[budget] = self.train_function
-        # Seeded from numpy's global generator (keras.utils.set_random_seed).
-        rng = np.random.default_rng(np.random.randint(2**31 - 1))
-        budgets = self._budgets
-        backbone = self.backbone
 
-        def train_function(*args, **kwargs):
-            budget = budgets[int(rng.integers(len(budgets)))]
-            backbone.use_budget(budget)
-            try:
-                return steps[budget](*args, **kwargs)
-            finally:
-                backbone.use_budget(backbone.capacity_budget)
+        def make_step():
+            super(MoNEImageClassifier, self).make_train_function(force=True)
+            return self.train_function
 
-        self.train_function = train_function
-        return train_function
+        self.train_function = budget_sampling_train_function(self, make_step)
+        return self.train_function
 
     def get_config(self):
         config = super().get_config()
