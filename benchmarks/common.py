@@ -1,5 +1,7 @@
 """Helpers shared by the benchmarks: compiled forward passes and timing."""
 
+import json
+import os
 import platform
 import statistics
 import time
@@ -10,8 +12,6 @@ import numpy as np
 
 def machine():
     """A short description of the machine the numbers come from."""
-    import os
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -126,6 +126,30 @@ def markdown_table(columns, rows):
     return "\n".join(lines)
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def write_json(path, payload):
+    """Writes a benchmark's JSON: `backend` and `machine`, then `payload`.
+
+    Args:
+        path: str or path-like; its folder is created.
+        payload: JSON-serialisable dict.
+
+    Returns:
+        The path.
+    """
+    folder = os.path.dirname(os.fspath(path))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    payload = {"backend": keras.config.backend(), "machine": machine(), **payload}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+    return path
+
+
 def write_results(stem, markdown, payload, out_dir=None):
     """Writes `results/<stem>.md` and `results/<stem>.json`; prints the md.
 
@@ -138,19 +162,24 @@ def write_results(stem, markdown, payload, out_dir=None):
     Returns:
         The two paths written.
     """
-    import json
-    import os
-
-    out_dir = out_dir or os.path.join(os.path.dirname(__file__), "results")
+    out_dir = out_dir or RESULTS
     os.makedirs(out_dir, exist_ok=True)
-    payload = {"backend": keras.config.backend(), "machine": machine(), **payload}
     md_path = os.path.join(out_dir, f"{stem}.md")
-    json_path = os.path.join(out_dir, f"{stem}.json")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(markdown.rstrip() + "\n")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
     print(markdown)
-    print(f"wrote {md_path} and {json_path}")
-    return md_path, json_path
+    print(f"wrote {md_path}")
+    return md_path, write_json(os.path.join(out_dir, f"{stem}.json"), payload)
+
+
+def goal_status(rows, missed):
+    """A speed benchmark's exit status: 1 (and a message) when the rows
+    `missed(row)` says missed their goal on JAX, where the goals were set;
+    else 0."""
+    if keras.config.backend() != "jax":
+        return 0
+    failed = [row for row in rows if row.get("goal") and missed(row)]
+    if failed:
+        print(f"GOAL MISSED for {len(failed)} row(s)")
+        return 1
+    return 0

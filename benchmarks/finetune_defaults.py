@@ -22,7 +22,6 @@ Writes benchmarks/results/finetune_defaults.{md,json}.
 """
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "training"))
 
 from common import machine  # noqa: E402
+from common import write_results  # noqa: E402
 from data import stratified_split  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
@@ -122,17 +122,10 @@ def write(rows, args, out_dir):
             + " | ".join(f"{100 * a:.2f}%" for a in row["test_top1_per_epoch"])
             + " |"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "finetune_defaults.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "finetune_defaults.json").write_text(
-        json.dumps(
-            {"args": vars(args), "machine": machine(),
-             "backend": keras.config.backend(), "rows": rows},
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        "finetune_defaults", "\n".join(lines),
+        {"args": vars(args), "rows": rows}, out_dir,
     )
-    print("\n".join(lines))
 
 
 def main():
@@ -155,7 +148,7 @@ def main():
             args.preset, data, train_idx, args.test_images, args.epochs,
             args.seed, task,
         )
-    write(rows, args, pathlib.Path(args.out_dir))
+    write(rows, args, args.out_dir)
 
 
 if __name__ == "__main__":

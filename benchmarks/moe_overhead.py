@@ -14,7 +14,7 @@ Writes benchmarks/results/moe_overhead_<backend>.json.
 """
 
 import argparse
-import json
+import os
 import pathlib
 import sys
 
@@ -23,85 +23,86 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import keras  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
+from common import RESULTS  # noqa: E402
 from common import compiled_forward  # noqa: E402
 from common import convert_images  # noqa: E402
+from common import goal_status  # noqa: E402
 from common import machine  # noqa: E402
+from common import markdown_table  # noqa: E402
 from common import median_ms  # noqa: E402
 from common import random_images  # noqa: E402
 from common import time_interleaved  # noqa: E402
+from common import write_json  # noqa: E402
 
 GOALS = {1: 1.10, 64: 1.15}  # JAX on a 2-core CPU (issue #2)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scales", nargs="+", default=["12x192", "6x64"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    backend = keras.config.backend()
+
+def measure_scale(scale, batches, repeats):
+    """One row per batch size: the MoE and its dense twin, timed
+    alternately in this process."""
+    dense = kmm.MobileVMoE.from_preset(scale, load_weights=False)
+    moe = kmm.MobileVMoE.from_preset(f"{scale}_e10", load_weights=False)
+    forwards = {"dense": compiled_forward(dense), "moe": compiled_forward(moe)}
     rows = []
-    for scale in args.scales:
-        dense = kmm.MobileVMoE.from_preset(scale, load_weights=False)
-        moe = kmm.MobileVMoE.from_preset(f"{scale}_e10", load_weights=False)
-        forwards = {
-            "dense": compiled_forward(dense),
-            "moe": compiled_forward(moe),
+    for batch in batches:
+        images = convert_images(random_images(batch, dense.backbone.image_shape))
+        # Fewer repeats at large batch keep the run short; still >= 10.
+        batch_repeats = max(10, repeats // (1 + batch // 16))
+        times = time_interleaved(forwards, images, batch_repeats)
+        row = {
+            "scale": scale,
+            "batch": batch,
+            "repeats": batch_repeats,
+            "dense_ms": median_ms(times["dense"]),
+            "moe_ms": median_ms(times["moe"]),
+            "dense_flops": kmm.count_flops(dense),
+            "moe_flops": kmm.count_flops(moe),
         }
-        for batch in args.batches:
-            images = convert_images(
-                random_images(batch, dense.backbone.image_shape)
-            )
-            # Fewer repeats at large batch keep the run short; still >= 10.
-            repeats = max(10, args.repeats // (1 + batch // 16))
-            times = time_interleaved(forwards, images, repeats)
-            row = {
-                "scale": scale,
-                "batch": batch,
-                "repeats": repeats,
-                "dense_ms": median_ms(times["dense"]),
-                "moe_ms": median_ms(times["moe"]),
-                "dense_flops": kmm.count_flops(dense),
-                "moe_flops": kmm.count_flops(moe),
-            }
-            row["ratio"] = row["moe_ms"] / row["dense_ms"]
-            row["goal"] = GOALS.get(batch)
-            rows.append(row)
-            print(
-                f"{scale:>7} batch {batch:>3}: dense {row['dense_ms']:8.2f} ms"
-                f"  moe {row['moe_ms']:8.2f} ms  ratio {row['ratio']:.3f}",
-                flush=True,
-            )
-
-    print(f"\nMoE / dense latency, backend {backend}, {machine()}")
-    print("| scale | batch | dense ms | MoE ms | MoE/dense | goal (JAX) |")
-    print("|---|---|---|---|---|---|")
-    for row in rows:
-        goal = f"<= {row['goal']:.2f}" if row["goal"] else "-"
+        row["ratio"] = row["moe_ms"] / row["dense_ms"]
+        row["goal"] = GOALS.get(batch)
+        rows.append(row)
         print(
-            f"| {row['scale']} | {row['batch']} | {row['dense_ms']:.2f} | "
-            f"{row['moe_ms']:.2f} | {row['ratio']:.3f} | {goal} |"
+            f"{scale:>7} batch {batch:>3}: dense {row['dense_ms']:8.2f} ms"
+            f"  moe {row['moe_ms']:8.2f} ms  ratio {row['ratio']:.3f}",
+            flush=True,
         )
-    out = pathlib.Path(
-        args.out
-        or pathlib.Path(__file__).parent / "results" / f"moe_overhead_{backend}.json"
+    return rows
+
+
+TABLE = [
+    ("scale", lambda r: r["scale"]),
+    ("batch", lambda r: str(r["batch"])),
+    ("dense ms", lambda r: f"{r['dense_ms']:.2f}"),
+    ("MoE ms", lambda r: f"{r['moe_ms']:.2f}"),
+    ("MoE/dense", lambda r: f"{r['ratio']:.3f}"),
+    ("goal (JAX)", lambda r: f"<= {r['goal']:.2f}" if r["goal"] else "-"),
+]
+
+
+def main():
+    args = parse_args()
+    backend = keras.config.backend()
+    rows = [
+        row
+        for scale in args.scales
+        for row in measure_scale(scale, args.batches, args.repeats)
+    ]
+    print(f"\nMoE / dense latency, backend {backend}, {machine()}")
+    print(markdown_table(TABLE, rows))
+    write_json(
+        args.out or os.path.join(RESULTS, f"moe_overhead_{backend}.json"),
+        {"rows": rows},
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"backend": backend, "machine": machine(), "rows": rows}, indent=2
-        )
-        + "\n"
-    )
-    print(f"wrote {out}")
-    if backend == "jax":
-        missed = [r for r in rows if r["goal"] and r["ratio"] > r["goal"]]
-        if missed:
-            print(f"GOAL MISSED for {len(missed)} row(s)")
-            return 1
-    return 0
+    return goal_status(rows, lambda row: row["ratio"] > row["goal"])
 
 
 if __name__ == "__main__":

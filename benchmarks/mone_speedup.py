@@ -39,7 +39,7 @@ Writes benchmarks/results/mone_speedup_<backend>.json.
 """
 
 import argparse
-import json
+import os
 import pathlib
 import statistics
 import sys
@@ -51,11 +51,15 @@ import keras  # noqa: E402
 from keras import ops  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
+from common import RESULTS  # noqa: E402
 from common import compiled_forward  # noqa: E402
 from common import convert_images  # noqa: E402
+from common import goal_status  # noqa: E402
 from common import machine  # noqa: E402
+from common import markdown_table  # noqa: E402
 from common import median_ms  # noqa: E402
 from common import random_images  # noqa: E402
+from common import write_json  # noqa: E402
 from keras_mobile_moe import variants  # noqa: E402
 
 BUDGETS = (1.0, 0.6, 0.4, 0.3)
@@ -129,109 +133,110 @@ def paired_ratio(times, baseline):
     return statistics.median(t / b for t, b in zip(times, baseline))
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scales", nargs="+", default=["12x192/16", "12x192/32"])
     parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def measure_scale(spec, budgets, batch, repeats):
+    """One row per budget: one MoNE (traced at every budget) and the two
+    dense ViTs of the scale, timed in rotating rounds in this process."""
+    config = scale_config(spec)
+    images = convert_images(random_images(batch, config["image_shape"]))
+    dense_mha = mha_dense_vit(config, 1000)
+    dense_flops = kmm.count_flops(dense_mha)
+    forwards = {
+        "dense": compiled_forward(same_kernel_dense_vit(config, 1000)),
+        "dense_mha": compiled_forward(dense_mha),
+    }
+    mone = kmm.MoNE(kmm.MoNEBackbone(**config), num_classes=1000, compile=False)
+    flops = {}
+    for budget in budgets:
+        mone.capacity_budget = budget
+        flops[budget] = kmm.count_flops(mone)
+        forwards[budget] = compiled_forward(mone)
+        forwards[budget](images)  # trace now, at this budget
+    times = time_rotating(forwards, images, repeats)
+    dense_ms = median_ms(times["dense"])
+    mha_ms = median_ms(times["dense_mha"])
+    num_tokens = mone.backbone.num_tokens
+    print(f"{spec} ({num_tokens} tokens), batch {batch}: dense "
+          f"{dense_ms:.1f} ms, dense (Keras MHA) {mha_ms:.1f} ms", flush=True)
+    rows = []
+    for budget in budgets:
+        row = {
+            "scale": spec,
+            "num_tokens": num_tokens,
+            "batch": batch,
+            "repeats": repeats,
+            "budget": budget,
+            "token_counts": list(mone.backbone.token_counts(budget)),
+            "mone_flops": flops[budget],
+            "dense_flops": dense_flops,
+            "flops_ratio": flops[budget] / dense_flops,
+            "mone_ms": median_ms(times[budget]),
+            "dense_ms": dense_ms,
+            "dense_mha_ms": mha_ms,
+            "wall_ratio_vs_dense": paired_ratio(times[budget], times["dense"]),
+            "wall_ratio_vs_mone_1": paired_ratio(times[budget], times[1.0]),
+            "wall_ratio_vs_mha": paired_ratio(
+                times[budget], times["dense_mha"]
+            ),
+        }
+        # The stricter of the two same-kernel baselines.
+        row["wall_ratio"] = max(
+            row["wall_ratio_vs_dense"], row["wall_ratio_vs_mone_1"]
+        )
+        # speed-up / FLOPs reduction; the goal asks for >= 0.8.
+        row["efficiency"] = row["flops_ratio"] / row["wall_ratio"]
+        row["goal"] = (
+            GOAL_FRACTION
+            if budget == GOAL_BUDGET and spec == GOAL_SCALE
+            else None
+        )
+        rows.append(row)
+    return rows
+
+
+TABLE = [
+    ("scale", lambda r: r["scale"]),
+    ("tokens", lambda r: str(r["num_tokens"])),
+    ("budget", lambda r: str(r["budget"])),
+    ("FLOPs ratio", lambda r: f"{r['flops_ratio']:.3f}"),
+    ("wall ratio vs dense", lambda r: f"{r['wall_ratio_vs_dense']:.3f}"),
+    ("vs MoNE@1.0", lambda r: f"{r['wall_ratio_vs_mone_1']:.3f}"),
+    (
+        "speed-up / FLOPs reduction",
+        lambda r: f"{r['efficiency']:.2f}"
+        + (f" (goal >= {r['goal']})" if r["goal"] else ""),
+    ),
+    ("wall ratio vs Keras-MHA ViT", lambda r: f"{r['wall_ratio_vs_mha']:.3f}"),
+]
+
+
+def main():
+    args = parse_args()
     backend = keras.config.backend()
     # MoNE at 1.0 is always timed: it is one of the two baselines.
     budgets = sorted(set(args.budgets) | {1.0}, reverse=True)
-    rows = []
-    for spec in args.scales:
-        config = scale_config(spec)
-        images = convert_images(random_images(args.batch, config["image_shape"]))
-        dense_mha = mha_dense_vit(config, 1000)
-        dense_flops = kmm.count_flops(dense_mha)
-        forwards = {
-            "dense": compiled_forward(same_kernel_dense_vit(config, 1000)),
-            "dense_mha": compiled_forward(dense_mha),
-        }
-        mone = kmm.MoNE(kmm.MoNEBackbone(**config), num_classes=1000, compile=False)
-        flops = {}
-        for budget in budgets:
-            mone.capacity_budget = budget
-            flops[budget] = kmm.count_flops(mone)
-            forwards[budget] = compiled_forward(mone)
-            forwards[budget](images)  # trace now, at this budget
-        times = time_rotating(forwards, images, args.repeats)
-        dense_ms = median_ms(times["dense"])
-        mha_ms = median_ms(times["dense_mha"])
-        num_tokens = mone.backbone.num_tokens
-        print(f"{spec} ({num_tokens} tokens), batch {args.batch}: dense "
-              f"{dense_ms:.1f} ms, dense (Keras MHA) {mha_ms:.1f} ms", flush=True)
-        for budget in budgets:
-            ms = median_ms(times[budget])
-            row = {
-                "scale": spec,
-                "num_tokens": num_tokens,
-                "batch": args.batch,
-                "repeats": args.repeats,
-                "budget": budget,
-                "token_counts": list(mone.backbone.token_counts(budget)),
-                "mone_flops": flops[budget],
-                "dense_flops": dense_flops,
-                "flops_ratio": flops[budget] / dense_flops,
-                "mone_ms": ms,
-                "dense_ms": dense_ms,
-                "dense_mha_ms": mha_ms,
-                "wall_ratio_vs_dense": paired_ratio(
-                    times[budget], times["dense"]
-                ),
-                "wall_ratio_vs_mone_1": paired_ratio(
-                    times[budget], times[1.0]
-                ),
-                "wall_ratio_vs_mha": paired_ratio(
-                    times[budget], times["dense_mha"]
-                ),
-            }
-            # The stricter of the two same-kernel baselines.
-            row["wall_ratio"] = max(
-                row["wall_ratio_vs_dense"], row["wall_ratio_vs_mone_1"]
-            )
-            # speed-up / FLOPs reduction; the goal asks for >= 0.8.
-            row["efficiency"] = row["flops_ratio"] / row["wall_ratio"]
-            row["goal"] = (
-                GOAL_FRACTION
-                if budget == GOAL_BUDGET and spec == GOAL_SCALE
-                else None
-            )
-            rows.append(row)
-
+    rows = [
+        row
+        for spec in args.scales
+        for row in measure_scale(spec, budgets, args.batch, args.repeats)
+    ]
     print(f"\nMoNE / dense ViT, batch {args.batch}, backend {backend}, "
           f"{machine()}")
-    print("| scale | tokens | budget | FLOPs ratio | wall ratio vs dense | "
-          "vs MoNE@1.0 | speed-up / FLOPs reduction | wall ratio vs "
-          "Keras-MHA ViT |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        goal = f" (goal >= {row['goal']})" if row["goal"] else ""
-        print(
-            f"| {row['scale']} | {row['num_tokens']} | {row['budget']} | "
-            f"{row['flops_ratio']:.3f} | {row['wall_ratio_vs_dense']:.3f} | "
-            f"{row['wall_ratio_vs_mone_1']:.3f} | "
-            f"{row['efficiency']:.2f}{goal} | {row['wall_ratio_vs_mha']:.3f} |"
-        )
-    out = pathlib.Path(
-        args.out
-        or pathlib.Path(__file__).parent / "results" / f"mone_speedup_{backend}.json"
+    print(markdown_table(TABLE, rows))
+    write_json(
+        args.out or os.path.join(RESULTS, f"mone_speedup_{backend}.json"),
+        {"rows": rows},
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"backend": backend, "machine": machine(), "rows": rows}, indent=2)
-        + "\n"
-    )
-    print(f"wrote {out}")
-    if backend == "jax":
-        missed = [r for r in rows if r["goal"] and r["efficiency"] < r["goal"]]
-        if missed:
-            print(f"GOAL MISSED for {len(missed)} row(s)")
-            return 1
-    return 0
+    return goal_status(rows, lambda row: row["efficiency"] < row["goal"])
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def load():
         return " ".join(f.read().split()[:3])
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile on both torch sides")
@@ -207,15 +207,12 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-compile", action="store_true",
                         help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    repeats = {1: args.repeats_1, 64: args.repeats_64}
-    if args.child:
-        sys.path.insert(0, HERE)
-        rows = run_backend(
-            args.child, args.child_compile, repeats, args.torch_threads)
-        print("ROWS " + json.dumps(rows))
-        return
+    return parser.parse_args()
 
+
+def run_children(args):
+    """Runs every backend (and torch.compile) in its own process; their
+    rows and the load averages before and after each."""
     runs = [(b, False) for b in args.backends.split(",")]
     if args.compile and "torch" in args.backends:
         runs.append(("torch", True))
@@ -236,31 +233,35 @@ def main():
             raise SystemExit(f"{backend} run failed ({out.returncode})")
         rows += json.loads(lines[-1][5:])
         loads.append(load())
+    return rows, loads
 
-    sys.path.insert(0, HERE)
-    from common import machine
-    from common import markdown_table
-    from common import write_results
 
+def judge(rows):
+    """Marks each dense row's goal (issue 17) and whether it was met."""
     for row in rows:
         goal = GOALS.get((row["backend"], row["mode"], row["batch"]))
         row["goal"] = goal if row["model"].startswith("dense tiny") else None
         if row["goal"] is not None and row["model"] != row["peer"]:
             row["goal_met"] = row["ratio"] <= goal
-    table = markdown_table(
-        [
-            ("backend", lambda r: r["backend"]),
-            ("mode", lambda r: r["mode"]),
-            ("batch", lambda r: str(r["batch"])),
-            ("model", lambda r: r["model"]),
-            ("median ms", lambda r: f"{r['median_ms']:.2f}"),
-            ("x peer", lambda r: f"{r['ratio']:.2f}"),
-            ("goal", lambda r: "" if r.get("goal") is None or r["model"] == r["peer"]
-             else f"<= {r['goal']} " + ("met" if r["goal_met"] else "MISSED")),
-        ],
-        rows,
-    )
-    markdown = (
+
+
+TABLE = [
+    ("backend", lambda r: r["backend"]),
+    ("mode", lambda r: r["mode"]),
+    ("batch", lambda r: str(r["batch"])),
+    ("model", lambda r: r["model"]),
+    ("median ms", lambda r: f"{r['median_ms']:.2f}"),
+    ("x peer", lambda r: f"{r['ratio']:.2f}"),
+    ("goal", lambda r: "" if r.get("goal") is None or r["model"] == r["peer"]
+     else f"<= {r['goal']} " + ("met" if r["goal_met"] else "MISSED")),
+]
+
+
+def report(rows, loads, args):
+    from common import machine
+    from common import markdown_table
+
+    return (
         "# Forward speed against timm and keras-hub (issue 17)\n\n"
         f"Machine: {machine()}; load average (1/5/15 min) before and after "
         f"each backend's run: {' -> '.join(loads)}. The machine is shared "
@@ -272,11 +273,28 @@ def main():
         "peer's median in the same run (timm on torch, keras-hub on jax). "
         "Goals are judged on the dense models; `dense tiny` uses tanh-GELU "
         "(our presets), `(exact gelu)` the erf GELU that timm and keras-hub "
-        "use.\n\n" + table + "\n\nProduced by `python benchmarks/peer_speed.py"
+        "use.\n\n" + markdown_table(TABLE, rows)
+        + "\n\nProduced by `python benchmarks/peer_speed.py"
         + (" --compile" if args.compile else "") + "`.\n"
     )
-    write_results("peer_speed", markdown, {"config": CONFIG, "loads": loads,
-                                           "rows": rows})
+
+
+def main():
+    args = parse_args()
+    if args.child:
+        sys.path.insert(0, HERE)
+        repeats = {1: args.repeats_1, 64: args.repeats_64}
+        rows = run_backend(
+            args.child, args.child_compile, repeats, args.torch_threads)
+        print("ROWS " + json.dumps(rows))
+        return
+    rows, loads = run_children(args)
+    sys.path.insert(0, HERE)
+    from common import write_results
+
+    judge(rows)
+    write_results("peer_speed", report(rows, loads, args),
+                  {"config": CONFIG, "loads": loads, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
 from common import machine  # noqa: E402
+from common import write_results  # noqa: E402
 from keras_mobile_moe.export import agreement  # noqa: E402
 from keras_mobile_moe.export import fixture_images  # noqa: E402
 from keras_mobile_moe.export import to_tflite  # noqa: E402
@@ -189,7 +190,7 @@ def table(rows):
     return lines
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
@@ -233,6 +234,11 @@ def main():
             f"--calibration_sets {args.calibration_sets}: expected >= 1."
         )
 
+    return args
+
+
+def measure_models(args):
+    """The rows of every --model, each file written in a temporary folder."""
     rows = []
     for spec in args.model:
         model = load_model(spec, args.random_weights)
@@ -248,11 +254,19 @@ def main():
             split=args.split, threads=args.threads, machine=machine(),
             command=command,
         )
-    out = pathlib.Path(args.out)
-    if args.append and out.with_suffix(".json").exists():
-        previous = json.loads(out.with_suffix(".json").read_text())["rows"]
-        measured = set(args.model)
-        rows = [r for r in previous if r["model"] not in measured] + rows
+    return rows
+
+
+def with_previous(rows, out, models):
+    """--append: the rows of `out`.json for other models, then `rows`."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return rows
+    previous = json.loads(path.read_text())["rows"]
+    return [r for r in previous if r["model"] not in set(models)] + rows
+
+
+def report(rows):
     lines = [
         "# TFLite agreement with Keras (CIFAR-100 fixture)",
         "",
@@ -273,14 +287,20 @@ def main():
         lines.append(
             f"- `{run[0]}` on {run[1]}: split `{run[2]}` ({run[3]} images)"
         )
-    lines += ["", *table(rows)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
-        {"keras": keras.__version__, "rows": rows}, indent=2,
-    ) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return "\n".join(lines + ["", *table(rows)])
+
+
+def main():
+    args = parse_args()
+    rows = measure_models(args)
+    out = pathlib.Path(args.out)
+    if args.append:
+        rows = with_previous(rows, out, args.model)
+    write_results(
+        out.with_suffix("").name, report(rows),
+        {"keras": keras.__version__, "rows": rows},
+        out.parent,
+    )
 
 
 if __name__ == "__main__":

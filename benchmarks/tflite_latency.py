@@ -21,12 +21,10 @@ Usage:
 """
 
 import argparse
-import json
 import os
 import pathlib
 import sys
 import tempfile
-import time
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -37,12 +35,14 @@ from keras import ops as kmm_ops  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
 from common import machine  # noqa: E402
+from common import median_ms  # noqa: E402
+from common import time_interleaved  # noqa: E402
+from common import write_results  # noqa: E402
 from keras_mobile_moe.export import TFLiteClassifier  # noqa: E402
 from keras_mobile_moe.export import agreement  # noqa: E402
 from keras_mobile_moe.export import to_tflite  # noqa: E402
 from keras_mobile_moe.export.__main__ import calibration_images  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 MODES = ("none", "float16", "dynamic", "int8")
 
 
@@ -73,20 +73,7 @@ def model_inputs(model, images):
     return np.asarray(kmm_ops.convert_to_numpy(converted), "float32")
 
 
-def time_interleaved(runners, image, repeats):
-    for runner in runners.values():
-        for _ in range(3):
-            runner(image)
-    times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            runner(image)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * float(np.median(t)) for name, t in times.items()}
-
-
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--scales", nargs="+", default=["6x64", "12x64", "12x192"])
     parser.add_argument("--kinds", nargs="+", default=["dense", "moe", "mone"])
@@ -97,60 +84,76 @@ def main():
         "--accuracy_images", type=int, default=1000,
         help="Test images (a multiple of 100) for trained presets' accuracy.",
     )
-    args = parser.parse_args()
-    cut = test_cut(max(1, args.accuracy_images // 100))
+    return parser.parse_args()
 
+
+def export_all(models, scale, mode, calibration, workdir):
+    """Every model of a scale as a .tflite file: (paths, sizes) by kind."""
+    paths, sizes = {}, {}
+    for kind, model in models.items():
+        report = to_tflite(
+            model,
+            workdir / f"{scale}_{kind}_{mode}.tflite",
+            quantization=mode,
+            representative_data=calibration if mode == "int8" else None,
+            # The model's own 224x224 float input: this table times the
+            # network, not the in-file resize.
+            preprocessing=False,
+        )
+        paths[kind], sizes[kind] = report["path"], report["bytes"]
+    return paths, sizes
+
+
+def measure_scale(scale, args, cut, workdir):
+    """Rows of one scale: every kind, mode and thread count."""
+    built = {kind: build(kind, scale) for kind in args.kinds}
+    models = {kind: model for kind, (model, _) in built.items()}
+    trained = {kind: name for kind, (_, name) in built.items()}
+    test_inputs = {
+        kind: model_inputs(model, cut[0])
+        for kind, model in models.items()
+        if trained[kind] and cut is not None
+    }
+    flops = {kind: kmm.count_flops(m) for kind, m in models.items()}
+    calibration = calibration_images(models["dense"], args.calibration)
+    image = calibration[:1]
     rows = []
-    load_before = os.getloadavg()[0]
-    workdir = pathlib.Path(tempfile.mkdtemp())
-    for scale in args.scales:
-        built = {kind: build(kind, scale) for kind in args.kinds}
-        models = {kind: model for kind, (model, _) in built.items()}
-        trained = {kind: name for kind, (_, name) in built.items()}
-        test_inputs = {
-            kind: model_inputs(model, cut[0])
-            for kind, model in models.items()
-            if trained[kind] and cut is not None
+    for mode in args.modes:
+        paths, sizes = export_all(models, scale, mode, calibration, workdir)
+        scores = {
+            kind: agreement(models[kind], paths[kind], inputs, cut[1])
+            for kind, inputs in test_inputs.items()
         }
-        flops = {kind: kmm.count_flops(m) for kind, m in models.items()}
-        calibration = calibration_images(models["dense"], args.calibration)
-        image = calibration[:1]
-        for mode in args.modes:
-            paths, sizes = {}, {}
-            for kind, model in models.items():
-                report = to_tflite(
-                    model,
-                    workdir / f"{scale}_{kind}_{mode}.tflite",
-                    quantization=mode,
-                    representative_data=calibration if mode == "int8" else None,
-                    # The model's own 224x224 float input: this table times
-                    # the network, not the in-file resize.
-                    preprocessing=False,
-                )
-                paths[kind], sizes[kind] = report["path"], report["bytes"]
-            scores = {
-                kind: agreement(models[kind], paths[kind], inputs, cut[1])
-                for kind, inputs in test_inputs.items()
+        for threads in (1, 2):
+            runners = {
+                kind: TFLiteClassifier(path, num_threads=threads)
+                for kind, path in paths.items()
             }
-            for threads in (1, 2):
-                runners = {
-                    kind: TFLiteClassifier(path, num_threads=threads)
-                    for kind, path in paths.items()
-                }
-                latency = time_interleaved(runners, image, args.repeats)
-                for kind in models:
-                    rows.append({
-                        "scale": scale, "kind": kind, "quantization": mode,
-                        "threads": threads, "bytes": sizes[kind],
-                        "median_ms": latency[kind], "flops": flops[kind],
-                        "preset": trained[kind],
-                        "accuracy": scores[kind]["tflite_accuracy"] if kind in scores else None,
-                        "keras_accuracy": scores[kind]["keras_accuracy"] if kind in scores else None,
-                        "top1_agreement": scores[kind]["top1"] if kind in scores else None,
-                        "routing_agreement": scores[kind]["routing"] if kind in scores else None,
-                    })
-                print(f"{scale} {mode:>8} {threads} thread(s): " + ", ".join(
-                    f"{k} {latency[k]:.2f} ms" for k in models), flush=True)
+            times = time_interleaved(runners, image, args.repeats)
+            latency = {kind: median_ms(t) for kind, t in times.items()}
+            for kind in models:
+                score = scores.get(kind, {})
+                rows.append({
+                    "scale": scale, "kind": kind, "quantization": mode,
+                    "threads": threads, "bytes": sizes[kind],
+                    "median_ms": latency[kind], "flops": flops[kind],
+                    "preset": trained[kind],
+                    "accuracy": score.get("tflite_accuracy"),
+                    "keras_accuracy": score.get("keras_accuracy"),
+                    "top1_agreement": score.get("top1"),
+                    "routing_agreement": score.get("routing"),
+                })
+            print(f"{scale} {mode:>8} {threads} thread(s): " + ", ".join(
+                f"{k} {latency[k]:.2f} ms" for k in models), flush=True)
+    return rows
+
+
+def pct(value):
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
+def table_rows(rows, args):
+    """The report's lines: one per scale, kind and mode."""
 
     def find(scale, kind, mode, threads):
         for row in rows:
@@ -159,35 +162,7 @@ def main():
                 return row
         return None
 
-    lines = [
-        "# TFLite / LiteRT latency and size",
-        "",
-        f"Machine: {machine()}; 1-minute load average {load_before:.1f} at "
-        f"the start and {os.getloadavg()[0]:.1f} at the end of the run (other "
-        "jobs on the machine make absolute times and 2-thread runs noisy; the "
-        "ratios compare models timed alternately). LiteRT interpreter with "
-        "XNNPACK, one image "
-        f"(224x224, patch 32), median of {args.repeats} calls, models "
-        "alternated. Models with a published CIFAR-100 preset use its "
-        "weights, and their accuracy is measured on "
-        + (f"{len(cut[1])} test images ({len(cut[1]) // 100} per class)"
-           if cut is not None else "no data (KMM_CIFAR100_PATH unset)")
-        + " for the file and for the Keras model (in brackets), with the "
-        "file's top-1 and routing agreement with Keras; the other models have "
-        "random weights. MoNE at its preset's capacity budget. int8 is "
-        "`kmm.export.to_tflite`'s default (int8 weights, activations "
-        "quantized per call, the blocks before the router in float32). "
-        "Generated by `benchmarks/tflite_latency.py`.",
-        "",
-        "| scale | model | weights | quantization | MB | MFLOPs | ms (1 thread) | "
-        "ms (2 threads) | vs dense (1 thread) | int8 speed-up vs float32 "
-        "| test top-1 % (Keras) | agreement top-1 / routing % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def pct(value):
-        return "–" if value is None else f"{100 * value:.1f}"
-
+    lines = []
     for scale in args.scales:
         for kind in args.kinds:
             for mode in args.modes:
@@ -212,15 +187,54 @@ def main():
                     f"{two['median_ms']:.2f} | "
                     f"{ratio:.3f} | {speedup} | {accuracy} | {agree} |"
                 )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tflite.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "tflite.json").write_text(json.dumps(
-        {"machine": machine(), "repeats": args.repeats,
-         "load_average": [load_before, os.getloadavg()[0]], "rows": rows},
-        indent=2
-    ) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {RESULTS / 'tflite.md'}")
+    return lines
+
+
+def render(rows, args, cut, loads):
+    lines = [
+        "# TFLite / LiteRT latency and size",
+        "",
+        f"Machine: {machine()}; 1-minute load average {loads[0]:.1f} at "
+        f"the start and {loads[1]:.1f} at the end of the run (other "
+        "jobs on the machine make absolute times and 2-thread runs noisy; the "
+        "ratios compare models timed alternately). LiteRT interpreter with "
+        "XNNPACK, one image "
+        f"(224x224, patch 32), median of {args.repeats} calls, models "
+        "alternated. Models with a published CIFAR-100 preset use its "
+        "weights, and their accuracy is measured on "
+        + (f"{len(cut[1])} test images ({len(cut[1]) // 100} per class)"
+           if cut is not None else "no data (KMM_CIFAR100_PATH unset)")
+        + " for the file and for the Keras model (in brackets), with the "
+        "file's top-1 and routing agreement with Keras; the other models have "
+        "random weights. MoNE at its preset's capacity budget. int8 is "
+        "`kmm.export.to_tflite`'s default (int8 weights, activations "
+        "quantized per call, the blocks before the router in float32). "
+        "Generated by `benchmarks/tflite_latency.py`.",
+        "",
+        "| scale | model | weights | quantization | MB | MFLOPs | ms (1 thread) | "
+        "ms (2 threads) | vs dense (1 thread) | int8 speed-up vs float32 "
+        "| test top-1 % (Keras) | agreement top-1 / routing % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    return "\n".join(lines + table_rows(rows, args))
+
+
+def main():
+    args = parse_args()
+    cut = test_cut(max(1, args.accuracy_images // 100))
+    load_before = os.getloadavg()[0]
+    workdir = pathlib.Path(tempfile.mkdtemp())
+    rows = [
+        row
+        for scale in args.scales
+        for row in measure_scale(scale, args, cut, workdir)
+    ]
+    loads = [load_before, os.getloadavg()[0]]
+    write_results(
+        "tflite",
+        render(rows, args, cut, loads),
+        {"repeats": args.repeats, "load_average": loads, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -180,7 +180,7 @@ def loader_seconds(images, labels, batch, recipe, seed, compiled, count):
     return statistics.median(seconds)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default=None)
     parser.add_argument("--inputs", nargs="+", default=list(INPUTS))
@@ -196,100 +196,117 @@ def main():
         help="deit loader batches timed eagerly and compiled (0: skip).",
     )
     parser.add_argument("--out_dir", default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    images, labels, source = load_images(args.data_path)
+
+def check_loader(images, labels, args):
+    """The deit loader's seconds per batch, eager and compiled (or None)."""
+    if not args.eager_batches:
+        return None
+    deit = recipes.get_recipe("deit", 64)
+    check = {
+        mode: loader_seconds(
+            images, labels, args.batch_size, deit, args.seed,
+            mode == "compiled", args.eager_batches,
+        )
+        for mode in ("eager", "compiled")
+    }
+    print(f"deit loader seconds per batch: {check}", flush=True)
+    return check
+
+
+def make_runners(images, labels, input_name, scale, recipe, args):
+    """The timed series of one row: dense and MoE train steps (pipeline and
+    bare) and the loader alone; and the two models' FLOPs."""
+    image_size, patch_size = INPUTS[input_name]
     batch = args.batch_size
-    rows = []
+
+    def batches():
+        return data_lib.CifarBatches(
+            images, labels, batch, 100, recipe=recipe, seed=args.seed
+        )
+
+    runners, flops = {}, {}
+    for kind, preset in (("dense", scale), ("moe", f"{scale}_e10")):
+        model, trainer = build_trainer(
+            preset, image_size, patch_size, recipe, batch, args.seed
+        )
+        flops[kind] = kmm.count_flops(model)
+        for mode in ("pipeline", "bare"):
+            runners[(kind, mode)] = Runner(trainer, batches(), mode)
+    runners[("data", "loader")] = Runner(None, batches(), "loader")
+    return runners, flops
+
+
+def throughput_row(runners, times, flops, batch):
+    """Images/s and the pipeline/bare and MoE/dense ratios of one group."""
+    row = {
+        "batch_size": batch,
+        "dense_flops": int(flops["dense"]),
+        "moe_flops": int(flops["moe"]),
+        "seconds_per_step": {f"{k}_{m}": t for (k, m), t in times.items()},
+        "all_seconds_per_step": {
+            f"{k}_{m}": r.seconds for (k, m), r in runners.items()
+        },
+        "loader_seconds_per_batch": times[("data", "loader")],
+    }
+    for kind in ("dense", "moe"):
+        for mode in ("pipeline", "bare"):
+            row[f"{kind}_{mode}_images_per_s"] = batch / times[(kind, mode)]
+        row[f"{kind}_pipeline_over_bare"] = (
+            times[(kind, "bare")] / times[(kind, "pipeline")]
+        )
+    for mode in ("pipeline", "bare"):
+        row[f"moe_over_dense_{mode}"] = (
+            times[("moe", mode)] / times[("dense", mode)]
+        )
+    row["moe_over_dense"] = (
+        times[("moe", "pipeline")] + times[("moe", "bare")]
+    ) / (times[("dense", "pipeline")] + times[("dense", "bare")])
+    return row
+
+
+def print_row(row, times):
+    batch = row["batch_size"]
+    print(
+        f"{row['input']} {row['scale']} {row['recipe']}: "
+        + ", ".join(
+            f"{k}_{m} {batch / t:.0f} img/s"
+            for (k, m), t in times.items()
+            if m != "loader"
+        )
+        + f", loader {1000 * times[('data', 'loader')]:.0f} ms/batch"
+        + f"; pipeline/bare dense {row['dense_pipeline_over_bare']:.2f}"
+        f" moe {row['moe_pipeline_over_bare']:.2f}; MoE/dense "
+        f"bare {row['moe_over_dense_bare']:.2f} pipeline "
+        f"{row['moe_over_dense_pipeline']:.2f}",
+        flush=True,
+    )
+
+
+def main():
+    args = parse_args()
+    images, labels, source = load_images(args.data_path)
     start = time.perf_counter()
-    loader_check = None
-    if args.eager_batches:
-        deit = recipes.get_recipe("deit", 64)
-        loader_check = {
-            mode: loader_seconds(
-                images, labels, batch, deit, args.seed, mode == "compiled",
-                args.eager_batches,
-            )
-            for mode in ("eager", "compiled")
-        }
-        print(f"deit loader seconds per batch: {loader_check}", flush=True)
+    loader_check = check_loader(images, labels, args)
+    rows = []
     for input_name in args.inputs:
-        image_size, patch_size = INPUTS[input_name]
         for scale in args.scales:
             for recipe_name in args.recipes:
                 recipe = recipes.get_recipe(recipe_name, 64)
-                runners = {}
-                flops = {}
-                for kind, preset in (("dense", scale), ("moe", f"{scale}_e10")):
-                    model, trainer = build_trainer(
-                        preset, image_size, patch_size, recipe, batch, args.seed
-                    )
-                    flops[kind] = kmm.count_flops(model)
-                    for mode in ("pipeline", "bare"):
-                        batches = data_lib.CifarBatches(
-                            images, labels, batch, 100, recipe=recipe,
-                            seed=args.seed,
-                        )
-                        runners[(kind, mode)] = Runner(trainer, batches, mode)
-                runners[("data", "loader")] = Runner(
-                    None,
-                    data_lib.CifarBatches(
-                        images, labels, batch, 100, recipe=recipe,
-                        seed=args.seed,
-                    ),
-                    "loader",
+                runners, flops = make_runners(
+                    images, labels, input_name, scale, recipe, args
                 )
                 times = time_group(runners, args.warmup, args.rounds, args.steps)
-                row = {
-                    "input": input_name,
-                    "scale": scale,
-                    "recipe": recipe_name,
-                    "batch_size": batch,
-                    "dense_flops": int(flops["dense"]),
-                    "moe_flops": int(flops["moe"]),
-                    "seconds_per_step": {
-                        f"{k}_{m}": t for (k, m), t in times.items()
-                    },
-                    "all_seconds_per_step": {
-                        f"{k}_{m}": r.seconds for (k, m), r in runners.items()
-                    },
-                }
-                row["loader_seconds_per_batch"] = times[("data", "loader")]
-                for kind in ("dense", "moe"):
-                    for mode in ("pipeline", "bare"):
-                        row[f"{kind}_{mode}_images_per_s"] = (
-                            batch / times[(kind, mode)]
-                        )
-                    row[f"{kind}_pipeline_over_bare"] = (
-                        times[(kind, "bare")] / times[(kind, "pipeline")]
-                    )
-                for mode in ("pipeline", "bare"):
-                    row[f"moe_over_dense_{mode}"] = (
-                        times[("moe", mode)] / times[("dense", mode)]
-                    )
-                row["moe_over_dense"] = (
-                    times[("moe", "pipeline")] + times[("moe", "bare")]
-                ) / (times[("dense", "pipeline")] + times[("dense", "bare")])
+                row = {"input": input_name, "scale": scale,
+                       "recipe": recipe_name}
+                row.update(throughput_row(runners, times, flops, args.batch_size))
                 rows.append(row)
-                print(
-                    f"{input_name} {scale} {recipe_name}: "
-                    + ", ".join(
-                        f"{k}_{m} {batch / t:.0f} img/s"
-                        for (k, m), t in times.items()
-                        if m != "loader"
-                    )
-                    + f", loader {1000 * times[('data', 'loader')]:.0f} ms/batch"
-                    + f"; pipeline/bare dense {row['dense_pipeline_over_bare']:.2f}"
-                    f" moe {row['moe_pipeline_over_bare']:.2f}; MoE/dense "
-                    f"bare {row['moe_over_dense_bare']:.2f} pipeline "
-                    f"{row['moe_over_dense_pipeline']:.2f}",
-                    flush=True,
-                )
-    seconds = time.perf_counter() - start
+                print_row(row, times)
     payload = {
         "args": vars(args),
         "data": source,
-        "seconds": seconds,
+        "seconds": time.perf_counter() - start,
         "deit_loader_seconds_per_batch": loader_check,
         "rows": rows,
     }
