@@ -56,7 +56,7 @@ def compact_weights(source, target):
         copy(src, dst)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset_dir", required=True)
     parser.add_argument("--name", required=True)
@@ -67,8 +67,11 @@ def main():
     parser.add_argument(
         "--training_note", default="", help="Appended to the training_data field."
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main():
+    args = parse_args()
     source = pathlib.Path(args.preset_dir)
     presets = pathlib.Path(args.presets_dir)
     target = presets / args.name
@@ -76,17 +79,15 @@ def main():
     # Everything is written into a staging folder next to the target and
     # swapped in at the end (the registry entry last): an error or a kill
     # leaves the previously published preset as it was.
-    final_target = target
     presets.mkdir(parents=True, exist_ok=True)
-    atomic_io.remove_leftovers(final_target)
-    target = pathlib.Path(atomic_io.staging_directory(final_target))
+    atomic_io.remove_leftovers(target)
+    staging = pathlib.Path(atomic_io.staging_directory(target))
     try:
-        entry = publish_into(args, source, presets, target, original)
-        atomic_io.replace_directory(target, final_target)
+        entry = publish_into(args, source, staging, original)
+        atomic_io.replace_directory(staging, target)
     except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    target = final_target
     atomic_io.write_text(
         presets / f"{args.name}.json", json.dumps(entry, indent=2) + "\n"
     )
@@ -96,15 +97,13 @@ def main():
           f"{(source / WEIGHTS).stat().st_size / 1e6:.2f} MB)")
 
 
-
-def publish_into(args, source, presets, target, original):
-    """Writes the published preset folder into `target` (a staging folder);
-    returns its registry entry."""
+def copy_compact(source, target):
+    """Copies the preset folder with compact weights; returns its metadata
+    (with the new weights' hashes)."""
     for path in source.iterdir():
         if path.name not in WEIGHT_FILES and path.is_file():
             shutil.copy(path, target / path.name)
-    metadata_path = target / "metadata.json"
-    metadata = json.loads(metadata_path.read_text())
+    metadata = json.loads((target / "metadata.json").read_text())
     for name in WEIGHT_FILES:
         if (source / name).is_file():
             compact_weights(source / name, target / name)
@@ -113,9 +112,11 @@ def publish_into(args, source, presets, target, original):
                 str(target / name)
             )
     metadata["weights_storage"] = "float16 arrays, gzip-compressed HDF5"
-    metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
 
-    # The compact copy must behave like the original.
+
+def check_compact(original, target):
+    """Exits unless the compact copy predicts like the original."""
     compact = kmm.MobileVMoE.from_preset(str(target))
     images = kmm.datasets.cifar100.load_fixture()["x_test"]
     a = original.predict(images, verbose=0)
@@ -127,8 +128,9 @@ def publish_into(args, source, presets, target, original):
     if agreement < 0.99:
         raise SystemExit("The compact weights change predictions; not published.")
 
-    training = metadata.get("training", {})
-    results = json.loads(pathlib.Path(args.results).read_text()) if args.results else {}
+
+def registry_entry(args, original, training, results):
+    """The preset's registry entry: architecture, data, accuracy, FLOPs."""
     test_top1 = results.get("test_top1", training.get("test_top1"))
     router = results.get("test_router_accuracy", training.get("test_router_accuracy"))
     backbone = original.backbone
@@ -155,7 +157,7 @@ def publish_into(args, source, presets, target, original):
     elif groups:
         source_of_groups = ", router trained on super-classes discovered from the dense model"
     epochs = training.get("epochs")
-    entry = {
+    return {
         "name": args.name,
         "aliases": [],
         "family": "mobile_vmoe",
@@ -188,8 +190,9 @@ def publish_into(args, source, presets, target, original):
         "flops": int(kmm.count_flops(original)),
     }
 
-    # The model card and metadata say what the published numbers are.
-    evaluation = results.get("test_evaluation")
+
+def record_publication(args, target, metadata, entry, evaluation):
+    """The model card and metadata say what the published numbers are."""
     published = {
         "name": args.name,
         "test_top1": entry["accuracy"]["top1"],
@@ -199,8 +202,7 @@ def publish_into(args, source, presets, target, original):
         "note": args.training_note or None,
     }
     metadata["published"] = published
-    metadata_path.write_text(json.dumps(metadata, indent=2) + "\n")
-    card = target / "README.md"
+    (target / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     lines = [
         "",
         f"## Published as `{args.name}`",
@@ -218,8 +220,21 @@ def publish_into(args, source, presets, target, original):
     lines.append(f"- weights: {published['weights_storage']}")
     if args.training_note:
         lines.append(f"- note: {args.training_note}")
-    with open(card, "a", encoding="utf-8") as f:
+    with open(target / "README.md", "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def publish_into(args, source, target, original):
+    """Writes the published preset folder into `target` (a staging folder);
+    returns its registry entry."""
+    metadata = copy_compact(source, target)
+    (target / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    check_compact(original, target)
+    results = json.loads(pathlib.Path(args.results).read_text()) if args.results else {}
+    entry = registry_entry(args, original, metadata.get("training", {}), results)
+    record_publication(
+        args, target, metadata, entry, results.get("test_evaluation")
+    )
     return entry
 
 

@@ -73,24 +73,29 @@ def confusion_matrix(model, converter, batches, num_classes):
     return confusion
 
 
-def main(argv):
-    preset_dir = PRESET_DIR.value
-    if TRAIN_PRESET.value:
-        if not WORKDIR.value:
-            raise ValueError("--train_preset needs --workdir.")
-        command = [
-            sys.executable,
-            os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
-            f"--preset={TRAIN_PRESET.value}",
-            f"--workdir={WORKDIR.value}",
-            *argv[1:],
-        ]
-        print("training the dense baseline:", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-        preset_dir = os.path.join(WORKDIR.value, "preset")
-    if not preset_dir:
-        raise ValueError("Pass --preset_dir or --train_preset/--workdir.")
+def dense_preset(extra_args):
+    """--preset_dir, or the preset that --train_preset trains first."""
+    if not TRAIN_PRESET.value:
+        if not PRESET_DIR.value:
+            raise ValueError("Pass --preset_dir or --train_preset/--workdir.")
+        return PRESET_DIR.value
+    if not WORKDIR.value:
+        raise ValueError("--train_preset needs --workdir.")
+    command = [
+        sys.executable,
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+        f"--preset={TRAIN_PRESET.value}",
+        f"--workdir={WORKDIR.value}",
+        *extra_args,
+    ]
+    print("training the dense baseline:", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
+    return os.path.join(WORKDIR.value, "preset")
 
+
+def validation_split(preset_dir):
+    """The dataset and the held-out split the preset was trained without
+    (as train.py recorded it in metadata.json, unless flags say otherwise)."""
     with open(os.path.join(preset_dir, "metadata.json"), encoding="utf-8") as f:
         trained = json.load(f).get("training", {})
     data_kind = DATA.value or (
@@ -113,66 +118,82 @@ def main(argv):
     else:
         dataset = kmm.datasets.cifar100.load_data(DATA_PATH.value)
     _, val_idx = data_lib.stratified_split(dataset["y_train"], fraction, seed)
+    return dataset, val_idx
 
+
+def validation_confusion(preset_dir, dataset, val_idx):
+    """The preset's confusion matrix on the validation images."""
     model = kmm.MobileVMoE.from_preset(preset_dir)
     converter = model.preprocessor.image_converter
     model.preprocessor = None
-    num_classes = model.num_classes
     batches = data_lib.CifarBatches(
         dataset["x_train"][val_idx],
         dataset["y_train"][val_idx],
         BATCH_SIZE.value,
-        num_classes,
+        model.num_classes,
     )
-    confusion = confusion_matrix(model, converter, batches, num_classes)
-    accuracy = np.trace(confusion) / confusion.sum()
-    groups = kmm.superclasses_from_confusion(
-        confusion, NUM_SUPERCLASSES.value, seed=CLUSTER_SEED.value
-    )
+    return confusion_matrix(model, converter, batches, model.num_classes)
+
+
+def compare_with_coarse(groups, dataset):
+    """(adjusted Rand index, purity) of the groups vs the 20 coarse classes."""
     coarse = kmm.datasets.cifar100.fine_to_coarse(
         np.concatenate([dataset["y_train"], dataset["y_test"]]),
         np.concatenate([dataset["y_train_coarse"], dataset["y_test_coarse"]]),
     )
     ari = float(kmm.superclasses.adjusted_rand_index(groups, coarse))
     purity = float(kmm.superclasses.purity(groups, coarse))
-    names = [str(n) for n in dataset["class_names"]]
-    coarse_names = [str(n) for n in dataset["coarse_names"]]
+    return ari, purity
 
+
+def write_groups(out, groups, content):
+    """`<out>.npy` (the ids) and `<out>.json` (ids and `content`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.save(out + ".npy", groups.astype(np.int64))
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump(
+            {"superclass_ids": [int(g) for g in groups], **content}, f, indent=2
+        )
+        f.write("\n")
+    print(f"wrote {out}.npy and {out}.json")
+
+
+def main(argv):
+    preset_dir = dense_preset(argv[1:])
+    dataset, val_idx = validation_split(preset_dir)
+    confusion = validation_confusion(preset_dir, dataset, val_idx)
+    accuracy = np.trace(confusion) / confusion.sum()
+    num_groups = NUM_SUPERCLASSES.value
+    groups = kmm.superclasses_from_confusion(
+        confusion, num_groups, seed=CLUSTER_SEED.value
+    )
+    ari, purity = compare_with_coarse(groups, dataset)
+    names = [str(n) for n in dataset["class_names"]]
+    members = [
+        [names[c] for c in np.flatnonzero(groups == g)]
+        for g in range(num_groups)
+    ]
     print(
         f"\nconfusion of {preset_dir} on {len(val_idx)} held-out validation "
-        f"images (top-1 {accuracy:.3f}); {NUM_SUPERCLASSES.value} "
-        "super-classes:\n"
+        f"images (top-1 {accuracy:.3f}); {num_groups} super-classes:\n"
     )
-    for g in range(NUM_SUPERCLASSES.value):
-        members = np.flatnonzero(groups == g)
-        print(f"  {g:2d} ({len(members):2d}): " + ", ".join(names[c] for c in members))
+    for g, group in enumerate(members):
+        print(f"  {g:2d} ({len(group):2d}): " + ", ".join(group))
     print(
         f"\nvs CIFAR-100's 20 coarse classes: adjusted Rand index {ari:.3f}, "
         f"purity {purity:.3f}"
     )
-
-    out = OUT.value
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    np.save(out + ".npy", groups.astype(np.int64))
-    content = {
-        "superclass_ids": [int(g) for g in groups],
-        "num_superclasses": NUM_SUPERCLASSES.value,
-        "groups": [
-            [names[c] for c in np.flatnonzero(groups == g)]
-            for g in range(NUM_SUPERCLASSES.value)
-        ],
+    write_groups(OUT.value, groups, {
+        "num_superclasses": num_groups,
+        "groups": members,
         "source_preset": os.path.abspath(preset_dir),
         "val_images": int(len(val_idx)),
         "val_top1": float(accuracy),
         "adjusted_rand_index_vs_coarse": ari,
         "purity_vs_coarse": purity,
-        "coarse_names": coarse_names,
+        "coarse_names": [str(n) for n in dataset["coarse_names"]],
         "cluster_seed": CLUSTER_SEED.value,
-    }
-    with open(out + ".json", "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.write("\n")
-    print(f"wrote {out}.npy and {out}.json")
+    })
 
 
 if __name__ == "__main__":
