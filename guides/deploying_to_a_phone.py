@@ -59,21 +59,18 @@ directory. A few minutes on 2 CPU cores at the defaults.
 
 import json
 import os
-import tempfile
 import time
 
+import guide_helpers
 import numpy as np
 
 import keras_mobile_moe as kmm
 from keras_mobile_moe.export import ExpertSplitRunner
 from keras_mobile_moe.export import TFLiteClassifier
 
-SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
+SMOKE = guide_helpers.smoke_mode()
 PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
-OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
-    prefix="kmm_deploy_"
-)
-os.makedirs(OUTPUT_DIR, exist_ok=True)
+OUTPUT_DIR = guide_helpers.output_dir("kmm_deploy_")
 
 """
 ## The model and some images
@@ -83,16 +80,7 @@ accuracy checks use test images.
 """
 
 model = kmm.MobileVMoE.from_preset(PRESET)
-path = os.environ.get("KMM_CIFAR100_PATH")
-if path and os.path.isfile(path) and not SMOKE:
-    data = kmm.datasets.cifar100.load_data(path)
-    print(f"data: full CIFAR-100 from {path}")
-else:
-    data = kmm.datasets.cifar100.load_fixture()
-    print(
-        "data: the CIFAR-100 fixture shipped with the package; set "
-        "KMM_CIFAR100_PATH for the full dataset"
-    )
+data, _ = guide_helpers.load_cifar100(SMOKE)
 num_calibration = 20 if SMOKE else 100
 num_check = 20 if SMOKE else 200
 rng = np.random.default_rng(0)

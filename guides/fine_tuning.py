@@ -47,19 +47,16 @@ then much noisier). About 5 minutes on 2 CPU cores at the defaults.
 
 import json
 import os
-import tempfile
 
+import guide_helpers
 import keras
 import numpy as np
 
 import keras_mobile_moe as kmm
 
-SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
+SMOKE = guide_helpers.smoke_mode()
 PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
-OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
-    prefix="kmm_fine_tuning_"
-)
-os.makedirs(OUTPUT_DIR, exist_ok=True)
+OUTPUT_DIR = guide_helpers.output_dir("kmm_fine_tuning_")
 EPOCHS = 1 if SMOKE else 3
 keras.utils.set_random_seed(0)
 
@@ -68,40 +65,16 @@ keras.utils.set_random_seed(0)
 
 Training images, a held-out split for the confusion matrix (never the test
 set: the table would otherwise be fitted to the test images), and test
-images. We sample the same number of images from every class.
+images. We sample the same number of images from every class
+(`guide_helpers.per_class_sample`).
 """
 
-path = os.environ.get("KMM_CIFAR100_PATH")
-if path and os.path.isfile(path) and not SMOKE:
-    data = kmm.datasets.cifar100.load_data(path)
-    per_class_train, per_class_val, per_class_test = 60, 20, 20
-    print(f"data: full CIFAR-100 from {path}")
-else:
-    data = kmm.datasets.cifar100.load_fixture()
-    per_class_train, per_class_val, per_class_test = 6, 2, 2
-    print(
-        "data: the CIFAR-100 fixture shipped with the package (8 training "
-        "images per class); set KMM_CIFAR100_PATH for the full dataset"
-    )
-
-
-def per_class_sample(labels, counts, seed=0):
-    """Disjoint index sets with counts[i] images of every class each."""
-    rng = np.random.default_rng(seed)
-    splits = [[] for _ in counts]
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        start = 0
-        for split, count in zip(splits, counts):
-            split.extend(members[start : start + count])
-            start += count
-    return [rng.permutation(np.asarray(s)) for s in splits]
-
-
-train_idx, val_idx = per_class_sample(
+data, full = guide_helpers.load_cifar100(SMOKE)
+per_class_train, per_class_val, per_class_test = (60, 20, 20) if full else (6, 2, 2)
+train_idx, val_idx = guide_helpers.per_class_sample(
     data["y_train"], [per_class_train, per_class_val]
 )
-(test_idx,) = per_class_sample(data["y_test"], [per_class_test])
+(test_idx,) = guide_helpers.per_class_sample(data["y_test"], [per_class_test])
 # The new task: the 20 coarse labels.
 x_train, y_train = data["x_train"][train_idx], data["y_train_coarse"][train_idx]
 x_val, y_val = data["x_train"][val_idx], data["y_train_coarse"][val_idx]
@@ -127,21 +100,8 @@ print(
     f"{num_experts} experts, pretrained on {pretrained.num_classes} classes"
 )
 
-
-def features(model, images, batch_size=250):
-    converter = model.preprocessor.image_converter
-    pooled = []
-    for start in range(0, len(images), batch_size):
-        pixels = converter(images[start : start + batch_size])
-        tokens = np.asarray(model.backbone.predict_on_batch(pixels)["sequence_output"])
-        if model.pooling == "token":
-            pooled.append(tokens[:, 0])
-        else:
-            pooled.append(tokens[:, int(model.backbone.use_class_token) :].mean(1))
-    return np.concatenate(pooled)
-
-
-f_train, f_val = features(pretrained, x_train), features(pretrained, x_val)
+f_train = guide_helpers.pooled_features(pretrained, x_train)
+f_val = guide_helpers.pooled_features(pretrained, x_val)
 
 """
 ## Step 2: a linear probe and its confusion matrix
@@ -151,21 +111,11 @@ Its confusion matrix on the held-out images tells us which new classes look
 alike to the pretrained model.
 """
 
-probe = keras.Sequential(
-    [keras.Input((f_train.shape[-1],)), keras.layers.Dense(num_new_classes)]
+probe, probe_accuracy, confusion = guide_helpers.linear_probe(
+    f_train, y_train, f_val, y_val, num_new_classes,
+    learning_rate=1e-2, epochs=10 if SMOKE else 60,
 )
-probe.compile(
-    optimizer=keras.optimizers.Adam(1e-2),
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=["accuracy"],
-)
-probe.fit(f_train, y_train, epochs=10 if SMOKE else 60, batch_size=256, verbose=0)
-val_predictions = np.argmax(probe.predict(f_val, verbose=0), axis=-1)
-probe_accuracy = float(np.mean(val_predictions == y_val))
 print(f"linear probe: held-out accuracy {probe_accuracy:.3f}")
-
-confusion = np.zeros((num_new_classes, num_new_classes), np.int64)
-np.add.at(confusion, (y_val, val_predictions), 1)
 
 """
 ## Step 3: super-classes from the confusion matrix
@@ -204,23 +154,9 @@ model = kmm.MobileVMoE.from_preset(
 model.output_dense.set_weights(probe.layers[-1].get_weights())
 model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.05))
 
-
-def router_accuracy(model, images, labels, batch_size=250):
-    converter = model.preprocessor.image_converter
-    table = np.asarray(model.superclass_ids)
-    hits = 0
-    for start in range(0, len(images), batch_size):
-        pixels = converter(images[start : start + batch_size])
-        logits = model.backbone.predict_on_batch(pixels)["router_logits"]
-        chosen = np.argmax(np.asarray(logits), axis=-1)
-        hits += int(np.sum(chosen == table[labels[start : start + batch_size]]))
-    return hits / len(images)
-
-
-before = model.evaluate(x_test, y_test, batch_size=100, verbose=0, return_dict=True)
-router_before = router_accuracy(model, x_test, y_test)
+before, router_before = guide_helpers.test_scores(model, x_test, y_test)
 print(
-    f"before fine-tuning: test accuracy {before['accuracy']:.3f}, router "
+    f"before fine-tuning: test accuracy {before:.3f}, router "
     f"accuracy {router_before:.3f} (chance {1 / num_experts:.3f})"
 )
 history = model.fit(
@@ -231,10 +167,9 @@ history = model.fit(
     batch_size=64,
     verbose=2,
 )
-after = model.evaluate(x_test, y_test, batch_size=100, verbose=0, return_dict=True)
-router_after = router_accuracy(model, x_test, y_test)
+after, router_after = guide_helpers.test_scores(model, x_test, y_test)
 print(
-    f"after {EPOCHS} epoch(s): test accuracy {after['accuracy']:.3f}, router "
+    f"after {EPOCHS} epoch(s): test accuracy {after:.3f}, router "
     f"accuracy {router_after:.3f}"
 )
 
@@ -292,8 +227,8 @@ results = {
     "epochs": EPOCHS,
     "probe_accuracy": probe_accuracy,
     "superclass_ids": superclass_ids.tolist(),
-    "test_accuracy_before": float(before["accuracy"]),
-    "test_accuracy_after": float(after["accuracy"]),
+    "test_accuracy_before": before,
+    "test_accuracy_after": after,
     "router_accuracy_before": router_before,
     "router_accuracy_after": router_after,
     "train_loss": [float(v) for v in history.history["loss"]],

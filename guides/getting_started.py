@@ -42,20 +42,17 @@ This guide takes well under a minute on 2 CPU cores.
 
 import json
 import os
-import tempfile
 import time
 
+import guide_helpers
 import numpy as np
 
 import keras_mobile_moe as kmm
 
-SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
+SMOKE = guide_helpers.smoke_mode()
 PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
 DENSE_PRESET = os.environ.get("KMM_GUIDE_DENSE_PRESET", "6x64.cifar100")
-OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
-    prefix="kmm_getting_started_"
-)
-os.makedirs(OUTPUT_DIR, exist_ok=True)
+OUTPUT_DIR = guide_helpers.output_dir("kmm_getting_started_")
 
 """
 ## Load a pretrained Mobile V-MoE
@@ -84,16 +81,7 @@ We use CIFAR-100 test images. The classifier's preprocessor resizes raw
 CIFAR images go in exactly as they come out of the dataset.
 """
 
-path = os.environ.get("KMM_CIFAR100_PATH")
-if path and os.path.isfile(path) and not SMOKE:
-    data = kmm.datasets.cifar100.load_data(path)
-    print(f"data: full CIFAR-100 from {path}")
-else:
-    data = kmm.datasets.cifar100.load_fixture()
-    print(
-        "data: the CIFAR-100 fixture shipped with the package (200 test "
-        "images); set KMM_CIFAR100_PATH to use the full test set"
-    )
+data, _ = guide_helpers.load_cifar100(SMOKE)
 class_names = [str(name) for name in data["class_names"]]
 num_images = 200 if SMOKE else min(2000, len(data["y_test"]))
 # An evenly spaced sample of the test set covers every class.

@@ -46,7 +46,6 @@ CPU cores with JAX at the defaults, depending on the machine's load.
 
 import json
 import os
-import tempfile
 import time
 
 import matplotlib
@@ -56,14 +55,12 @@ import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import guide_helpers  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
-SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
+SMOKE = guide_helpers.smoke_mode()
 MONE_PRESET = os.environ.get("KMM_GUIDE_MONE_PRESET")
-OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
-    prefix="kmm_mone_"
-)
-os.makedirs(OUTPUT_DIR, exist_ok=True)
+OUTPUT_DIR = guide_helpers.output_dir("kmm_mone_")
 keras.utils.set_random_seed(0)
 
 """
@@ -86,18 +83,10 @@ for budget in (1.0, 0.6, 0.4, 0.3, 0.2):
 ## Data
 """
 
-path = os.environ.get("KMM_CIFAR100_PATH")
-if path and os.path.isfile(path) and not SMOKE:
-    data = kmm.datasets.cifar100.load_data(path)
-    num_train, num_test, epochs = 12000, 2000, 3
-    print(f"data: full CIFAR-100 from {path}")
-else:
-    data = kmm.datasets.cifar100.load_fixture()
-    num_train, num_test, epochs = 800, 200, 1 if SMOKE else 10
-    print(
-        "data: the CIFAR-100 fixture shipped with the package (800 training "
-        "images); set KMM_CIFAR100_PATH for the full dataset"
-    )
+data, full = guide_helpers.load_cifar100(SMOKE)
+num_train, num_test, epochs = (
+    (12000, 2000, 3) if full else (800, 200, 1 if SMOKE else 10)
+)
 rng = np.random.default_rng(0)
 train_pick = rng.permutation(len(data["y_train"]))[:num_train]
 test_pick = rng.permutation(len(data["y_test"]))[:num_test]

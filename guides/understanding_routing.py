@@ -27,7 +27,6 @@ cores with the full CIFAR-100 test set (10,000 images).
 
 import json
 import os
-import tempfile
 
 import matplotlib
 
@@ -36,14 +35,12 @@ import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import guide_helpers  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
-SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
+SMOKE = guide_helpers.smoke_mode()
 PRESET = os.environ.get("KMM_GUIDE_PRESET", "6x64_e10.cifar100")
-OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
-    prefix="kmm_routing_"
-)
-os.makedirs(OUTPUT_DIR, exist_ok=True)
+OUTPUT_DIR = guide_helpers.output_dir("kmm_routing_")
 
 """
 ## Load the model and the test images
@@ -58,16 +55,7 @@ if not model.superclass_ids:
     )
 superclass_ids = np.asarray(model.superclass_ids)
 
-path = os.environ.get("KMM_CIFAR100_PATH")
-if path and os.path.isfile(path) and not SMOKE:
-    data = kmm.datasets.cifar100.load_data(path)
-    print(f"data: full CIFAR-100 from {path}")
-else:
-    data = kmm.datasets.cifar100.load_fixture()
-    print(
-        "data: the CIFAR-100 fixture shipped with the package (200 test "
-        "images, 2 per class); set KMM_CIFAR100_PATH for the full test set"
-    )
+data, _ = guide_helpers.load_cifar100(SMOKE)
 images, labels = data["x_test"], data["y_test"]
 if SMOKE:
     images, labels = images[:100], labels[:100]

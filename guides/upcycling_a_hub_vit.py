@@ -62,24 +62,21 @@ checkpoint written by timm into an offline Hugging Face cache.
 
 import json
 import os
-import tempfile
 
+import guide_helpers
 import keras
 import numpy as np
 
 import keras_mobile_moe as kmm
 
-SMOKE = os.environ.get("KMM_GUIDE_SMOKE", "0") == "1"
+SMOKE = guide_helpers.smoke_mode()
 HANDLE = os.environ.get(
     "KMM_GUIDE_HUB_HANDLE", "hf://timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 )
 IMAGE_SIZE = int(os.environ.get("KMM_GUIDE_IMAGE_SIZE", "96"))
 NUM_EXPERTS, NUM_MOE_LAYERS = 10, 2
 EPOCHS = 1 if SMOKE else 2
-OUTPUT_DIR = os.environ.get("KMM_GUIDE_OUTPUT_DIR") or tempfile.mkdtemp(
-    prefix="kmm_upcycling_"
-)
-os.makedirs(OUTPUT_DIR, exist_ok=True)
+OUTPUT_DIR = guide_helpers.output_dir("kmm_upcycling_")
 keras.utils.set_random_seed(0)
 
 """
@@ -90,28 +87,12 @@ set, which would otherwise choose the table), and test images, the same
 number from every class.
 """
 
-data, source = kmm.datasets.cifar100.load_data_or_fixture(
-    use_fixture=SMOKE
+data, full = guide_helpers.load_cifar100(SMOKE)
+per_class = (100, 20, 20) if full else (6, 2, 2)
+train_idx, val_idx = guide_helpers.per_class_sample(
+    data["y_train"], per_class[:2]
 )
-print(f"data: {source}")
-per_class = (100, 20, 20) if source.startswith("CIFAR-100") else (6, 2, 2)
-
-
-def per_class_sample(labels, counts, seed=0):
-    """Disjoint index sets with counts[i] images of every class each."""
-    rng = np.random.default_rng(seed)
-    splits = [[] for _ in counts]
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        start = 0
-        for split, count in zip(splits, counts):
-            split.extend(members[start : start + count])
-            start += count
-    return [rng.permutation(np.asarray(s)) for s in splits]
-
-
-train_idx, val_idx = per_class_sample(data["y_train"], per_class[:2])
-(test_idx,) = per_class_sample(data["y_test"], per_class[2:])
+(test_idx,) = guide_helpers.per_class_sample(data["y_test"], per_class[2:])
 x_train, y_train = data["x_train"][train_idx], data["y_train"][train_idx]
 x_val, y_val = data["x_train"][val_idx], data["y_train"][val_idx]
 x_test, y_test = data["x_test"][test_idx], data["y_test"][test_idx]
@@ -159,33 +140,13 @@ The head reads the class token of the last block. We compute it once for
 the training and held-out images and fit a single `Dense` layer on it.
 """
 
-
-def class_tokens(model, images, batch_size=200):
-    converter = model.preprocessor.image_converter
-    tokens = [
-        np.asarray(
-            model.backbone.predict_on_batch(
-                converter(images[start : start + batch_size])
-            )["sequence_output"]
-        )[:, 0]
-        for start in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(tokens)
-
-
 assert dense.pooling == "token", dense.pooling  # timm ViTs pool the class token
-f_train, f_val = class_tokens(dense, x_train), class_tokens(dense, x_val)
-probe = keras.Sequential(
-    [keras.Input((f_train.shape[-1],)), keras.layers.Dense(num_classes)]
+f_train = guide_helpers.pooled_features(dense, x_train)
+f_val = guide_helpers.pooled_features(dense, x_val)
+probe, probe_accuracy, confusion = guide_helpers.linear_probe(
+    f_train, y_train, f_val, y_val, num_classes,
+    learning_rate=1e-3, epochs=5 if SMOKE else 60,
 )
-probe.compile(
-    optimizer=keras.optimizers.Adam(1e-3),
-    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    metrics=["accuracy"],
-)
-probe.fit(f_train, y_train, epochs=5 if SMOKE else 60, batch_size=256, verbose=0)
-val_predictions = np.argmax(probe.predict(f_val, verbose=0), axis=-1)
-probe_accuracy = float(np.mean(val_predictions == y_val))
 print(f"linear probe on the dense features: held-out accuracy {probe_accuracy:.3f}")
 
 """
@@ -195,8 +156,6 @@ confuses with each other: the router then separates groups that differ a
 lot, and each expert specialises on the fine distinctions inside its group.
 """
 
-confusion = np.zeros((num_classes, num_classes), np.int64)
-np.add.at(confusion, (y_val, val_predictions), 1)
 superclass_ids = kmm.superclasses_from_confusion(confusion, NUM_EXPERTS)
 names = [str(n) for n in data["class_names"]]
 for group in range(min(3, NUM_EXPERTS)):
@@ -250,34 +209,18 @@ table while the experts drift apart.
 
 moe.compile()
 
-
-def router_accuracy(model, images, labels, batch_size=200):
-    converter = model.preprocessor.image_converter
-    table = np.asarray(model.superclass_ids)
-    hits = 0
-    for start in range(0, len(images), batch_size):
-        logits = model.backbone.predict_on_batch(
-            converter(images[start : start + batch_size])
-        )["router_logits"]
-        chosen = np.argmax(np.asarray(logits), axis=-1)
-        hits += int(np.sum(chosen == table[labels[start : start + batch_size]]))
-    return hits / len(images)
-
-
-before = moe.evaluate(x_test, y_test, batch_size=100, verbose=0, return_dict=True)
-router_before = router_accuracy(moe, x_test, y_test)
+before, router_before = guide_helpers.test_scores(moe, x_test, y_test)
 print(
-    f"before fine-tuning: test accuracy {before['accuracy']:.3f}, router "
+    f"before fine-tuning: test accuracy {before:.3f}, router "
     f"accuracy {router_before:.3f} (chance {1 / NUM_EXPERTS:.2f})"
 )
 history = moe.fit(
     x_train, y_train, validation_data=(x_val, y_val), epochs=EPOCHS,
     batch_size=64, verbose=2,
 )
-after = moe.evaluate(x_test, y_test, batch_size=100, verbose=0, return_dict=True)
-router_after = router_accuracy(moe, x_test, y_test)
+after, router_after = guide_helpers.test_scores(moe, x_test, y_test)
 print(
-    f"after {EPOCHS} epoch(s): test accuracy {after['accuracy']:.3f}, "
+    f"after {EPOCHS} epoch(s): test accuracy {after:.3f}, "
     f"router accuracy {router_after:.3f}"
 )
 
@@ -335,8 +278,8 @@ results = {
     "dense_flops": int(kmm.count_flops(dense)),
     "moe_flops": int(kmm.count_flops(moe)),
     "upcycle_max_abs_difference": upcycle_difference,
-    "test_accuracy_before": float(before["accuracy"]),
-    "test_accuracy_after": float(after["accuracy"]),
+    "test_accuracy_before": before,
+    "test_accuracy_after": after,
     "router_accuracy_before": router_before,
     "router_accuracy_after": router_after,
     "train_loss": [float(v) for v in history.history["loss"]],
