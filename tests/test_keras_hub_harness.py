@@ -9,8 +9,7 @@ gets the same checks (issue 17, item 4):
   a batched `tf.data.Dataset`, the name mapping to the class, the
   `mixed_float16` / `mixed_bfloat16` / `bfloat16` policies
   (`run_precision_test`, `assertDTypeEqual` on outputs, weights and
-  sublayers) and int8 / float8 `DTypePolicyMap`s
-  (`run_quantization_test`);
+  sublayers);
 - `run_model_saving_test`: `.keras` save and `load_model`, same outputs;
 - `run_task_test` on the classifiers: the preprocessor's output structure,
   `predict` and `fit` on arrays, datasets and split preprocessing, and the
@@ -32,9 +31,15 @@ Where a check cannot apply as written, the reason is in the test:
   models (`token_embedding`); our models have static shapes (learned
   position embeddings for one patch grid, house rule 6), so other image
   sizes go through the preprocessor, which resizes them (tested);
-- the harness itself skips precision checks on PyTorch without CUDA and
-  quantization checks on PyTorch (`tests/test_models_mixed_precision.py`
-  covers mixed precision on every backend).
+- Keras weight quantization (the harness's int8 / float8 `DTypePolicyMap`
+  check, `run_quantization_test`) is refused with an error: the blocks
+  multiply by the layers' kernels directly, so quantized kernels would give
+  wrong outputs silently (the harness checks only dtypes and shapes, so it
+  passed). The check is replaced by a test of that error; phones get int8
+  through the TFLite export;
+- the harness itself skips precision checks on PyTorch without CUDA
+  (`tests/test_models_mixed_precision.py` covers mixed precision on every
+  backend).
 
 Tiny configs (2 blocks, width 16, 32x32 images): the module runs in CI on
 jax, tensorflow and torch.
@@ -216,6 +221,8 @@ class BackboneHarnessTest(HarnessTestCase):
             expected_output_shape=shapes,
             # Only the dense model has no router.
             run_mixed_precision_check=name == "dense",
+            # Refused (module docstring); see the test below.
+            run_quantization_check=False,
         )
         if name != "dense":
             self._run_precision_test_with_float32_routers(
@@ -250,6 +257,24 @@ class BackboneHarnessTest(HarnessTestCase):
             keras.config.set_image_data_format("channels_last")
             with self.assertRaisesRegex(ValueError, "looks channels-first"):
                 cls(**{**arguments, "image_shape": (3, 32, 32)})
+
+
+    def test_keras_quantization_is_refused(self):
+        # Instead of the harness's `run_quantization_test`.
+        policy_map = keras.dtype_policies.DTypePolicyMap("float32")
+        policy_map["patch_embedding"] = keras.dtype_policies.get(
+            "int8_from_float32"
+        )
+        for cls, arguments, _, _ in BACKBONES.values():
+            for dtype in ("int8_from_float32", policy_map):
+                with self.assertRaisesRegex(ValueError, "quantization"):
+                    cls(**{**arguments, "dtype": dtype})
+            backbone = cls(**arguments)
+            with self.assertRaisesRegex(ValueError, "to_tflite"):
+                backbone.quantize("int8")
+        cls, kwargs = _task("moe")
+        with self.assertRaisesRegex(ValueError, "mode='float8'"):
+            cls(**kwargs).quantize("float8")
 
 
 class TaskHarnessTest(HarnessTestCase):

@@ -87,7 +87,44 @@ class PresetMixin:
             super().save_to_preset(target, max_shard_size=None)
 
 
-class FamilyBackbone(PresetMixin, Backbone):
+def quantization_modes(dtype):
+    """The Keras weight-quantization modes (`"int8"`, `"float8"`, ...) a
+    dtype policy, name or `DTypePolicyMap` asks for (empty if none)."""
+    if dtype is None:
+        return set()
+    policy = keras.dtype_policies.get(dtype)
+    policies = [policy]
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policies = [policy.default_policy, *policy.values()]
+    return {
+        p.quantization_mode
+        for p in policies
+        if getattr(p, "quantization_mode", None)
+    }
+
+
+def _quantization_error(name, value, owner):
+    return ValueError(
+        f"Received: {name}={value!r}. {owner} does not support Keras weight "
+        "quantization (`model.quantize` or quantized dtype policies): its "
+        "blocks multiply by the layers' kernels directly, so quantized "
+        "kernels would give wrong outputs without an error. Quantize for "
+        "deployment with kmm.export.to_tflite(model, path, "
+        "quantization='int8'), or use a float policy such as "
+        "'mixed_bfloat16'."
+    )
+
+
+class NoKerasQuantizationMixin:
+    """Refuses `quantize()` (see `quantization_modes`)."""
+
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Not supported: raises `ValueError` (quantize the exported TFLite
+        file instead, `kmm.export.to_tflite(..., quantization="int8")`)."""
+        raise _quantization_error("mode", mode, type(self).__name__)
+
+
+class FamilyBackbone(NoKerasQuantizationMixin, PresetMixin, Backbone):
     """Base of the backbones: a functional ViT-style model on `images`.
 
     Subclasses build their layers and functional graph in `__init__` (with
@@ -168,6 +205,11 @@ class FamilyBackbone(PresetMixin, Backbone):
             setattr(self, name, arguments[name])
 
     # --- behaviour ----------------------------------------------------------
+
+    def __init__(self, *args, dtype=None, **kwargs):
+        if quantization_modes(dtype):
+            raise _quantization_error("dtype", dtype, type(self).__name__)
+        super().__init__(*args, dtype=dtype, **kwargs)
 
     def call(self, inputs, training=None, mask=None):
         check_images(inputs, self.image_shape)
@@ -275,7 +317,9 @@ class FamilyBackbone(PresetMixin, Backbone):
         return config
 
 
-class FamilyImageClassifier(PresetMixin, ShuffledFitMixin, ImageClassifier):
+class FamilyImageClassifier(
+    NoKerasQuantizationMixin, PresetMixin, ShuffledFitMixin, ImageClassifier
+):
     """Base of the classifiers: a family's backbone, pooling and a linear
     head, with checked `fit` / `evaluate` / `predict` inputs.
 
