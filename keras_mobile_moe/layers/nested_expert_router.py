@@ -52,12 +52,15 @@ def permute_tokens(tokens, order):
     feature_shape = tuple(tokens.shape[2:])
     order = ops.cast(order, "int32")
     # Row offset b * num_tokens of every token, without the (possibly
-    # symbolic) batch size. Built at the full [batch, num_tokens] shape: on
-    # TensorFlow, Keras adds a [batch, 1] tensor as a bias over the last
-    # axis when batch == num_tokens (keras.ops.add's BiasAdd special case),
-    # which silently mixed up the tokens of different images.
-    offsets = (ops.cumsum(ops.ones_like(order), axis=0) - 1) * num_tokens
-    rows = ops.reshape(order + offsets, (-1,))
+    # symbolic) batch size, at the full [batch, num_tokens] shape and
+    # subtracted as its negative. On TensorFlow, keras.ops.add turns an add
+    # whose second operand squeezes to a vector of the first one's last
+    # length into a BiasAdd: a [batch, 1] operand then mixed up the images'
+    # tokens when batch == num_tokens, and a [1, num_tokens] one (batch 1)
+    # is an int BiasAdd, which TFLite does not have.
+    ones = ops.ones_like(order)
+    negative_offsets = (ones - ops.cumsum(ones, axis=0)) * num_tokens
+    rows = ops.reshape(order - negative_offsets, (-1,))
     flat = ops.reshape(tokens, (-1, *feature_shape))
     return ops.reshape(
         ops.take(flat, rows, axis=0), (-1, num_tokens, *feature_shape)

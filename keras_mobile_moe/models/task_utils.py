@@ -134,6 +134,24 @@ class ValueRangeMixin:
             )
         self.scale, self.offset = scale, offset
 
+    def _call_python(self, inputs):
+        # Integer images are resized as float32. keras-hub's converter runs
+        # eagerly (a direct call, and `predict`/`fit` on arrays when `grain`
+        # is installed) or in tf.data; eagerly, Keras' `Resizing` rounds a
+        # resized integer image back to integers (up to 0.5/255 off), in
+        # tf.data it does not, and neither does the exported TFLite file.
+        images = _images_of(inputs)
+        dtype = getattr(images, "dtype", None)
+        if dtype is not None and "int" in keras.backend.standardize_dtype(
+            dtype
+        ):
+            images = self._convert_types(images, images, "float32")[0]
+            if isinstance(inputs, dict):
+                inputs = {**inputs, "images": images}
+            else:
+                inputs = images
+        return super()._call_python(inputs)
+
     def get_config(self):
         config = super().get_config()
         config.update(
