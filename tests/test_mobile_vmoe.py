@@ -325,7 +325,7 @@ def test_fit_shuffles_arrays_sorted_by_class():
     model = tiny_classifier()
     x, y = fixture_batch(256)
     assert np.all(np.diff(y) >= 0)
-    batch = next(iter(model._shuffled_batches(x, y, None, 64)))
+    batch = next(iter(model._batches(x, y, None, 64, shuffle=True)))
     assert len(set(np.asarray(batch[1]).tolist())) > 20
     history = model.fit(
         x, y, batch_size=64, epochs=1, verbose=0, validation_split=0.25

@@ -490,7 +490,9 @@ class ShuffledFitMixin:
                     sample_weight = sample_weight[:cut]
                 x, y = x[:cut], (y[:cut] if y is not None else None)
                 validation_split = None
-            x = self._shuffled_batches(x, y, sample_weight, batch_size or 32)
+            x = self._batches(
+                x, y, sample_weight, batch_size or 32, shuffle=True
+            )
             y = sample_weight = batch_size = None
             shuffle = None  # done above; Keras warns if asked for a dataset
         # Datasets are fed as they are; passing Keras' default shuffle=True
@@ -521,6 +523,12 @@ class ShuffledFitMixin:
         errors = []
         one_pass = _is_generator(x) and kwargs.get("steps") is None
         x, y = self._checked_input(x, y, errors)
+        if _is_array(x) and not args:
+            x = self._batches(
+                x, y, kwargs.pop("sample_weight", None),
+                kwargs.pop("batch_size", None) or 32, shuffle=False,
+            )
+            y = None
         with warnings.catch_warnings():
             if one_pass:  # see fit
                 warnings.filterwarnings(
@@ -534,6 +542,11 @@ class ShuffledFitMixin:
         errors = []
         one_pass = _is_generator(x) and kwargs.get("steps") is None
         x, _ = self._checked_input(x, None, errors, labels=False)
+        if _is_array(x) and not args:
+            x = self._batches(
+                x, None, None, kwargs.pop("batch_size", None) or 32,
+                shuffle=False,
+            )
         with warnings.catch_warnings():
             if one_pass:  # see fit
                 warnings.filterwarnings(
@@ -558,12 +571,20 @@ class ShuffledFitMixin:
         return self._run_checked(super().predict_on_batch, [], x)
 
     @staticmethod
-    def _shuffled_batches(x, y, sample_weight, batch_size):
+    def _batches(x, y, sample_weight, batch_size, shuffle):
+        """A batched `tf.data.Dataset` of arrays: `fit`, `evaluate` and
+        `predict` preprocess arrays in tf.data on every backend. (keras-hub
+        would use grain when it is installed, which runs the converter with
+        the backend's own resize: PyTorch's bicubic kernel is not TF's and
+        PIL's, so results would depend on the backend and on grain.)"""
         import tensorflow as tf
 
         arrays = tuple(
             np.asarray(a) for a in (x, y, sample_weight) if a is not None
         )
         dataset = tf.data.Dataset.from_tensor_slices(arrays)
-        dataset = dataset.shuffle(len(arrays[0]), reshuffle_each_iteration=True)
+        if shuffle:
+            dataset = dataset.shuffle(
+                len(arrays[0]), reshuffle_each_iteration=True
+            )
         return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
