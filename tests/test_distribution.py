@@ -146,9 +146,12 @@ def test_data_and_expert_parallel_training_match_one_device():
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND="jax",
+        # First: XLA stops reading flags at a token it does not parse (the
+        # "intra_op_parallelism_threads=1" that single-thread recipes, and
+        # scripts/run_tests.sh, pass), and the device count would be lost.
         XLA_FLAGS=(
-            env.get("XLA_FLAGS", "")
-            + " --xla_force_host_platform_device_count=4"
+            "--xla_force_host_platform_device_count=4 "
+            + env.get("XLA_FLAGS", "")
         ).strip(),
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
