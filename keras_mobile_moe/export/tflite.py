@@ -722,6 +722,18 @@ def _convert(
         return converter.convert()
 
 
+def _check_float_layers_found(found, required_layers):
+    """Raises unless every asked-for float layer matched an op."""
+    missing = [name for name in required_layers if not found[name]]
+    if missing:
+        raise ValueError(
+            f"Received: float_layers={list(required_layers)}, but {missing} "
+            "matched no op of the converted graph. Accepted: names of layers "
+            "of the backbone or head (e.g. 'final_norm', 'predictions', "
+            "'moe_block_3') or of their sublayers (e.g. 'mlp_norm')."
+        )
+
+
 def float_weights(quantized, float_model, layer_names, required_layers=()):
     """Puts the float32 weights of some layers back into a dynamic range
     file.
@@ -747,14 +759,7 @@ def float_weights(quantized, float_model, layer_names, required_layers=()):
     from tensorflow.lite.tools import flatbuffer_utils
 
     found = _float_nodes(quantized, layer_names)
-    missing = [name for name in required_layers if not found[name]]
-    if missing:
-        raise ValueError(
-            f"Received: float_layers={list(required_layers)}, but {missing} "
-            "matched no op of the converted graph. Accepted: names of layers "
-            "of the backbone or head (e.g. 'final_norm', 'predictions', "
-            "'moe_block_3') or of their sublayers (e.g. 'mlp_norm')."
-        )
+    _check_float_layers_found(found, required_layers)
     outputs = {name for names in found.values() for name in names}
     if not outputs:
         return quantized
@@ -817,14 +822,7 @@ def _selective_int8(
     found = _float_nodes(
         debugger.calibrated_model, float_layers, residual_blocks
     )
-    missing = [name for name in required_layers if not found[name]]
-    if missing:
-        raise ValueError(
-            f"Received: float_layers={list(required_layers)}, but {missing} "
-            "matched no op of the converted graph. Accepted: names of layers "
-            "of the backbone or head (e.g. 'final_norm', 'predictions', "
-            "'moe_block_3') or of their sublayers (e.g. 'mlp_norm')."
-        )
+    _check_float_layers_found(found, required_layers)
     nodes = sorted({n for names in found.values() for n in names})
     if nodes:
         debugger.options = debug_options(
