@@ -68,8 +68,10 @@ def compiled_forward(model, torch_compile=True):
             except Exception as error:  # compilation needs a C++ toolchain
                 if state["forward"] is eager:
                     raise
-                print(f"torch.compile failed ({type(error).__name__}); "
-                      "timing eager mode")
+                print(
+                    f"torch.compile failed ({type(error).__name__}); "
+                    "timing eager mode"
+                )
                 state["forward"] = eager
                 return eager(images).detach().cpu().numpy()
 
@@ -142,7 +144,11 @@ def write_json(path, payload):
     folder = os.path.dirname(os.fspath(path))
     if folder:
         os.makedirs(folder, exist_ok=True)
-    payload = {"backend": keras.config.backend(), "machine": machine(), **payload}
+    payload = {
+        "backend": keras.config.backend(),
+        "machine": machine(),
+        **payload,
+    }
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")

@@ -38,17 +38,23 @@ sys.path.insert(0, str(HERE.parent / "training"))
 
 from common import machine  # noqa: E402
 from common import write_results  # noqa: E402
-from data import stratified_split  # noqa: E402
 
 import keras_mobile_moe as kmm  # noqa: E402
+from data import stratified_split  # noqa: E402
 
 CANDIDATES = {
-    "AdamW 3e-4, wd 0.05 (from-scratch default)": lambda: keras.optimizers.AdamW(
-        3e-4, weight_decay=0.05
+    "AdamW 3e-4, wd 0.05 (from-scratch default)": lambda: (
+        keras.optimizers.AdamW(3e-4, weight_decay=0.05)
     ),
-    "AdamW 1e-4, wd 0.05": lambda: keras.optimizers.AdamW(1e-4, weight_decay=0.05),
-    "AdamW 3e-5, wd 0.05": lambda: keras.optimizers.AdamW(3e-5, weight_decay=0.05),
-    "Adam 5e-5 (keras-hub ImageClassifier)": lambda: keras.optimizers.Adam(5e-5),
+    "AdamW 1e-4, wd 0.05": lambda: keras.optimizers.AdamW(
+        1e-4, weight_decay=0.05
+    ),
+    "AdamW 3e-5, wd 0.05": lambda: keras.optimizers.AdamW(
+        3e-5, weight_decay=0.05
+    ),
+    "Adam 5e-5 (keras-hub ImageClassifier)": lambda: keras.optimizers.Adam(
+        5e-5
+    ),
 }
 
 
@@ -60,7 +66,9 @@ def top1(model, images, labels):
 def coarse_overrides(preset, data):
     """A new 20-class head; each coarse class goes to its fine classes'
     most frequent expert."""
-    experts = np.asarray(kmm.MobileVMoE.presets[preset]["task"]["superclass_ids"])
+    experts = np.asarray(
+        kmm.MobileVMoE.presets[preset]["task"]["superclass_ids"]
+    )
     coarse_of = kmm.datasets.cifar100.fine_to_coarse(
         data["y_train"], data["y_train_coarse"]
     )
@@ -123,8 +131,10 @@ def write(rows, args, out_dir):
             + " |"
         )
     write_results(
-        "finetune_defaults", "\n".join(lines),
-        {"args": vars(args), "rows": rows}, out_dir,
+        "finetune_defaults",
+        "\n".join(lines),
+        {"args": vars(args), "rows": rows},
+        out_dir,
     )
 
 
@@ -145,8 +155,13 @@ def main():
     rows = []
     for task in ("same", "new head"):
         rows += run(
-            args.preset, data, train_idx, args.test_images, args.epochs,
-            args.seed, task,
+            args.preset,
+            data,
+            train_idx,
+            args.test_images,
+            args.epochs,
+            args.seed,
+            task,
         )
     write(rows, args, args.out_dir)
 

@@ -21,8 +21,6 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
-
-import keras_mobile_moe as kmm  # noqa: E402
 from common import RESULTS  # noqa: E402
 from common import compiled_forward  # noqa: E402
 from common import convert_images  # noqa: E402
@@ -33,6 +31,8 @@ from common import median_ms  # noqa: E402
 from common import random_images  # noqa: E402
 from common import time_interleaved  # noqa: E402
 from common import write_json  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
 
 GOALS = {1: 1.10, 64: 1.15}  # JAX on a 2-core CPU (issue #2)
 
@@ -54,7 +54,9 @@ def measure_scale(scale, batches, repeats):
     forwards = {"dense": compiled_forward(dense), "moe": compiled_forward(moe)}
     rows = []
     for batch in batches:
-        images = convert_images(random_images(batch, dense.backbone.image_shape))
+        images = convert_images(
+            random_images(batch, dense.backbone.image_shape)
+        )
         # Fewer repeats at large batch keep the run short; still >= 10.
         batch_repeats = max(10, repeats // (1 + batch // 16))
         times = time_interleaved(forwards, images, batch_repeats)

@@ -48,9 +48,6 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
-from keras import ops  # noqa: E402
-
-import keras_mobile_moe as kmm  # noqa: E402
 from common import RESULTS  # noqa: E402
 from common import compiled_forward  # noqa: E402
 from common import convert_images  # noqa: E402
@@ -60,6 +57,9 @@ from common import markdown_table  # noqa: E402
 from common import median_ms  # noqa: E402
 from common import random_images  # noqa: E402
 from common import write_json  # noqa: E402
+from keras import ops  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
 from keras_mobile_moe import variants  # noqa: E402
 
 BUDGETS = (1.0, 0.6, 0.4, 0.3)
@@ -100,7 +100,10 @@ def same_kernel_dense_vit(config, num_classes):
 
 def mha_dense_vit(config, num_classes):
     backbone = kmm.MobileVMoEBackbone(
-        **config, num_moe_layers=0, num_experts=0, use_class_token=False,
+        **config,
+        num_moe_layers=0,
+        num_experts=0,
+        use_class_token=False,
         router_pooling="mean",
     )
     return kmm.MobileVMoE(
@@ -135,7 +138,9 @@ def paired_ratio(times, baseline):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scales", nargs="+", default=["12x192/16", "12x192/32"])
+    parser.add_argument(
+        "--scales", nargs="+", default=["12x192/16", "12x192/32"]
+    )
     parser.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=10)
@@ -165,8 +170,11 @@ def measure_scale(spec, budgets, batch, repeats):
     dense_ms = median_ms(times["dense"])
     mha_ms = median_ms(times["dense_mha"])
     num_tokens = mone.backbone.num_tokens
-    print(f"{spec} ({num_tokens} tokens), batch {batch}: dense "
-          f"{dense_ms:.1f} ms, dense (Keras MHA) {mha_ms:.1f} ms", flush=True)
+    print(
+        f"{spec} ({num_tokens} tokens), batch {batch}: dense "
+        f"{dense_ms:.1f} ms, dense (Keras MHA) {mha_ms:.1f} ms",
+        flush=True,
+    )
     rows = []
     for budget in budgets:
         row = {
@@ -212,8 +220,10 @@ TABLE = [
     ("vs MoNE@1.0", lambda r: f"{r['wall_ratio_vs_mone_1']:.3f}"),
     (
         "speed-up / FLOPs reduction",
-        lambda r: f"{r['efficiency']:.2f}"
-        + (f" (goal >= {r['goal']})" if r["goal"] else ""),
+        lambda r: (
+            f"{r['efficiency']:.2f}"
+            + (f" (goal >= {r['goal']})" if r["goal"] else "")
+        ),
     ),
     ("wall ratio vs Keras-MHA ViT", lambda r: f"{r['wall_ratio_vs_mha']:.3f}"),
 ]
@@ -229,8 +239,10 @@ def main():
         for spec in args.scales
         for row in measure_scale(spec, budgets, args.batch, args.repeats)
     ]
-    print(f"\nMoNE / dense ViT, batch {args.batch}, backend {backend}, "
-          f"{machine()}")
+    print(
+        f"\nMoNE / dense ViT, batch {args.batch}, backend {backend}, "
+        f"{machine()}"
+    )
     print(markdown_table(TABLE, rows))
     write_json(
         args.out or os.path.join(RESULTS, f"mone_speedup_{backend}.json"),

@@ -36,11 +36,20 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 CONFIG = dict(
-    image_size=224, patch_size=32, num_layers=12, hidden_dim=192,
-    num_heads=3, mlp_dim=768, num_classes=100,
+    image_size=224,
+    patch_size=32,
+    num_layers=12,
+    hidden_dim=192,
+    num_heads=3,
+    mlp_dim=768,
+    num_classes=100,
 )
-GOALS = {("torch", "eager", 64): 1.15, ("torch", "eager", 1): 1.5,
-         ("jax", "jit", 64): 1.0, ("jax", "jit", 1): 1.0}
+GOALS = {
+    ("torch", "eager", 64): 1.15,
+    ("torch", "eager", 1): 1.5,
+    ("jax", "jit", 64): 1.0,
+    ("jax", "jit", 1): 1.0,
+}
 
 
 def ours():
@@ -50,13 +59,17 @@ def ours():
     n = CONFIG["num_classes"]
     return {
         "dense tiny": kmm.MobileVMoE.from_preset(
-            "tiny", load_weights=False, num_classes=n),
+            "tiny", load_weights=False, num_classes=n
+        ),
         "dense tiny (exact gelu)": kmm.MobileVMoE.from_preset(
-            "tiny", load_weights=False, num_classes=n, mlp_activation="gelu"),
+            "tiny", load_weights=False, num_classes=n, mlp_activation="gelu"
+        ),
         "tiny_e10 (MoE)": kmm.MobileVMoE.from_preset(
-            "tiny_e10", load_weights=False, num_classes=n),
+            "tiny_e10", load_weights=False, num_classes=n
+        ),
         "tiny_mone (MoNE, 0.5)": kmm.MoNE.from_preset(
-            "tiny_mone", load_weights=False, num_classes=n),
+            "tiny_mone", load_weights=False, num_classes=n
+        ),
     }
 
 
@@ -70,9 +83,12 @@ def torch_forwards(compile_models):
     timm = import_timm()
     c = CONFIG
     peer = timm.models.vision_transformer.VisionTransformer(
-        img_size=c["image_size"], patch_size=c["patch_size"],
-        embed_dim=c["hidden_dim"], depth=c["num_layers"],
-        num_heads=c["num_heads"], mlp_ratio=c["mlp_dim"] / c["hidden_dim"],
+        img_size=c["image_size"],
+        patch_size=c["patch_size"],
+        embed_dim=c["hidden_dim"],
+        depth=c["num_layers"],
+        num_heads=c["num_heads"],
+        mlp_ratio=c["mlp_dim"] / c["hidden_dim"],
         num_classes=c["num_classes"],
     ).eval()
 
@@ -90,8 +106,7 @@ def torch_forwards(compile_models):
     # and inside the model for us (ours take NHWC, as Keras does).
     forwards = {"timm ViT": (wrap(lambda x: peer(x)), "nchw")}
     for name, model in ours().items():
-        forwards[name] = (
-            wrap(lambda x, m=model: m(x, training=False)), "nhwc")
+        forwards[name] = (wrap(lambda x, m=model: m(x, training=False)), "nhwc")
     return forwards
 
 
@@ -103,8 +118,10 @@ def jax_forwards():
     c = CONFIG
     backbone = keras_hub.models.ViTBackbone(
         image_shape=(c["image_size"], c["image_size"], 3),
-        patch_size=c["patch_size"], num_layers=c["num_layers"],
-        num_heads=c["num_heads"], hidden_dim=c["hidden_dim"],
+        patch_size=c["patch_size"],
+        num_layers=c["num_layers"],
+        num_heads=c["num_heads"],
+        hidden_dim=c["hidden_dim"],
         mlp_dim=c["mlp_dim"],
     )
     images = keras.Input(backbone.image_shape)
@@ -131,12 +148,12 @@ def jax_forwards():
 def run_backend(backend, compile_models, repeats, threads):
     """Runs inside the child process; returns the rows as dicts."""
     import numpy as np
-
     from common import median_ms
 
     peer = {"torch": "timm ViT", "jax": "keras-hub ViT"}[backend]
-    mode = {"torch": "compiled" if compile_models else "eager",
-            "jax": "jit"}[backend]
+    mode = {"torch": "compiled" if compile_models else "eager", "jax": "jit"}[
+        backend
+    ]
     if backend == "torch":
         import torch
 
@@ -145,7 +162,8 @@ def run_backend(backend, compile_models, repeats, threads):
         convert = {
             "nhwc": lambda x: torch.from_numpy(x),
             "nchw": lambda x: torch.from_numpy(
-                np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+            ),
         }
     else:
         import jax.numpy as jnp
@@ -157,8 +175,10 @@ def run_backend(backend, compile_models, repeats, threads):
         rng = np.random.default_rng(batch)
         size = CONFIG["image_size"]
         images = rng.uniform(-1, 1, (batch, size, size, 3)).astype("float32")
-        inputs = {name: convert[layout](images)
-                  for name, (_, layout) in forwards.items()}
+        inputs = {
+            name: convert[layout](images)
+            for name, (_, layout) in forwards.items()
+        }
         warm = {}
         for name, (forward, _) in forwards.items():
             start = time.perf_counter()
@@ -174,16 +194,25 @@ def run_backend(backend, compile_models, repeats, threads):
         peer_ms = median_ms(times[peer])
         for name in forwards:
             ms = median_ms(times[name])
-            rows.append({
-                "backend": backend, "mode": mode, "batch": batch,
-                "model": name, "peer": peer, "median_ms": round(ms, 3),
-                "peer_median_ms": round(peer_ms, 3),
-                "ratio": round(ms / peer_ms, 3),
-                "warmup_s": round(warm[name], 2),
-                "repeats": repeats[batch],
-            })
-            print(f"{backend} {mode} b{batch} {name}: {ms:.2f} ms "
-                  f"(x{ms / peer_ms:.2f} of {peer})", flush=True)
+            rows.append(
+                {
+                    "backend": backend,
+                    "mode": mode,
+                    "batch": batch,
+                    "model": name,
+                    "peer": peer,
+                    "median_ms": round(ms, 3),
+                    "peer_median_ms": round(peer_ms, 3),
+                    "ratio": round(ms / peer_ms, 3),
+                    "warmup_s": round(warm[name], 2),
+                    "repeats": repeats[batch],
+                }
+            )
+            print(
+                f"{backend} {mode} b{batch} {name}: {ms:.2f} ms "
+                f"(x{ms / peer_ms:.2f} of {peer})",
+                flush=True,
+            )
     return rows
 
 
@@ -194,19 +223,26 @@ def load():
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--compile", action="store_true",
-                        help="also time torch.compile on both torch sides")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile on both torch sides",
+    )
     parser.add_argument("--repeats-1", type=int, default=40)
     parser.add_argument("--repeats-64", type=int, default=7)
     parser.add_argument("--backends", default="torch,jax")
     parser.add_argument(
-        "--torch-threads", type=int, default=1,
+        "--torch-threads",
+        type=int,
+        default=1,
         help="torch intra-op threads for both sides (default 1: on the "
         "shared 2-core VM two spinning OpenMP threads stalled for hundreds "
-        "of ms per call whenever another job held a core)")
+        "of ms per call whenever another job held a core)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--child-compile", action="store_true",
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child-compile", action="store_true", help=argparse.SUPPRESS
+    )
     return parser.parse_args()
 
 
@@ -218,15 +254,24 @@ def run_children(args):
         runs.append(("torch", True))
     rows, loads = [], [load()]
     for backend, compiled in runs:
-        command = [sys.executable, __file__, "--child", backend,
-                   "--repeats-1", str(args.repeats_1),
-                   "--repeats-64", str(args.repeats_64),
-                   "--torch-threads", str(args.torch_threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            backend,
+            "--repeats-1",
+            str(args.repeats_1),
+            "--repeats-64",
+            str(args.repeats_64),
+            "--torch-threads",
+            str(args.torch_threads),
+        ]
         if compiled:
             command.append("--child-compile")
         env = {**os.environ, "KERAS_BACKEND": backend}
-        out = subprocess.run(command, env=env, capture_output=True,
-                             text=True, cwd=ROOT)
+        out = subprocess.run(
+            command, env=env, capture_output=True, text=True, cwd=ROOT
+        )
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ROWS ")]
         if out.returncode or not lines:
             print(out.stdout[-3000:], out.stderr[-3000:])
@@ -252,8 +297,14 @@ TABLE = [
     ("model", lambda r: r["model"]),
     ("median ms", lambda r: f"{r['median_ms']:.2f}"),
     ("x peer", lambda r: f"{r['ratio']:.2f}"),
-    ("goal", lambda r: "" if r.get("goal") is None or r["model"] == r["peer"]
-     else f"<= {r['goal']} " + ("met" if r["goal_met"] else "MISSED")),
+    (
+        "goal",
+        lambda r: (
+            ""
+            if r.get("goal") is None or r["model"] == r["peer"]
+            else f"<= {r['goal']} " + ("met" if r["goal_met"] else "MISSED")
+        ),
+    ),
 ]
 
 
@@ -273,9 +324,11 @@ def report(rows, loads, args):
         "peer's median in the same run (timm on torch, keras-hub on jax). "
         "Goals are judged on the dense models; `dense tiny` uses tanh-GELU "
         "(our presets), `(exact gelu)` the erf GELU that timm and keras-hub "
-        "use.\n\n" + markdown_table(TABLE, rows)
+        "use.\n\n"
+        + markdown_table(TABLE, rows)
         + "\n\nProduced by `python benchmarks/peer_speed.py"
-        + (" --compile" if args.compile else "") + "`.\n"
+        + (" --compile" if args.compile else "")
+        + "`.\n"
     )
 
 
@@ -285,7 +338,8 @@ def main():
         sys.path.insert(0, HERE)
         repeats = {1: args.repeats_1, 64: args.repeats_64}
         rows = run_backend(
-            args.child, args.child_compile, repeats, args.torch_threads)
+            args.child, args.child_compile, repeats, args.torch_threads
+        )
         print("ROWS " + json.dumps(rows))
         return
     rows, loads = run_children(args)
@@ -293,8 +347,11 @@ def main():
     from common import write_results
 
     judge(rows)
-    write_results("peer_speed", report(rows, loads, args),
-                  {"config": CONFIG, "loads": loads, "rows": rows})
+    write_results(
+        "peer_speed",
+        report(rows, loads, args),
+        {"config": CONFIG, "loads": loads, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -45,10 +45,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-
-import keras_mobile_moe as kmm  # noqa: E402
 from common import machine  # noqa: E402
 from common import write_results  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
 from keras_mobile_moe.export import agreement  # noqa: E402
 from keras_mobile_moe.export import fixture_images  # noqa: E402
 from keras_mobile_moe.export import to_tflite  # noqa: E402
@@ -78,9 +78,7 @@ def load_model(spec, random_weights=False):
             )
         return keras.saving.load_model(spec, compile=False)
     try:
-        return kmm.MobileVMoE.from_preset(
-            spec, load_weights=not random_weights
-        )
+        return kmm.MobileVMoE.from_preset(spec, load_weights=not random_weights)
     except ValueError as error:
         if "MoNE" not in str(error):
             raise
@@ -116,9 +114,11 @@ def measure(model, name, variants, calibration, sets, split, threads, workdir):
                 float32_bytes = report["bytes"]
                 if "float32" not in variants:
                     break
-            results.append(agreement(
-                model, report["path"], images, labels, num_threads=threads
-            ))
+            results.append(
+                agreement(
+                    model, report["path"], images, labels, num_threads=threads
+                )
+            )
         if not results:
             continue
         first = results[0]
@@ -134,8 +134,11 @@ def measure(model, name, variants, calibration, sets, split, threads, workdir):
         row = {
             "model": name,
             "variant": variant,
-            "top1": top1, "top1_min": top1_min, "top1_max": top1_max,
-            "routing": routing, "routing_min": routing_min,
+            "top1": top1,
+            "top1_min": top1_min,
+            "top1_max": top1_max,
+            "routing": routing,
+            "routing_min": routing_min,
             "routing_max": routing_max,
             "top1_first_set": first["top1"],
             "routing_first_set": first["routing"],
@@ -195,35 +198,48 @@ def parse_args():
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--model", action="append", required=True,
+        "--model",
+        action="append",
+        required=True,
         help="Preset name, preset directory, hf://org/repo or .keras file "
         "(repeatable).",
     )
     parser.add_argument(
         "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS)
     )
-    parser.add_argument("--calibration", type=int, default=100,
-                        help="Fixture training images per calibration set.")
     parser.add_argument(
-        "--calibration_sets", type=int, default=1,
+        "--calibration",
+        type=int,
+        default=100,
+        help="Fixture training images per calibration set.",
+    )
+    parser.add_argument(
+        "--calibration_sets",
+        type=int,
+        default=1,
         help="int8: repeat with this many disjoint calibration sets and "
         "report the mean (min-max).",
     )
     parser.add_argument(
-        "--split", default="all", choices=["all", "test", "train"],
+        "--split",
+        default="all",
+        choices=["all", "test", "train"],
         help="Fixture images to compare on (all = 800 train + 200 test).",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
-        "--random_weights", action="store_true",
+        "--random_weights",
+        action="store_true",
         help="Presets without published weights: architecture only.",
     )
     parser.add_argument(
-        "--out", default=str(RESULTS / "tflite_agreement"),
+        "--out",
+        default=str(RESULTS / "tflite_agreement"),
         help="Output path without extension (.md and .json are written).",
     )
     parser.add_argument(
-        "--append", action="store_true",
+        "--append",
+        action="store_true",
         help="Keep the rows of <out>.json for other models and add these.",
     )
     args = parser.parse_args()
@@ -244,14 +260,21 @@ def measure_models(args):
         model = load_model(spec, args.random_weights)
         with tempfile.TemporaryDirectory() as workdir:
             rows += measure(
-                model, spec, args.variants, args.calibration,
-                args.calibration_sets, args.split, args.threads,
+                model,
+                spec,
+                args.variants,
+                args.calibration,
+                args.calibration_sets,
+                args.split,
+                args.threads,
                 pathlib.Path(workdir),
             )
     command = "benchmarks/tflite_agreement.py " + " ".join(sys.argv[1:])
     for row in rows:
         row.update(
-            split=args.split, threads=args.threads, machine=machine(),
+            split=args.split,
+            threads=args.threads,
+            machine=machine(),
             command=command,
         )
     return rows
@@ -281,8 +304,7 @@ def report(rows):
         "",
     ]
     for run in dict.fromkeys(
-        (r["command"], r["machine"], r["split"], r["num_images"])
-        for r in rows
+        (r["command"], r["machine"], r["split"], r["num_images"]) for r in rows
     ):
         lines.append(
             f"- `{run[0]}` on {run[1]}: split `{run[2]}` ({run[3]} images)"
@@ -297,7 +319,8 @@ def main():
     if args.append:
         rows = with_previous(rows, out, args.model)
     write_results(
-        out.with_suffix("").name, report(rows),
+        out.with_suffix("").name,
+        report(rows),
         {"keras": keras.__version__, "rows": rows},
         out.parent,
     )

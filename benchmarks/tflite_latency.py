@@ -30,14 +30,13 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
-
-from keras import ops as kmm_ops  # noqa: E402
-
-import keras_mobile_moe as kmm  # noqa: E402
 from common import machine  # noqa: E402
 from common import median_ms  # noqa: E402
 from common import time_interleaved  # noqa: E402
 from common import write_results  # noqa: E402
+from keras import ops as kmm_ops  # noqa: E402
+
+import keras_mobile_moe as kmm  # noqa: E402
 from keras_mobile_moe.export import TFLiteClassifier  # noqa: E402
 from keras_mobile_moe.export import agreement  # noqa: E402
 from keras_mobile_moe.export import to_tflite  # noqa: E402
@@ -49,7 +48,9 @@ MODES = ("none", "float16", "dynamic", "int8")
 def build(kind, scale):
     """(model, trained preset name or None): trained weights where published."""
     cls = kmm.MoNE if kind == "mone" else kmm.MobileVMoE
-    plain = {"dense": scale, "moe": f"{scale}_e10", "mone": f"{scale}_mone"}[kind]
+    plain = {"dense": scale, "moe": f"{scale}_e10", "mone": f"{scale}_mone"}[
+        kind
+    ]
     trained = f"{plain}_cifar100"
     if trained in cls.presets:
         return cls.from_preset(trained), trained
@@ -57,7 +58,7 @@ def build(kind, scale):
 
 
 def test_cut(per_class):
-    """A class-balanced cut of the CIFAR-100 test split, or None without data."""
+    """A class-balanced cut of CIFAR-100's test split (None without data)."""
     if not os.environ.get(kmm.datasets.cifar100.ENV_VAR):
         return None
     data = kmm.datasets.cifar100.load_data()
@@ -75,13 +76,17 @@ def model_inputs(model, images):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scales", nargs="+", default=["6x64", "12x64", "12x192"])
+    parser.add_argument(
+        "--scales", nargs="+", default=["6x64", "12x64", "12x192"]
+    )
     parser.add_argument("--kinds", nargs="+", default=["dense", "moe", "mone"])
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--calibration", type=int, default=100)
     parser.add_argument(
-        "--accuracy_images", type=int, default=1000,
+        "--accuracy_images",
+        type=int,
+        default=1000,
         help="Test images (a multiple of 100) for trained presets' accuracy.",
     )
     return parser.parse_args()
@@ -133,18 +138,27 @@ def measure_scale(scale, args, cut, workdir):
             latency = {kind: median_ms(t) for kind, t in times.items()}
             for kind in models:
                 score = scores.get(kind, {})
-                rows.append({
-                    "scale": scale, "kind": kind, "quantization": mode,
-                    "threads": threads, "bytes": sizes[kind],
-                    "median_ms": latency[kind], "flops": flops[kind],
-                    "preset": trained[kind],
-                    "accuracy": score.get("tflite_accuracy"),
-                    "keras_accuracy": score.get("keras_accuracy"),
-                    "top1_agreement": score.get("top1"),
-                    "routing_agreement": score.get("routing"),
-                })
-            print(f"{scale} {mode:>8} {threads} thread(s): " + ", ".join(
-                f"{k} {latency[k]:.2f} ms" for k in models), flush=True)
+                rows.append(
+                    {
+                        "scale": scale,
+                        "kind": kind,
+                        "quantization": mode,
+                        "threads": threads,
+                        "bytes": sizes[kind],
+                        "median_ms": latency[kind],
+                        "flops": flops[kind],
+                        "preset": trained[kind],
+                        "accuracy": score.get("tflite_accuracy"),
+                        "keras_accuracy": score.get("keras_accuracy"),
+                        "top1_agreement": score.get("top1"),
+                        "routing_agreement": score.get("routing"),
+                    }
+                )
+            print(
+                f"{scale} {mode:>8} {threads} thread(s): "
+                + ", ".join(f"{k} {latency[k]:.2f} ms" for k in models),
+                flush=True,
+            )
     return rows
 
 
@@ -157,8 +171,12 @@ def table_rows(rows, args):
 
     def find(scale, kind, mode, threads):
         for row in rows:
-            if (row["scale"], row["kind"], row["quantization"],
-                    row["threads"]) == (scale, kind, mode, threads):
+            if (
+                row["scale"],
+                row["kind"],
+                row["quantization"],
+                row["threads"],
+            ) == (scale, kind, mode, threads):
                 return row
         return None
 
@@ -166,22 +184,30 @@ def table_rows(rows, args):
     for scale in args.scales:
         for kind in args.kinds:
             for mode in args.modes:
-                one, two = find(scale, kind, mode, 1), find(scale, kind, mode, 2)
+                one, two = (
+                    find(scale, kind, mode, 1),
+                    find(scale, kind, mode, 2),
+                )
                 dense = find(scale, "dense", mode, 1)
                 ratio = one["median_ms"] / dense["median_ms"] if dense else None
                 speedup = "-"
                 if mode == "int8" and find(scale, kind, "none", 1):
-                    speedup = (
-                        f"{find(scale, kind, 'none', 1)['median_ms'] / one['median_ms']:.2f}x"
-                    )
+                    float_ms = find(scale, kind, "none", 1)["median_ms"]
+                    speedup = f"{float_ms / one['median_ms']:.2f}x"
                 accuracy = "–"
                 if one["accuracy"] is not None:
-                    accuracy = f"{pct(one['accuracy'])} ({pct(one['keras_accuracy'])})"
+                    accuracy = (
+                        f"{pct(one['accuracy'])} ({pct(one['keras_accuracy'])})"
+                    )
                 agree = "–"
                 if one["top1_agreement"] is not None:
-                    agree = f"{pct(one['top1_agreement'])} / {pct(one['routing_agreement'])}"
+                    agree = (
+                        f"{pct(one['top1_agreement'])} / "
+                        f"{pct(one['routing_agreement'])}"
+                    )
                 lines.append(
-                    f"| {scale} | {kind} | {one['preset'] or 'random'} | {mode} | "
+                    f"| {scale} | {kind} | {one['preset'] or 'random'} | "
+                    f"{mode} | "
                     f"{one['bytes'] / 1e6:.2f} | "
                     f"{one['flops'] / 1e6:.1f} | {one['median_ms']:.2f} | "
                     f"{two['median_ms']:.2f} | "
@@ -202,8 +228,11 @@ def render(rows, args, cut, loads):
         f"(224x224, patch 32), median of {args.repeats} calls, models "
         "alternated. Models with a published CIFAR-100 preset use its "
         "weights, and their accuracy is measured on "
-        + (f"{len(cut[1])} test images ({len(cut[1]) // 100} per class)"
-           if cut is not None else "no data (KMM_CIFAR100_PATH unset)")
+        + (
+            f"{len(cut[1])} test images ({len(cut[1]) // 100} per class)"
+            if cut is not None
+            else "no data (KMM_CIFAR100_PATH unset)"
+        )
         + " for the file and for the Keras model (in brackets), with the "
         "file's top-1 and routing agreement with Keras; the other models have "
         "random weights. MoNE at its preset's capacity budget. int8 is "
@@ -211,8 +240,9 @@ def render(rows, args, cut, loads):
         "quantized per call, the blocks before the router in float32). "
         "Generated by `benchmarks/tflite_latency.py`.",
         "",
-        "| scale | model | weights | quantization | MB | MFLOPs | ms (1 thread) | "
-        "ms (2 threads) | vs dense (1 thread) | int8 speed-up vs float32 "
+        "| scale | model | weights | quantization | MB | MFLOPs | "
+        "ms (1 thread) | ms (2 threads) | vs dense (1 thread) "
+        "| int8 speed-up vs float32 "
         "| test top-1 % (Keras) | agreement top-1 / routing % |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

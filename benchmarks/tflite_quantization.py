@@ -67,8 +67,7 @@ def load_data(path, num_test, num_calibration, seed=0):
     # The splits are grouped by class: shuffle before taking a subset.
     test = rng.permutation(len(data["y_test"]))[:num_test]
     train = rng.permutation(len(data["y_train"]))[:num_calibration]
-    return (data["x_test"][test], data["y_test"][test],
-            data["x_train"][train])
+    return (data["x_test"][test], data["y_test"][test], data["x_train"][train])
 
 
 def aeq_file(float_bytes, recipe, calibration):
@@ -80,8 +79,9 @@ def aeq_file(float_bytes, recipe, calibration):
         result = q.calibrate(
             {"serving_default": [{"images": c[None]} for c in calibration]}
         )
-    return bytes(q.quantize(result, enable_progress_report=False)
-                 .quantized_model)
+    return bytes(
+        q.quantize(result, enable_progress_report=False).quantized_model
+    )
 
 
 def routing_regex(model, float_bytes):
@@ -101,7 +101,8 @@ def aeq_recipes(model, float_bytes):
         manager = recipe_manager.RecipeManager()
         add(manager)
         manager.add_quantization_config(
-            regex=scope, operation_name="*",
+            regex=scope,
+            operation_name="*",
             algorithm_key=AlgorithmName.NO_QUANTIZE,
         )
         return manager.get_quantization_recipe()
@@ -110,13 +111,17 @@ def aeq_recipes(model, float_bytes):
         "aeq_w8a16": recipe.static_wi8_ai16(),
         "aeq_w8a8_float_routing": with_float_routing(
             lambda m: m.add_static_config(
-                regex=".*", operation_name="*", activation_num_bits=8,
+                regex=".*",
+                operation_name="*",
+                activation_num_bits=8,
                 weight_num_bits=8,
             )
         ),
         "aeq_dynamic_float_routing": with_float_routing(
             lambda m: m.add_dynamic_config(
-                regex=".*", operation_name="*", num_bits=8,
+                regex=".*",
+                operation_name="*",
+                num_bits=8,
             )
         ),
     }
@@ -147,20 +152,26 @@ def time_interleaved(paths, image, repeats, threads):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=os.environ.get(
-        "KMM_CIFAR100_PATH", "../shared/datasets/cifar100.npz"))
+    parser.add_argument(
+        "--data",
+        default=os.environ.get(
+            "KMM_CIFAR100_PATH", "../shared/datasets/cifar100.npz"
+        ),
+    )
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
     parser.add_argument("--num_test", type=int, default=2000)
     parser.add_argument("--calibration", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument(
-        "--render_only", action="store_true",
+        "--render_only",
+        action="store_true",
         help="Rewrite the Markdown from results/tflite_quantization.json.",
     )
     args = parser.parse_args()
     if args.render_only:
-        write_reports(json.loads(
-            (RESULTS / "tflite_quantization.json").read_text()))
+        write_reports(
+            json.loads((RESULTS / "tflite_quantization.json").read_text())
+        )
         return
     test_x, test_y, calibration = load_data(
         args.data, args.num_test, args.calibration
@@ -178,19 +189,25 @@ def main():
             "float32": dict(quantization="none"),
             "conv_dynamic": dict(quantization="dynamic"),
             "conv_int8": dict(quantization="int8"),
-            "conv_int8_static": dict(quantization="int8",
-                                     int8_activations="static",
-                                     representative_data=calibration),
-            "conv_int8_all": dict(quantization="int8",
-                                  int8_activations="static",
-                                  representative_data=calibration,
-                                  float_routing=False,
-                                  float_residual_stream=False),
+            "conv_int8_static": dict(
+                quantization="int8",
+                int8_activations="static",
+                representative_data=calibration,
+            ),
+            "conv_int8_all": dict(
+                quantization="int8",
+                int8_activations="static",
+                representative_data=calibration,
+                float_routing=False,
+                float_residual_stream=False,
+            ),
         }
         for name, kwargs in options.items():
             start = time.perf_counter()
             paths[name] = to_tflite(
-                model, workdir / f"{preset}_{name}.tflite", input_size=32,
+                model,
+                workdir / f"{preset}_{name}.tflite",
+                input_size=32,
                 **kwargs,
             )["path"]
             seconds[name] = time.perf_counter() - start
@@ -209,30 +226,46 @@ def main():
         load_timing = [load_timing, os.getloadavg()[0]]
         for name, path in paths.items():
             got = run_file(path, test_x)
-            ops = sorted({
-                op["op_name"] for op in
-                load_interpreter(path, xnnpack=False)._get_ops_details()
-            })
+            ops = sorted(
+                {
+                    op["op_name"]
+                    for op in load_interpreter(
+                        path, xnnpack=False
+                    )._get_ops_details()
+                }
+            )
             row = {
-                "preset": preset, "variant": name,
+                "preset": preset,
+                "variant": name,
                 "bytes": os.path.getsize(path),
-                "top1_agreement": float(np.mean(
-                    got["logits"].argmax(-1) == want["logits"].argmax(-1))),
-                "routing_agreement": float(np.mean(np.all(
-                    np.sort(got["expert_index"], -1)
-                    == np.sort(want["expert_index"], -1), -1))),
+                "top1_agreement": float(
+                    np.mean(
+                        got["logits"].argmax(-1) == want["logits"].argmax(-1)
+                    )
+                ),
+                "routing_agreement": float(
+                    np.mean(
+                        np.all(
+                            np.sort(got["expert_index"], -1)
+                            == np.sort(want["expert_index"], -1),
+                            -1,
+                        )
+                    )
+                ),
                 "accuracy": float(np.mean(got["logits"].argmax(-1) == test_y)),
                 "keras_accuracy": keras_accuracy,
                 "max_abs_logit_error": float(
-                    np.abs(got["logits"] - want["logits"]).max()),
+                    np.abs(got["logits"] - want["logits"]).max()
+                ),
                 "ms_1_thread": latency[1][name],
                 "ms_2_threads": latency[2][name],
-                "speedup_vs_float32_1_thread":
-                    latency[1]["float32"] / latency[1][name],
-                "speedup_vs_float32_2_threads":
-                    latency[2]["float32"] / latency[2][name],
+                "speedup_vs_float32_1_thread": latency[1]["float32"]
+                / latency[1][name],
+                "speedup_vs_float32_2_threads": latency[2]["float32"]
+                / latency[2][name],
                 "builtin_only": not any(
-                    o.startswith("Flex") or o == "CUSTOM" for o in ops),
+                    o.startswith("Flex") or o == "CUSTOM" for o in ops
+                ),
                 "convert_s": seconds[name],
                 "load_during_timing": load_timing,
             }
@@ -240,14 +273,17 @@ def main():
             print(json.dumps(row), flush=True)
     payload = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
-                   f"{platform.platform()}",
+        f"{platform.platform()}",
         "load_average": [load_before, os.getloadavg()[0]],
-        "num_test": int(len(test_y)), "calibration": int(len(calibration)),
-        "repeats": args.repeats, "rows": rows,
+        "num_test": int(len(test_y)),
+        "calibration": int(len(calibration)),
+        "repeats": args.repeats,
+        "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tflite_quantization.json").write_text(
-        json.dumps(payload, indent=1))
+        json.dumps(payload, indent=1)
+    )
     write_reports(payload)
 
 
@@ -263,7 +299,7 @@ def write_reports(payload):
     latency = RESULTS / "tflite.md"
     text = latency.read_text() if latency.exists() else ""
     if START in text:
-        text = text[: text.index(START)] + text[text.index(END) + len(END):]
+        text = text[: text.index(START)] + text[text.index(END) + len(END) :]
     title, _, rest = text.partition("\n")
     section = f"{START}\n{table.replace('# int8', '## int8', 1)}{END}\n"
     latency.write_text(f"{title}\n\n{section}{rest}")
@@ -290,24 +326,27 @@ def render(payload):
         "Variants: `float32`; `conv_dynamic`: converter dynamic range (int8 "
         "weights, activations quantized per call by the kernels); "
         "`conv_int8`: **`to_tflite`'s int8 default** (`int8_activations="
-        "\"dynamic\"`): dynamic range, then the blocks before the router "
+        '"dynamic"`): dynamic range, then the blocks before the router '
         "given back their float32 weights (they decide the routing; the "
         "patch embedding, the MoE blocks, the experts and the head stay "
         "int8); `conv_int8_static`: full int8 calibrated, routing path and "
-        "residual stream float (`int8_activations=\"static\"`, the default "
+        'residual stream float (`int8_activations="static"`, the default '
         "before); `conv_int8_all`: static int8 everywhere; `aeq_*`: "
         "ai-edge-quantizer recipes (see the script's docstring).",
         "",
     ]
     timing_load = {
-        r["preset"]: r["load_during_timing"] for r in payload["rows"]
+        r["preset"]: r["load_during_timing"]
+        for r in payload["rows"]
         if "load_during_timing" in r
     }
     if timing_load:
         lines += [
             "1-minute load average before / after the latency runs: "
-            + "; ".join(f"{p} {a:.1f} / {b:.1f}"
-                        for p, (a, b) in timing_load.items()) + ".",
+            + "; ".join(
+                f"{p} {a:.1f} / {b:.1f}" for p, (a, b) in timing_load.items()
+            )
+            + ".",
             "",
         ]
     cores = int(payload["machine"].split()[1])
@@ -321,8 +360,9 @@ def render(payload):
             "",
         ]
     lines += [
-        "| preset | variant | MB | top-1 agr. % | routing agr. % | test top-1 % "
-        "(Keras) | max abs logit err | ms 1 thr | ms 2 thr | speed-up vs "
+        "| preset | variant | MB | top-1 agr. % | routing agr. % "
+        "| test top-1 % (Keras) | max abs logit err | ms 1 thr | ms 2 thr "
+        "| speed-up vs "
         "float32 (1 / 2 thr) | builtin only |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

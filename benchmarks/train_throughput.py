@@ -55,13 +55,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "training"))
 
-import data as data_lib  # noqa: E402
 import recipes  # noqa: E402
 from common import machine  # noqa: E402
 from common import markdown_table  # noqa: E402
 from common import write_results  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
+import data as data_lib  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
 GOAL_PIPELINE = 0.85
@@ -103,8 +103,11 @@ def build_trainer(preset, image_size, patch_size, recipe, batch_size, seed):
     trainer = Trainer(model, (32, 32))
     peak = recipe.learning_rate(batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, decay_steps=10_000, alpha=recipe.min_learning_rate / peak,
-        warmup_target=peak, warmup_steps=500,
+        0.0,
+        decay_steps=10_000,
+        alpha=recipe.min_learning_rate / peak,
+        warmup_target=peak,
+        warmup_steps=500,
     )
     optimizer = keras.optimizers.AdamW(
         schedule, weight_decay=recipe.weight_decay, clipnorm=recipe.clipnorm
@@ -168,7 +171,12 @@ def loader_seconds(images, labels, batch, recipe, seed, compiled, count):
     """Median seconds per batch of the loader alone (after one batch of
     warm-up / tracing per mix kind)."""
     batches = data_lib.CifarBatches(
-        images, labels, batch, 100, recipe=recipe, seed=seed,
+        images,
+        labels,
+        batch,
+        100,
+        recipe=recipe,
+        seed=seed,
         compile_augmentation=compiled,
     )
     batches.warm_up()
@@ -192,7 +200,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--eager_batches", type=int, default=3,
+        "--eager_batches",
+        type=int,
+        default=3,
         help="deit loader batches timed eagerly and compiled (0: skip).",
     )
     parser.add_argument("--out_dir", default=None)
@@ -206,8 +216,13 @@ def check_loader(images, labels, args):
     deit = recipes.get_recipe("deit", 64)
     check = {
         mode: loader_seconds(
-            images, labels, args.batch_size, deit, args.seed,
-            mode == "compiled", args.eager_batches,
+            images,
+            labels,
+            args.batch_size,
+            deit,
+            args.seed,
+            mode == "compiled",
+            args.eager_batches,
         )
         for mode in ("eager", "compiled")
     }
@@ -297,10 +312,17 @@ def main():
                 runners, flops = make_runners(
                     images, labels, input_name, scale, recipe, args
                 )
-                times = time_group(runners, args.warmup, args.rounds, args.steps)
-                row = {"input": input_name, "scale": scale,
-                       "recipe": recipe_name}
-                row.update(throughput_row(runners, times, flops, args.batch_size))
+                times = time_group(
+                    runners, args.warmup, args.rounds, args.steps
+                )
+                row = {
+                    "input": input_name,
+                    "scale": scale,
+                    "recipe": recipe_name,
+                }
+                row.update(
+                    throughput_row(runners, times, flops, args.batch_size)
+                )
                 rows.append(row)
                 print_row(row, times)
     payload = {
@@ -327,26 +349,50 @@ def render(payload, machine_string):
         ("input/patch", lambda r: r["input"]),
         ("scale", lambda r: r["scale"]),
         ("recipe", lambda r: r["recipe"]),
-        ("dense pipeline img/s", lambda r: f"{r['dense_pipeline_images_per_s']:.0f}"),
+        (
+            "dense pipeline img/s",
+            lambda r: f"{r['dense_pipeline_images_per_s']:.0f}",
+        ),
         ("dense bare img/s", lambda r: f"{r['dense_bare_images_per_s']:.0f}"),
-        ("MoE pipeline img/s", lambda r: f"{r['moe_pipeline_images_per_s']:.0f}"),
+        (
+            "MoE pipeline img/s",
+            lambda r: f"{r['moe_pipeline_images_per_s']:.0f}",
+        ),
         ("MoE bare img/s", lambda r: f"{r['moe_bare_images_per_s']:.0f}"),
-        ("loader ms/batch", lambda r: f"{1000 * r['loader_seconds_per_batch']:.0f}"),
-        ("pipeline/bare dense", lambda r: f"{r['dense_pipeline_over_bare']:.2f}"),
+        (
+            "loader ms/batch",
+            lambda r: f"{1000 * r['loader_seconds_per_batch']:.0f}",
+        ),
+        (
+            "pipeline/bare dense",
+            lambda r: f"{r['dense_pipeline_over_bare']:.2f}",
+        ),
         ("pipeline/bare MoE", lambda r: f"{r['moe_pipeline_over_bare']:.2f}"),
-        (f"pipeline >= {GOAL_PIPELINE}", lambda r: ok(
-            min(r["dense_pipeline_over_bare"], r["moe_pipeline_over_bare"]),
-            GOAL_PIPELINE, True)),
+        (
+            f"pipeline >= {GOAL_PIPELINE}",
+            lambda r: ok(
+                min(r["dense_pipeline_over_bare"], r["moe_pipeline_over_bare"]),
+                GOAL_PIPELINE,
+                True,
+            ),
+        ),
         ("MoE/dense time (bare)", lambda r: f"{r['moe_over_dense_bare']:.2f}"),
-        ("MoE/dense time (pipeline)", lambda r: f"{r['moe_over_dense_pipeline']:.2f}"),
+        (
+            "MoE/dense time (pipeline)",
+            lambda r: f"{r['moe_over_dense_pipeline']:.2f}",
+        ),
         ("MoE/dense time (both)", lambda r: f"{r['moe_over_dense']:.2f}"),
-        (f"MoE <= {GOAL_MOE}", lambda r: ok(r["moe_over_dense"], GOAL_MOE, False)),
+        (
+            f"MoE <= {GOAL_MOE}",
+            lambda r: ok(r["moe_over_dense"], GOAL_MOE, False),
+        ),
     ]
     lines = [
         "# Training throughput",
         "",
-        f"`benchmarks/train_throughput.py`, {payload.get('backend', keras.config.backend())} "
-        f"backend, {machine_string}; batch {batch}, images from "
+        "`benchmarks/train_throughput.py`, "
+        f"{payload.get('backend', keras.config.backend())} backend, "
+        f"{machine_string}; batch {batch}, images from "
         f"{payload['data']}; {args['rounds']} rounds x {args['steps']} steps "
         f"per series after {args['warmup']} warm-up steps, median seconds "
         f"per step; {payload['seconds'] / 60:.1f} min in all. Pipeline: "

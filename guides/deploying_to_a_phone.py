@@ -39,8 +39,12 @@ Quantization modes:
 | `"none"` | float32 | float32 | - |
 | `"float16"` | float16 | float32 | - |
 | `"dynamic"` | int8 | float32 (int8 matmuls where possible) | - |
-| `"int8"` (default `int8_activations="dynamic"`) | int8, float32 in the blocks before the router | float32 (int8 matmuls where possible) | - |
-| `"int8"`, `int8_activations="static"` | int8 | int8 | ~100 calibration images |
+| `"int8"` | int8; float32 in the blocks before the router | float32 | - |
+| `"int8"`, static | int8 | int8 | ~100 calibration images |
+
+`"int8"` quantizes activations on the fly by default
+(`int8_activations="dynamic"`: int8 matmuls where possible, no calibration
+data); `int8_activations="static"` writes int8 activations too.
 
 In `"int8"`, the layers that decide the routing stay in float32 by default
 (`float_routing=True`): int8 rounding could otherwise send an image to a
@@ -84,7 +88,9 @@ data, _ = guide_helpers.load_cifar100(SMOKE)
 num_calibration = 20 if SMOKE else 100
 num_check = 20 if SMOKE else 200
 rng = np.random.default_rng(0)
-calibration_raw = data["x_train"][rng.permutation(len(data["x_train"]))[:num_calibration]]
+calibration_raw = data["x_train"][
+    rng.permutation(len(data["x_train"]))[:num_calibration]
+]
 check_pick = rng.permutation(len(data["y_test"]))[:num_check]
 check_raw, check_labels = data["x_test"][check_pick], data["y_test"][check_pick]
 
@@ -112,8 +118,10 @@ expert tensors it found (each is only gathered, never multiplied in full).
 
 # The smoke run (tests) converts two modes only: each conversion from JAX or
 # PyTorch starts TensorFlow in a subprocess.
-modes = ("none", "int8") if SMOKE else (
-    "none", "float16", "dynamic", "int8", "int8_static"
+modes = (
+    ("none", "int8")
+    if SMOKE
+    else ("none", "float16", "dynamic", "int8", "int8_static")
 )
 options = {
     "int8_static": dict(
@@ -165,7 +173,9 @@ for mode, report in reports.items():
         "routing_agreement": float(
             np.mean(outputs["expert_index"] == reference["expert_index"])
         ),
-        "max_abs_logit_difference": float(np.max(np.abs(logits - reference_logits))),
+        "max_abs_logit_difference": float(
+            np.max(np.abs(logits - reference_logits))
+        ),
         "top1": float(np.mean(np.argmax(logits, -1) == check_labels)),
     }
 keras_top1 = float(np.mean(np.argmax(reference_logits, -1) == check_labels))
@@ -181,7 +191,9 @@ CPUs; on x86 its float32 kernels are often faster).
 """
 
 repeats = 10 if SMOKE else 50
-runners = {m: TFLiteClassifier(r["path"], num_threads=1) for m, r in reports.items()}
+runners = {
+    m: TFLiteClassifier(r["path"], num_threads=1) for m, r in reports.items()
+}
 image = check_raw[:1]
 for runner in runners.values():
     for _ in range(3):
@@ -226,7 +238,9 @@ converter = model.preprocessor.image_converter
 check_images = np.asarray(converter(check_raw.astype("float32")), "float32")
 
 split_dir = os.path.join(OUTPUT_DIR, "expert_split")
-manifest = kmm.export.to_tflite_expert_split(model, split_dir, quantization="none")
+manifest = kmm.export.to_tflite_expert_split(
+    model, split_dir, quantization="none"
+)
 split = ExpertSplitRunner(split_dir)
 single = TFLiteClassifier(reports["none"]["path"])
 split_logits, split_experts = [], []

@@ -70,7 +70,9 @@ images. We sample the same number of images from every class
 """
 
 data, full = guide_helpers.load_cifar100(SMOKE)
-per_class_train, per_class_val, per_class_test = (60, 20, 20) if full else (6, 2, 2)
+per_class_train, per_class_val, per_class_test = (
+    (60, 20, 20) if full else (6, 2, 2)
+)
 train_idx, val_idx = guide_helpers.per_class_sample(
     data["y_train"], [per_class_train, per_class_val]
 )
@@ -112,8 +114,13 @@ alike to the pretrained model.
 """
 
 probe, probe_accuracy, confusion = guide_helpers.linear_probe(
-    f_train, y_train, f_val, y_val, num_new_classes,
-    learning_rate=1e-2, epochs=10 if SMOKE else 60,
+    f_train,
+    y_train,
+    f_val,
+    y_val,
+    num_new_classes,
+    learning_rate=1e-2,
+    epochs=10 if SMOKE else 60,
 )
 print(f"linear probe: held-out accuracy {probe_accuracy:.3f}")
 

@@ -125,13 +125,19 @@ super-class should mostly go to the same expert.
 """
 
 pixels = model.preprocessor.image_converter(images[:8])
-router_logits = np.asarray(model.backbone.predict_on_batch(pixels)["router_logits"])
+router_logits = np.asarray(
+    model.backbone.predict_on_batch(pixels)["router_logits"]
+)
 experts = np.argmax(router_logits, axis=-1)
 for label, expert in zip(labels[:8], experts):
     target = model.superclass_ids[label] if model.superclass_ids else None
     print(
         f"  {class_names[label]:>14} -> expert {expert}"
-        + (f" (its super-class's expert: {target})" if target is not None else "")
+        + (
+            f" (its super-class's expert: {target})"
+            if target is not None
+            else ""
+        )
     )
 
 """

@@ -37,9 +37,7 @@ def load_cifar100(smoke):
         `(data, full)`: the dataset dict and whether it is the full
         CIFAR-100.
     """
-    data, source = kmm.datasets.cifar100.load_data_or_fixture(
-        use_fixture=smoke
-    )
+    data, source = kmm.datasets.cifar100.load_data_or_fixture(use_fixture=smoke)
     print(f"data: {source}")
     return data, source.startswith("CIFAR-100 from")
 
@@ -75,8 +73,15 @@ def pooled_features(model, images, batch_size=200):
     return np.concatenate(pooled)
 
 
-def linear_probe(features, labels, val_features, val_labels, num_classes,
-                 learning_rate, epochs):
+def linear_probe(
+    features,
+    labels,
+    val_features,
+    val_labels,
+    num_classes,
+    learning_rate,
+    epochs,
+):
     """A `Dense` layer fitted on frozen features.
 
     Returns:

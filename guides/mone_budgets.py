@@ -51,11 +51,11 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")  # write files, no window
+import guide_helpers  # noqa: E402
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import guide_helpers  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
 SMOKE = guide_helpers.smoke_mode()
@@ -162,8 +162,13 @@ for budget in sweep:
         times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
     rows.append(
-        {"budget": budget, "flops": int(flops), "token_counts": list(counts),
-         "top1": accuracy, "predict_seconds": seconds}
+        {
+            "budget": budget,
+            "flops": int(flops),
+            "token_counts": list(counts),
+            "top1": accuracy,
+            "predict_seconds": seconds,
+        }
     )
     print(
         f"budget {budget:.2f}: tokens per expert {counts}, "
@@ -186,8 +191,11 @@ axis.plot(
 )
 for r in rows:
     axis.annotate(
-        f"{r['budget']:g}", (r["flops"] / 1e6, 100 * r["top1"]),
-        textcoords="offset points", xytext=(4, 4), fontsize=8,
+        f"{r['budget']:g}",
+        (r["flops"] / 1e6, 100 * r["top1"]),
+        textcoords="offset points",
+        xytext=(4, 4),
+        fontsize=8,
     )
 axis.set_xlabel("MFLOPs per image")
 axis.set_ylabel("top-1 accuracy (%)")
@@ -211,7 +219,9 @@ most important.
 
 model.capacity_budget = 0.3 if not SMOKE else 0.25
 pixels = model.preprocessor.image_converter(x_test[:4])
-expert_index = np.asarray(model.backbone.predict_on_batch(pixels)["expert_index"])
+expert_index = np.asarray(
+    model.backbone.predict_on_batch(pixels)["expert_index"]
+)
 side = model.backbone.image_shape[0] // model.backbone.patch_size
 for i in range(len(expert_index)):
     grid = expert_index[i].reshape(side, side)

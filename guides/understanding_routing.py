@@ -31,11 +31,11 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")  # write files, no window
+import guide_helpers  # noqa: E402
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-import guide_helpers  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
 SMOKE = guide_helpers.smoke_mode()
@@ -150,13 +150,17 @@ routing_table = routing_table / np.maximum(counts, 1)
 for e in range(num_experts):
     served = np.argsort(-routing_table[:, e])[:5]
     served = [c for c in served if routing_table[c, e] > 0]
-    names = ", ".join(f"{class_names[c]} ({routing_table[c, e]:.0%})" for c in served)
+    names = ", ".join(
+        f"{class_names[c]} ({routing_table[c, e]:.0%})" for c in served
+    )
     print(f"expert {e}: {names or 'no images'}")
 
 order = np.lexsort((np.arange(num_classes), superclass_ids))
 order = order[present[order]]
 figure, (heat, bars) = plt.subplots(
-    1, 2, figsize=(12, max(6, len(order) * 0.12)),
+    1,
+    2,
+    figsize=(12, max(6, len(order) * 0.12)),
     gridspec_kw={"width_ratios": [2, 1]},
 )
 image = heat.imshow(
@@ -170,11 +174,19 @@ if len(order) <= 100:
     heat.set_yticklabels([class_names[c] for c in order], fontsize=5)
 # Outline the target expert of every class.
 heat.scatter(
-    superclass_ids[order], np.arange(len(order)), s=6, marker="s",
-    facecolors="none", edgecolors="red", linewidths=0.5, label="target expert",
+    superclass_ids[order],
+    np.arange(len(order)),
+    s=6,
+    marker="s",
+    facecolors="none",
+    edgecolors="red",
+    linewidths=0.5,
+    label="target expert",
 )
 heat.legend(loc="upper right", fontsize=7)
-heat.set_title(f"Share of each class's images per expert ({PRESET})", fontsize=9)
+heat.set_title(
+    f"Share of each class's images per expert ({PRESET})", fontsize=9
+)
 figure.colorbar(image, ax=heat, fraction=0.04)
 positions = np.arange(num_experts)
 bars.barh(positions - 0.2, load, height=0.4, label="routed")
@@ -184,7 +196,9 @@ bars.set_ylabel("expert")
 bars.set_xlabel("share of images")
 bars.invert_yaxis()
 bars.legend(fontsize=7)
-bars.set_title(f"Load per expert (router accuracy {router_accuracy:.1%})", fontsize=9)
+bars.set_title(
+    f"Load per expert (router accuracy {router_accuracy:.1%})", fontsize=9
+)
 figure.tight_layout()
 heatmap_path = os.path.join(OUTPUT_DIR, "routing_heatmap.png")
 figure.savefig(heatmap_path, dpi=120)

@@ -71,7 +71,8 @@ import keras_mobile_moe as kmm
 
 SMOKE = guide_helpers.smoke_mode()
 HANDLE = os.environ.get(
-    "KMM_GUIDE_HUB_HANDLE", "hf://timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    "KMM_GUIDE_HUB_HANDLE",
+    "hf://timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k",
 )
 IMAGE_SIZE = int(os.environ.get("KMM_GUIDE_IMAGE_SIZE", "96"))
 NUM_EXPERTS, NUM_MOE_LAYERS = 10, 2
@@ -144,10 +145,18 @@ assert dense.pooling == "token", dense.pooling  # timm ViTs pool the class token
 f_train = guide_helpers.pooled_features(dense, x_train)
 f_val = guide_helpers.pooled_features(dense, x_val)
 probe, probe_accuracy, confusion = guide_helpers.linear_probe(
-    f_train, y_train, f_val, y_val, num_classes,
-    learning_rate=1e-3, epochs=5 if SMOKE else 60,
+    f_train,
+    y_train,
+    f_val,
+    y_val,
+    num_classes,
+    learning_rate=1e-3,
+    epochs=5 if SMOKE else 60,
 )
-print(f"linear probe on the dense features: held-out accuracy {probe_accuracy:.3f}")
+print(
+    "linear probe on the dense features: held-out accuracy "
+    f"{probe_accuracy:.3f}"
+)
 
 """
 `kmm.superclasses_from_confusion` cuts the graph of mistakes between
@@ -215,8 +224,12 @@ print(
     f"accuracy {router_before:.3f} (chance {1 / NUM_EXPERTS:.2f})"
 )
 history = moe.fit(
-    x_train, y_train, validation_data=(x_val, y_val), epochs=EPOCHS,
-    batch_size=64, verbose=2,
+    x_train,
+    y_train,
+    validation_data=(x_val, y_val),
+    epochs=EPOCHS,
+    batch_size=64,
+    verbose=2,
 )
 after, router_after = guide_helpers.test_scores(moe, x_test, y_test)
 print(
@@ -246,7 +259,9 @@ report = kmm.export.to_tflite(
     input_size=x_train.shape[1:3],
 )
 check = slice(0, 100 if SMOKE else 1000)
-parity = kmm.export.agreement(moe, tflite_path, x_test[check], labels=y_test[check])
+parity = kmm.export.agreement(
+    moe, tflite_path, x_test[check], labels=y_test[check]
+)
 print(
     f"int8 file: {report['bytes'] / 1e6:.2f} MB, input "
     f"{report['inputs']}; on {parity['num_images']} test images top-1 "

@@ -12,29 +12,29 @@ from keras_mobile_moe import native_logs
 
 native_logs.quiet_export_cli()
 
+from keras_mobile_moe import capacity
+from keras_mobile_moe import convert
 from keras_mobile_moe import datasets
+from keras_mobile_moe import distribution
 from keras_mobile_moe import export
+from keras_mobile_moe import flops
+from keras_mobile_moe import hub
 from keras_mobile_moe import layers
 from keras_mobile_moe import losses
 from keras_mobile_moe import models
-from keras_mobile_moe import variants
-from keras_mobile_moe import capacity
-from keras_mobile_moe import flops
-from keras_mobile_moe import convert
-from keras_mobile_moe import hub
 from keras_mobile_moe import preset_loader
 from keras_mobile_moe import superclasses
-from keras_mobile_moe import distribution
+from keras_mobile_moe import variants
 from keras_mobile_moe.capacity import capacity_distribution
 from keras_mobile_moe.flops import count_flops
 from keras_mobile_moe.flops import flops_breakdown
-from keras_mobile_moe.preset_loader import upload_preset
 from keras_mobile_moe.models import MobileVMoE
 from keras_mobile_moe.models import MobileVMoEBackbone
 from keras_mobile_moe.models import MobileVMoEImageClassifier
 from keras_mobile_moe.models import MoNE
 from keras_mobile_moe.models import MoNEBackbone
 from keras_mobile_moe.models import MoNEImageClassifier
+from keras_mobile_moe.preset_loader import upload_preset
 from keras_mobile_moe.superclasses import superclasses_from_confusion
 from keras_mobile_moe.upcycle import upcycle
 from keras_mobile_moe.version import __version__

@@ -197,11 +197,17 @@ def _exchange(first, second):
     except (OSError, AttributeError):
         return False
     renameat2.argtypes = [
-        ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
         ctypes.c_uint,
     ]
     result = renameat2(
-        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second),
+        _AT_FDCWD,
+        os.fsencode(first),
+        _AT_FDCWD,
+        os.fsencode(second),
         _RENAME_EXCHANGE,
     )
     if result == 0:
@@ -273,8 +279,9 @@ def replace_directory(staging, target):
         _fsync_directory(parent)
         shutil.rmtree(staging, ignore_errors=True)  # now the old directory
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{ATOMIC_TAG}old-",
-                           dir=parent)
+    old = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(target)}{ATOMIC_TAG}old-", dir=parent
+    )
     os.rmdir(old)
     os.rename(target, old)
     try:
@@ -301,15 +308,18 @@ def _replace_entries(staging, target):
     `staging` lacks, then removes `staging`."""
     names = set(os.listdir(staging))
     for name in sorted(names):
-        source, destination = (os.path.join(staging, name),
-                               os.path.join(target, name))
+        source, destination = (
+            os.path.join(staging, name),
+            os.path.join(target, name),
+        )
         if os.path.isdir(destination) and not os.path.islink(destination):
             if os.path.samefile(destination, os.getcwd()) or (
                 _holds_working_directory(destination)
             ):
                 continue  # the user's folder we are in: its files are linked
-            old = tempfile.mkdtemp(prefix=f".{name}{ATOMIC_TAG}old-",
-                                   dir=target)
+            old = tempfile.mkdtemp(
+                prefix=f".{name}{ATOMIC_TAG}old-", dir=target
+            )
             os.rmdir(old)
             os.rename(destination, old)
             os.rename(source, destination)

@@ -53,7 +53,9 @@ def expert_cost_fractions(num_experts):
 
 
 def check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    if isinstance(value, bool) or not isinstance(
+        value, (int, float, np.number)
+    ):
         raise ValueError(f"Received: {name}={value!r}. Expected a float > 0.")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"Received: {name}={value!r}. Expected a float > 0.")
@@ -63,9 +65,11 @@ def check_positive(name, value):
 def check_capacity_budget(capacity_budget, num_experts):
     """Raises `ValueError` unless the budget is feasible for `num_experts`."""
     lowest = 1.0 / 2 ** (num_experts - 1)
-    if isinstance(capacity_budget, bool) or not isinstance(
-        capacity_budget, (int, float, np.number)
-    ) or not (lowest - 1e-12 <= capacity_budget <= 1.0 + 1e-12):
+    if (
+        isinstance(capacity_budget, bool)
+        or not isinstance(capacity_budget, (int, float, np.number))
+        or not (lowest - 1e-12 <= capacity_budget <= 1.0 + 1e-12)
+    ):
         raise ValueError(
             f"Received: capacity_budget={capacity_budget!r} with "
             f"num_experts={num_experts}. Expected a float in "
@@ -150,8 +154,10 @@ def capacity_distribution(capacity_budget, num_experts=4, beta=10.0, delta=2.0):
         slope = -variance / beta
         step = mu - error / slope if slope < 0 else None
         # Newton inside the bracket, bisection otherwise.
-        mu = step if step is not None and low < step < high else 0.5 * (
-            low + high
+        mu = (
+            step
+            if step is not None and low < step < high
+            else 0.5 * (low + high)
         )
         if high - low <= 1e-15 * max(1.0, abs(mu)):
             c = budget_at(mu)[0]
@@ -159,8 +165,9 @@ def capacity_distribution(capacity_budget, num_experts=4, beta=10.0, delta=2.0):
     return c
 
 
-def expert_token_counts(capacity_budget, num_tokens, num_experts=4, beta=10.0,
-                        delta=2.0):
+def expert_token_counts(
+    capacity_budget, num_tokens, num_experts=4, beta=10.0, delta=2.0
+):
     """How many of an image's tokens each nested expert processes.
 
     Expert Preferred Routing gives expert j (for j = E down to 2)
@@ -185,7 +192,9 @@ def expert_token_counts(capacity_budget, num_tokens, num_experts=4, beta=10.0,
     (0, 0, 0, 49)
     """
     check_int("num_tokens", num_tokens, minimum=1)
-    capacities = capacity_distribution(capacity_budget, num_experts, beta, delta)
+    capacities = capacity_distribution(
+        capacity_budget, num_experts, beta, delta
+    )
     # A tiny slack so that c * N = 49 computed as 48.999... still gives 49.
     counts = [int(math.floor(c * num_tokens + 1e-9)) for c in capacities[1:]]
     return (num_tokens - sum(counts), *counts)

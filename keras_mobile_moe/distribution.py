@@ -92,7 +92,8 @@ def make_distribution(
     ...     ok = keras.config.backend() != "jax" and "jax" in str(error)
     ... else:  # JAX: mesh (num_devices // m, m) with m dividing 4
     ...     mesh = distribution.device_mesh
-    ...     ok = mesh.axis_names == ["batch", "model"] and 4 % mesh.shape[1] == 0
+    ...     ok = mesh.axis_names == ["batch", "model"]
+    ...     ok = ok and 4 % mesh.shape[1] == 0
     >>> ok
     True
     """
@@ -157,9 +158,7 @@ def make_distribution(
     layout_map = keras.distribution.LayoutMap(mesh)
     for pattern, rank in EXPERT_WEIGHT_PATTERNS.items():
         layout_map[pattern] = (model_dim_name,) + (None,) * (rank - 1)
-    return ExpertParallel(
-        layout_map=layout_map, batch_dim_name=batch_dim_name
-    )
+    return ExpertParallel(layout_map=layout_map, batch_dim_name=batch_dim_name)
 
 
 class ExpertParallel(keras.distribution.ModelParallel):

@@ -71,8 +71,9 @@ def expert_mlp_flops_per_token(hidden_dim, mlp_dim):
     return 2 * d * h + h + GELU_TANH * h + 2 * h * d + d
 
 
-def token_routed_moe_flops(num_tokens, hidden_dim, mlp_dim, num_experts,
-                           top_k=1, capacity_factor=1.0):
+def token_routed_moe_flops(
+    num_tokens, hidden_dim, mlp_dim, num_experts, top_k=1, capacity_factor=1.0
+):
     """FLOPs of one `TokenRoutedMoE` layer for one image (one group).
 
     The router (a linear layer without bias to E logits, the softmax and
@@ -165,12 +166,19 @@ def mobile_vmoe_flops(backbone, num_classes=0):
         is_moe = i >= num_dense
         if is_moe and token_routed:
             block = transformer_block_flops(
-                num_tokens, d, backbone.num_heads, backbone.mlp_dims[i],
+                num_tokens,
+                d,
+                backbone.num_heads,
+                backbone.mlp_dims[i],
                 mlp_copies=0,
             )
             moe = token_routed_moe_flops(
-                num_tokens, d, backbone.mlp_dims[i], experts,
-                backbone.top_k, backbone.capacity_factor,
+                num_tokens,
+                d,
+                backbone.mlp_dims[i],
+                experts,
+                backbone.top_k,
+                backbone.capacity_factor,
             )
             parts["attention"] += block["attention"]
             parts["mlp"] += block["mlp"] + moe["experts"]
@@ -223,7 +231,8 @@ def nested_block_flops(token_counts, widths, num_heads, mlp_dim):
     attention = (
         LAYER_NORM * nd
         + 3 * (2 * nd * d + n * d)  # q, k, v in-projections + bias
-        + 2 * nd * d + nd  # output out-projection + bias
+        + 2 * nd * d
+        + nd  # output out-projection + bias
         + n * d  # query scaling
         + 2 * (2 * n * n * d)  # q @ k^T and attention @ v
         + SOFTMAX * num_heads * n * n
@@ -231,10 +240,13 @@ def nested_block_flops(token_counts, widths, num_heads, mlp_dim):
     )
     mlp = (
         LAYER_NORM * nd
-        + 2 * nd * h + n * h  # in-projection + bias
+        + 2 * nd * h
+        + n * h  # in-projection + bias
         + GELU_TANH * n * h
-        + 2 * nd * h + nd  # out-projection + bias
-        + 2 * n + n * d  # (alpha * r + 1) and its product
+        + 2 * nd * h
+        + nd  # out-projection + bias
+        + 2 * n
+        + n * d  # (alpha * r + 1) and its product
         + n * d  # residual
     )
     return {"attention": attention, "mlp": mlp}
@@ -301,7 +313,9 @@ def flops_breakdown(model):
     ['attention', 'head', 'mlp', 'patch_embedding', 'router']
     """
     backbone = getattr(model, "backbone", None) or model
-    num_classes = getattr(model, "num_classes", 0) if model is not backbone else 0
+    num_classes = (
+        getattr(model, "num_classes", 0) if model is not backbone else 0
+    )
     if families.of(backbone) is not None:
         # Each family declares its own count (`flops_breakdown`).
         return backbone.flops_breakdown(num_classes)
@@ -446,8 +460,12 @@ def mobile_vmoe_unused_params(backbone):
             moe = block.mlp
             per_expert = sum(
                 int(np.prod(w.shape[1:]))
-                for w in (moe.kernel_in, moe.bias_in, moe.kernel_out,
-                          moe.bias_out)
+                for w in (
+                    moe.kernel_in,
+                    moe.bias_in,
+                    moe.kernel_out,
+                    moe.bias_out,
+                )
             )
             unused += (experts - reachable) * per_expert
     return unused

@@ -15,6 +15,7 @@ import os
 import re
 
 from keras_mobile_moe import version
+
 # The preset files, kept importable from here for existing callers.
 from keras_mobile_moe.preset_format import CONFIG_FILE  # noqa: F401
 from keras_mobile_moe.preset_format import CONFIG_FILES
@@ -37,6 +38,7 @@ HANDLE_FORM = (
 )
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?")
 _REVISION_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
 
 def parse_hf_handle(handle, argument="preset"):
     """Splits `hf://org/repo[/revision]` into a repo id and a revision.
@@ -72,7 +74,7 @@ def parse_hf_handle(handle, argument="preset"):
             + (f" (scheme {scheme!r} is not supported)" if scheme else "")
             + f". Expected a Hugging Face handle {HANDLE_FORM}."
         )
-    rest = handle[len(HF_SCHEME):]
+    rest = handle[len(HF_SCHEME) :]
     reason = None
     if rest.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", rest):
         reason = "it holds an absolute path"
@@ -147,7 +149,9 @@ def download_preset(handle, load_weights=True):
     >>> download_preset("hf://org/../etc")
     Traceback (most recent call last):
     ...
-    ValueError: Received: preset='hf://org/../etc', which is not a valid Hugging Face handle: it holds a '..' or '.' path segment. ...
+    ValueError: Received: preset='hf://org/../etc',
+    which is not a valid Hugging Face handle: it holds a '..' or '.' path
+    segment. ...
     """
     repo_id, revision = parse_hf_handle(handle)
     hub = import_huggingface_hub(f"load {handle!r}")
@@ -219,7 +223,9 @@ def list_repo_files(handle):
     >>> list_repo_files("hf://org/../etc")
     Traceback (most recent call last):
     ...
-    ValueError: Received: preset='hf://org/../etc', which is not a valid Hugging Face handle: it holds a '..' or '.' path segment. ...
+    ValueError: Received: preset='hf://org/../etc',
+    which is not a valid Hugging Face handle: it holds a '..' or '.' path
+    segment. ...
     """
     repo_id, revision = parse_hf_handle(handle)
     hub = import_huggingface_hub(f"load {handle!r}")
@@ -250,7 +256,9 @@ def upload_folder(uri, folder, private=None, token=None, commit_message=None):
     >>> upload_folder("hf://org/../repo", ".")
     Traceback (most recent call last):
     ...
-    ValueError: Received: uri='hf://org/../repo', which is not a valid Hugging Face handle: it holds a '..' or '.' path segment. ...
+    ValueError: Received: uri='hf://org/../repo',
+    which is not a valid Hugging Face handle: it holds a '..' or '.' path
+    segment. ...
     """
     repo_id, revision = parse_hf_handle(uri, argument="uri")
     files = sorted(os.listdir(folder))
@@ -266,7 +274,9 @@ def upload_folder(uri, folder, private=None, token=None, commit_message=None):
     repo_id = getattr(repo, "repo_id", None) or repo_id
     if revision is not None:
         api.create_branch(
-            repo_id=repo_id, branch=revision, repo_type="model",
+            repo_id=repo_id,
+            branch=revision,
+            repo_type="model",
             exist_ok=True,
         )
     return api.upload_folder(

@@ -20,9 +20,13 @@ import sys
 # Lines that start with one of these are dropped. Error-level native lines
 # (E0000) pass, except the CUDA probe's on machines without a GPU.
 LOG_PREFIXES = (
-    "I0000", "W0000", "WARNING: All log messages before absl",
-    "To enable the following instructions", "fully_quantize:",
-    "INFO: Created TensorFlow Lite", "INFO: Initialized TensorFlow Lite",
+    "I0000",
+    "W0000",
+    "WARNING: All log messages before absl",
+    "To enable the following instructions",
+    "fully_quantize:",
+    "INFO: Created TensorFlow Lite",
+    "INFO: Initialized TensorFlow Lite",
 )
 BENIGN_ERRORS = ("cuda_platform.cc", "cuInit")
 
@@ -60,9 +64,17 @@ def hide_native_logs(prefixes=LOG_PREFIXES):
     original = os.dup(2)
     read_end, write_end = os.pipe()
     child = subprocess.Popen(
-        [sys.executable, "-c", _FILTER, "|".join(prefixes),
-         "|".join(BENIGN_ERRORS)],
-        stdin=read_end, stdout=original, stderr=original, close_fds=True,
+        [
+            sys.executable,
+            "-c",
+            _FILTER,
+            "|".join(prefixes),
+            "|".join(BENIGN_ERRORS),
+        ],
+        stdin=read_end,
+        stdout=original,
+        stderr=original,
+        close_fds=True,
     )
     os.close(read_end)
     os.dup2(write_end, 2)

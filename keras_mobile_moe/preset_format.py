@@ -116,7 +116,9 @@ def read_config(directory, filename, label, required):
             f"directory: {LAYOUT}. Found: {listing(directory)}."
         )
     config = read_json(directory, filename, label)
-    if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
+    if not isinstance(config, dict) or not isinstance(
+        config.get("config"), dict
+    ):
         raise ValueError(
             f"Preset {label}: {filename} is not a serialized Keras object "
             "(a JSON object with 'class_name', 'config' and "
@@ -188,7 +190,9 @@ def recorded_sha256(directory, filename, label):
     if not os.path.isfile(os.path.join(directory, METADATA_FILE)):
         return None
     metadata = read_json(directory, METADATA_FILE, label)
-    hashes = metadata.get("files_sha256") if isinstance(metadata, dict) else None
+    hashes = (
+        metadata.get("files_sha256") if isinstance(metadata, dict) else None
+    )
     return (hashes or {}).get(filename)
 
 
@@ -281,8 +285,8 @@ def model_card(preset_dir, handle=None):
     if num_classes is not None:
         lines.append(f"| classes | {num_classes} |")
     lines += [
-        "| Keras / keras-hub | "
-        f"{metadata.get('keras_version')} / {metadata.get('keras_hub_version')} |",
+        f"| Keras / keras-hub | {metadata.get('keras_version')} / "
+        f"{metadata.get('keras_hub_version')} |",
         "",
         "## Use",
         "",
@@ -319,9 +323,13 @@ def model_card(preset_dir, handle=None):
             "`[1, height, width, 3]`, raw RGB pixels 0-255 (the file resizes "
             "and scales them itself). Outputs: `logits` float32 `[1, "
             f"{num_classes}]`"
-            + (", `router_logits` float32 `[1, num_experts]` and "
-               "`expert_index` int32 `[1, top_k]` (the experts the router "
-               "chose)" if routed else "")
+            + (
+                ", `router_logits` float32 `[1, num_experts]` and "
+                "`expert_index` int32 `[1, top_k]` (the experts the router "
+                "chose)"
+                if routed
+                else ""
+            )
             + ". `int8`: int8 weights with activations quantized per call "
             "and the blocks that decide the routing in float32. "
             "`kmm.export.read_metadata(path)` reads this description from "

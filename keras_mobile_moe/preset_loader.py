@@ -61,11 +61,11 @@ from keras_mobile_moe.preset_format import MODEL_WEIGHTS_FILE
 from keras_mobile_moe.preset_format import PREPROCESSOR_CONFIG_FILE
 from keras_mobile_moe.preset_format import PRESET_FILES
 from keras_mobile_moe.preset_format import README_FILE
+from keras_mobile_moe.preset_format import SAFE_MODULE_ROOTS  # noqa: F401
 from keras_mobile_moe.preset_format import TASK_CONFIG_FILE
 from keras_mobile_moe.preset_format import TASK_WEIGHTS_FILE
-from keras_mobile_moe.preset_format import WEIGHTS_FILES
-from keras_mobile_moe.preset_format import SAFE_MODULE_ROOTS  # noqa: F401
 from keras_mobile_moe.preset_format import UNSAFE_CLASS_NAMES  # noqa: F401
+from keras_mobile_moe.preset_format import WEIGHTS_FILES
 from keras_mobile_moe.preset_format import check_config_is_safe  # noqa: F401
 from keras_mobile_moe.preset_format import corrupt_error
 from keras_mobile_moe.preset_format import file_sha256
@@ -74,7 +74,6 @@ from keras_mobile_moe.preset_format import read_config
 from keras_mobile_moe.preset_format import read_weights_structure
 from keras_mobile_moe.preset_format import recorded_sha256
 from keras_mobile_moe.upcycle import upcycle
-
 
 # --- resolving the preset -------------------------------------------------
 
@@ -357,7 +356,11 @@ def load_backbone(cls, directory, load_weights, overrides, label):
     backbone = _deserialize(_with_overrides(config, overrides))
     if load_weights:
         load_weights_checked(
-            backbone, directory, MODEL_WEIGHTS_FILE, label, overrides,
+            backbone,
+            directory,
+            MODEL_WEIGHTS_FILE,
+            label,
+            overrides,
             task=False,
         )
     return backbone
@@ -405,13 +408,17 @@ def load_task(cls, directory, load_weights, overrides, label):
         preset_registry.constructor_arguments(task_cls) - {"backbone"}
     ) | preset_registry.constructor_arguments(backbone_cls)
     preset_registry.check_unknown_arguments(cls, overrides, accepted)
-    backbone = _deserialize(_with_overrides(backbone_config, backbone_overrides))
+    backbone = _deserialize(
+        _with_overrides(backbone_config, backbone_overrides)
+    )
 
     if "preprocessor" in task_overrides:
         preprocessor = task_overrides.pop("preprocessor")
     elif preprocessor_config is not None and task_cls.preprocessor_cls:
         class_of(
-            preprocessor_config, PREPROCESSOR_CONFIG_FILE, label,
+            preprocessor_config,
+            PREPROCESSOR_CONFIG_FILE,
+            label,
             task_cls.preprocessor_cls,
         )
         if "image_shape" in backbone_overrides:
@@ -447,13 +454,21 @@ def load_task(cls, directory, load_weights, overrides, label):
     )
     if load_weights:
         load_weights_checked(
-            backbone, directory, MODEL_WEIGHTS_FILE, label,
-            backbone_overrides, task=False,
+            backbone,
+            directory,
+            MODEL_WEIGHTS_FILE,
+            label,
+            backbone_overrides,
+            task=False,
         )
         if not new_head and task.has_task_weights():
             load_weights_checked(
-                task, directory, TASK_WEIGHTS_FILE, label,
-                task_overrides, task=True,
+                task,
+                directory,
+                TASK_WEIGHTS_FILE,
+                label,
+                task_overrides,
+                task=True,
             )
     return task
 
@@ -497,7 +512,12 @@ def check_matches_entry(backbone, entry, overrides, label):
         )
 
 
-UPCYCLE_ARGUMENTS = ("num_experts", "num_moe_layers", "top_k", "normalize_gates")
+UPCYCLE_ARGUMENTS = (
+    "num_experts",
+    "num_moe_layers",
+    "top_k",
+    "normalize_gates",
+)
 
 
 def upcycle_requested(directory, overrides, label):
@@ -558,9 +578,7 @@ def backbone_from_preset(cls, preset, load_weights=True, overrides=None):
     if entry is not None:
         entry = preset_registry.trained_entry(entry, load_weights)
         if not load_weights or not entry.get("weights"):
-            return build_backbone(
-                cls, entry, load_weights, overrides
-            )
+            return build_backbone(cls, entry, load_weights, overrides)
         directory, label = entry_directory(entry, load_weights)
         backbone = load_backbone(cls, directory, True, overrides, label)
         check_matches_entry(backbone, entry, overrides, label)
@@ -935,7 +953,10 @@ def upload_preset(
         if dry_run:
             return sorted(os.listdir(staging))
         return hub.upload_folder(
-            uri, staging, private=private, token=token,
+            uri,
+            staging,
+            private=private,
+            token=token,
             commit_message=commit_message,
         )
 
@@ -974,12 +995,11 @@ def family_of_preset(preset):
     if isinstance(preset, (str, os.PathLike)) and os.path.isdir(preset):
         directory = os.fspath(preset)
         label = repr(directory)
-        backbone = read_config(
-            directory, CONFIG_FILE, label, required=True
+        backbone = read_config(directory, CONFIG_FILE, label, required=True)
+        found = (
+            read_config(directory, TASK_CONFIG_FILE, label, required=False)
+            or backbone
         )
-        found = read_config(
-            directory, TASK_CONFIG_FILE, label, required=False
-        ) or backbone
         cls = keras.saving.get_registered_object(found.get("registered_name"))
         family = families.of(cls) if isinstance(cls, type) else None
         if family is not None:

@@ -209,8 +209,11 @@ def presets_of(family):
 
 def is_handle_or_path(preset):
     """Whether `preset` names a directory or a remote handle, not a name."""
-    return "://" in preset or os.sep in preset or "/" in preset or (
-        os.path.exists(preset)
+    return (
+        "://" in preset
+        or os.sep in preset
+        or "/" in preset
+        or (os.path.exists(preset))
     )
 
 
@@ -297,7 +300,9 @@ def weights_location(entry):
         or weights.startswith(("/", "\\"))
         or "\\" in weights
         or not parts
-        or any(part in ("..", ".") or not _NAME.fullmatch(part) for part in parts)
+        or any(
+            part in ("..", ".") or not _NAME.fullmatch(part) for part in parts
+        )
     ):
         raise ValueError(
             f"Preset {entry.get('name')!r}: weights={weights!r} is not a "
@@ -387,7 +392,9 @@ def trained_entry(entry, load_weights):
         return entry
     tags = [
         e
-        for e in {id(e): e for e in presets_of(entry["family"]).values()}.values()
+        for e in {
+            id(e): e for e in presets_of(entry["family"]).values()
+        }.values()
         if e["name"].partition(".")[0] == entry["name"] and e.get("weights")
     ]
     if not tags:
@@ -430,7 +437,8 @@ def markdown_table(family=None):
     Example:
 
     >>> print(markdown_table("mobile_vmoe").splitlines()[0])
-    | preset | aliases | family | scale | params | MFLOPs | weights | trained on | top-1 | description |
+    | preset | aliases | family | scale | params | MFLOPs | weights |
+    trained on | top-1 | description |
     """
     rows = [
         "| preset | aliases | family | scale | params | MFLOPs | weights "
@@ -450,7 +458,8 @@ def markdown_table(family=None):
         top1 = accuracy.get("top1")
         rows.append(
             "| `{name}` | {aliases} | {family} | {variant} | {params:.2f}M | "
-            "{flops:.1f} | {weights} | {data} | {top1} | {description} |".format(
+            "{flops:.1f} | {weights} | {data} | {top1} | "
+            "{description} |".format(
                 name=entry["name"],
                 aliases=", ".join(f"`{a}`" for a in entry.get("aliases", []))
                 or "",

@@ -185,7 +185,9 @@ def adjusted_rand_index(labels_a, labels_b):
     >>> round(adjusted_rand_index([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]), 6)
     0.242424
     """
-    labels_a, labels_b = _check_label_pair("labels_a", labels_a, "labels_b", labels_b)
+    labels_a, labels_b = _check_label_pair(
+        "labels_a", labels_a, "labels_b", labels_b
+    )
     table = _contingency(labels_a, labels_b)
     n = labels_a.size
 
@@ -264,8 +266,7 @@ def _check_labels(name, labels):
             and np.all(array == np.round(array))
         ):
             raise ValueError(
-                f"Received: {name} of dtype {array.dtype}. Expected int "
-                "labels."
+                f"Received: {name} of dtype {array.dtype}. Expected int labels."
             )
     return array.astype(np.int64)
 

@@ -109,7 +109,7 @@ def check_image_shape(image_shape, patch_size):
 
 
 def check_images(images, image_shape):
-    """Raises a clear `ValueError` unless `images` is `[batch, *image_shape]`."""
+    """A clear `ValueError` unless `images` is `[batch, *image_shape]`."""
     shape = tuple(getattr(images, "shape", ()))
     if len(shape) != 4 or tuple(shape[1:]) != tuple(image_shape):
         expected = ", ".join(str(d) for d in image_shape)
@@ -125,7 +125,8 @@ def check_value_range(value_range):
         isinstance(value_range, (list, tuple))
         and len(value_range) == 2
         and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool)
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
             and np.isfinite(v)
             for v in value_range
         )
@@ -161,7 +162,7 @@ def check_image_batch(images, image_shape, value_range, exact_size=False):
         else f"[batch, {', '.join(str(d) for d in image_shape)}]"
     )
     received = f"Received: images of shape {shape} and dtype {dtype}."
-    if dtype == bool:
+    if dtype.kind == "b":
         raise ValueError(
             f"{received} Boolean images are not accepted. Expected numeric "
             f"images {accepted}: uint8 pixels or floats in value_range "
@@ -257,14 +258,13 @@ def check_labels(labels, num_classes, sparse=True, num_images=None, name="y"):
     received = f"Received: {name} of shape {shape} and dtype {dtype}"
     ids = f"integer class ids [batch] in [0, {num_classes})"
     targets = f"one-hot or soft targets [batch, {num_classes}]"
-    if dtype == bool or dtype.kind not in "uif":
+    if dtype.kind not in "uif":
         raise ValueError(
             f"{received}. Expected {ids if sparse is not False else targets}."
         )
     if num_images is not None and (not shape or shape[0] != num_images):
         raise ValueError(
-            f"{received} for {num_images} images. Expected one label per "
-            "image."
+            f"{received} for {num_images} images. Expected one label per image."
         )
     looks_dense = len(shape) == 2 and shape[1] > 1
     if looks_dense or sparse is False:
@@ -278,7 +278,11 @@ def check_labels(labels, num_classes, sparse=True, num_images=None, name="y"):
         if len(shape) != 2 or shape[1] != num_classes:
             raise ValueError(f"{received}. Expected {targets}.")
         values = labels.astype("float64")
-        if not np.isfinite(values).all() or values.min() < 0 or values.max() > 1:
+        if (
+            not np.isfinite(values).all()
+            or values.min() < 0
+            or values.max() > 1
+        ):
             raise ValueError(
                 f"{received} with values in [{np.nanmin(values):g}, "
                 f"{np.nanmax(values):g}]. Expected {targets} with finite "
@@ -294,7 +298,9 @@ def check_labels(labels, num_classes, sparse=True, num_images=None, name="y"):
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
         raise ValueError(f"{received}. Expected {ids}.")
     if dtype.kind == "f":
-        if not np.isfinite(labels).all() or not np.all(labels == np.round(labels)):
+        if not np.isfinite(labels).all() or not np.all(
+            labels == np.round(labels)
+        ):
             raise ValueError(
                 f"{received} holding non-integer values (e.g. "
                 f"{labels[labels != np.round(labels)].ravel()[:3].tolist()}"
@@ -321,8 +327,15 @@ def machine_memory_bytes():
 
 
 def check_model_memory(
-    name, image_shape, patch_size, num_layers, hidden_dim, mlp_dims,
-    num_heads=1, experts_per_layer=None, bytes_per_value=4,
+    name,
+    image_shape,
+    patch_size,
+    num_layers,
+    hidden_dim,
+    mlp_dims,
+    num_heads=1,
+    experts_per_layer=None,
+    bytes_per_value=4,
     available=None,
 ):
     """Refuses a configuration whose weights and one image's activations
@@ -358,8 +371,11 @@ def check_model_memory(
         raise ValueError(
             f"Received: a {name} with hidden_dim={hidden_dim}, "
             f"num_layers={num_layers}, mlp_dim={max(mlp_dims)}"
-            + (f", {max(experts)} experts per MoE layer" if max(experts) > 1
-               else "")
+            + (
+                f", {max(experts)} experts per MoE layer"
+                if max(experts) > 1
+                else ""
+            )
             + f": about "
             f"{parameters:.3g} parameters and {needed / 2**30:.3g} GiB for "
             "its weights and one image's activations, more than this "

@@ -33,8 +33,11 @@ def render(text, table):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="only check that README.md is up to date")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that README.md is up to date",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from keras_mobile_moe import preset_registry
@@ -43,8 +46,10 @@ def main(argv=None):
     new = render(text, preset_registry.markdown_table())
     if args.check:
         if new != text:
-            print("README.md preset table is stale: run "
-                  "python scripts/make_preset_table.py")
+            print(
+                "README.md preset table is stale: run "
+                "python scripts/make_preset_table.py"
+            )
             return 1
         print("README.md preset table is up to date")
         return 0

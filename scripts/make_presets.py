@@ -90,8 +90,10 @@ def main():
             entry["params"] = int(model.count_params())
             entry["flops"] = kmm.count_flops(model)
             path.write_text(json.dumps(entry, indent=2) + "\n")
-            print(f"{entry['name']:>10}: {entry['params']/1e6:6.2f}M params, "
-                  f"{entry['flops']/1e6:7.1f}M FLOPs")
+            print(
+                f"{entry['name']:>10}: {entry['params'] / 1e6:6.2f}M params, "
+                f"{entry['flops'] / 1e6:7.1f}M FLOPs"
+            )
 
 
 if __name__ == "__main__":

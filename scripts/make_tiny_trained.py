@@ -12,7 +12,6 @@ Usage:
 """
 
 import argparse
-
 import pathlib
 
 import keras
@@ -26,7 +25,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--data",
-        default=str(OUT.parents[1].parent / "shared" / "datasets" / "cifar100.npz"),
+        default=str(
+            OUT.parents[1].parent / "shared" / "datasets" / "cifar100.npz"
+        ),
     )
     parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
@@ -37,12 +38,21 @@ def main():
     else:
         data = kmm.datasets.cifar100.load_fixture()
         print("training on the fixture (full archive not found)")
-    table = kmm.datasets.cifar100.fine_to_coarse(
-        data["y_train"], data["y_train_coarse"]
-    ) // 5
+    table = (
+        kmm.datasets.cifar100.fine_to_coarse(
+            data["y_train"], data["y_train_coarse"]
+        )
+        // 5
+    )
     backbone = kmm.MobileVMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=4, hidden_dim=48,
-        num_heads=2, mlp_dim=192, num_experts=4, num_moe_layers=2,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=4,
+        hidden_dim=48,
+        num_heads=2,
+        mlp_dim=192,
+        num_experts=4,
+        num_moe_layers=2,
     )
     model = kmm.MobileVMoE(backbone, num_classes=100, superclass_ids=table)
     model.compile(optimizer=keras.optimizers.AdamW(2e-3, weight_decay=0.05))

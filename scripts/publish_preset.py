@@ -15,7 +15,6 @@ Usage:
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 
@@ -45,8 +44,13 @@ def compact_weights(source, target):
             if isinstance(data, np.ndarray) and data.dtype == np.float32:
                 data = data.astype(np.float16)
             if isinstance(data, np.ndarray) and data.size > 16:
-                dst.create_dataset(name, data=data, compression="gzip",
-                                   compression_opts=9, shuffle=True)
+                dst.create_dataset(
+                    name,
+                    data=data,
+                    compression="gzip",
+                    compression_opts=9,
+                    shuffle=True,
+                )
             else:
                 dst.create_dataset(name, data=data)
             for key, value in item.attrs.items():
@@ -65,7 +69,9 @@ def parse_args():
         "--presets_dir", default=str(PRESETS), help="The registry folder."
     )
     parser.add_argument(
-        "--training_note", default="", help="Appended to the training_data field."
+        "--training_note",
+        default="",
+        help="Appended to the training_data field.",
     )
     return parser.parse_args()
 
@@ -92,9 +98,11 @@ def main():
         presets / f"{args.name}.json", json.dumps(entry, indent=2) + "\n"
     )
     size = (target / WEIGHTS).stat().st_size
-    print(f"wrote {presets / args.name}.json and {target}/ "
-          f"({size / 1e6:.2f} MB of weights, float32 original "
-          f"{(source / WEIGHTS).stat().st_size / 1e6:.2f} MB)")
+    print(
+        f"wrote {presets / args.name}.json and {target}/ "
+        f"({size / 1e6:.2f} MB of weights, float32 original "
+        f"{(source / WEIGHTS).stat().st_size / 1e6:.2f} MB)"
+    )
 
 
 def copy_compact(source, target):
@@ -123,16 +131,22 @@ def check_compact(original, target):
     b = compact.predict(images, verbose=0)
     agreement = float(np.mean(a.argmax(-1) == b.argmax(-1)))
     max_diff = float(np.abs(a - b).max())
-    print(f"float16 storage: top-1 agreement {agreement:.4f}, max |logit diff| "
-          f"{max_diff:.2e} on {len(images)} fixture images")
+    print(
+        f"float16 storage: top-1 agreement {agreement:.4f}, max |logit diff| "
+        f"{max_diff:.2e} on {len(images)} fixture images"
+    )
     if agreement < 0.99:
-        raise SystemExit("The compact weights change predictions; not published.")
+        raise SystemExit(
+            "The compact weights change predictions; not published."
+        )
 
 
 def registry_entry(args, original, training, results):
     """The preset's registry entry: architecture, data, accuracy, FLOPs."""
     test_top1 = results.get("test_top1", training.get("test_top1"))
-    router = results.get("test_router_accuracy", training.get("test_router_accuracy"))
+    router = results.get(
+        "test_router_accuracy", training.get("test_router_accuracy")
+    )
     backbone = original.backbone
     scale = f"{backbone.num_layers}x{backbone.hidden_dim}"
     moe = bool(backbone.is_moe)
@@ -147,7 +161,9 @@ def registry_entry(args, original, training, results):
         task["superclass_ids"] = [int(i) for i in original.superclass_ids]
     kind = (
         f"Mobile V-MoE (E={backbone.num_experts}, k={backbone.top_k}, last "
-        f"{backbone.num_moe_layers} blocks MoE)" if moe else "dense ViT"
+        f"{backbone.num_moe_layers} blocks MoE)"
+        if moe
+        else "dense ViT"
     )
     routing = training.get("routing", {}) or {}
     groups = routing.get("superclasses")
@@ -155,7 +171,9 @@ def registry_entry(args, original, training, results):
     if groups == "coarse":
         source_of_groups = ", router trained on CIFAR-100's 20 coarse classes"
     elif groups:
-        source_of_groups = ", router trained on super-classes discovered from the dense model"
+        source_of_groups = (
+            ", router trained on super-classes discovered from the dense model"
+        )
     epochs = training.get("epochs")
     return {
         "name": args.name,
@@ -183,7 +201,11 @@ def registry_entry(args, original, training, results):
             "dataset": "cifar100",
             "split": "test",
             "top1": round(float(test_top1), 4),
-            **({"router_accuracy": round(float(router), 4)} if router is not None else {}),
+            **(
+                {"router_accuracy": round(float(router), 4)}
+                if router is not None
+                else {}
+            ),
         },
         "weights": args.name,
         "params": int(original.count_params()),
@@ -216,7 +238,9 @@ def record_publication(args, target, metadata, entry, evaluation):
         ),
     ]
     if published["test_router_accuracy"] is not None:
-        lines.append(f"- test router accuracy: {published['test_router_accuracy']:.4f}")
+        lines.append(
+            f"- test router accuracy: {published['test_router_accuracy']:.4f}"
+        )
     lines.append(f"- weights: {published['weights_storage']}")
     if args.training_note:
         lines.append(f"- note: {args.training_note}")
@@ -230,8 +254,14 @@ def publish_into(args, source, target, original):
     metadata = copy_compact(source, target)
     (target / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     check_compact(original, target)
-    results = json.loads(pathlib.Path(args.results).read_text()) if args.results else {}
-    entry = registry_entry(args, original, metadata.get("training", {}), results)
+    results = (
+        json.loads(pathlib.Path(args.results).read_text())
+        if args.results
+        else {}
+    )
+    entry = registry_entry(
+        args, original, metadata.get("training", {}), results
+    )
     record_publication(
         args, target, metadata, entry, results.get("test_evaluation")
     )

@@ -27,9 +27,7 @@ import pytest
 import keras_mobile_moe as kmm
 
 BACKEND = keras.config.backend()
-BACKEND_INDEPENDENT_ON = os.environ.get(
-    "KMM_BACKEND_INDEPENDENT_ON", "torch"
-)
+BACKEND_INDEPENDENT_ON = os.environ.get("KMM_BACKEND_INDEPENDENT_ON", "torch")
 
 # House rule 12: tiny shapes (32x32 images, patch 8, width <= 48, 4 experts).
 TINY = dict(

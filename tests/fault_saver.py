@@ -33,11 +33,18 @@ from keras_mobile_moe.export import tflite  # noqa: E402
 def build(seed, num_moe_layers):
     keras.utils.set_random_seed(seed)
     backbone = kmm.MobileVMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16,
-        num_heads=2, mlp_dim=32, num_experts=4, num_moe_layers=num_moe_layers,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_experts=4,
+        num_moe_layers=num_moe_layers,
     )
     return kmm.MobileVMoE(
-        backbone, num_classes=4,
+        backbone,
+        num_classes=4,
         superclass_ids=[0, 1, 2, 3] if num_moe_layers else None,
     )
 
@@ -65,15 +72,17 @@ def kill_after(owner, name):
 # Points inside save_to_preset, in the order a save reaches them.
 SAVE_POINTS = {
     "first config written": lambda: kill_after(
-        preset_utils.KerasPresetSaver, "_save_serialized_object"),
+        preset_utils.KerasPresetSaver, "_save_serialized_object"
+    ),
     "task weights written": lambda: kill_after(
-        kmm.MobileVMoE, "save_task_weights"),
+        kmm.MobileVMoE, "save_task_weights"
+    ),
     "before the backbone weights": lambda: kill_before(
-        kmm.MobileVMoEBackbone, "save_weights"),
+        kmm.MobileVMoEBackbone, "save_weights"
+    ),
     "all weights written": lambda: kill_before(preset_loader, "file_sha256"),
     "metadata written": lambda: kill_before(preset_format, "model_card"),
-    "user files carried over": lambda: kill_after(
-        preset_loader, "_carry_over"),
+    "user files carried over": lambda: kill_after(preset_loader, "_carry_over"),
     "staging fsynced": lambda: kill_after(atomic_io, "fsync_tree"),
     "right after the swap": lambda: kill_after(atomic_io, "_exchange"),
 }
@@ -98,8 +107,10 @@ def main():
     old, new = build(0, 1), build(1, 0)  # a mix of the two cannot load
     images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3))
     images = (images / 127.5 - 1).astype("float32")
-    expected = {"old": old.predict(images, verbose=0),
-                "new": new.predict(images, verbose=0)}
+    expected = {
+        "old": old.predict(images, verbose=0),
+        "new": new.predict(images, verbose=0),
+    }
     results = {}
 
     def check(point, killed, allowed):
@@ -107,15 +118,19 @@ def main():
             loaded = kmm.MobileVMoE.from_preset(folder)
             outputs = loaded.predict(images, verbose=0)
             which = [
-                name for name in allowed
+                name
+                for name in allowed
                 if np.allclose(outputs, expected[name], atol=1e-5)
             ]
             user_file = open(os.path.join(folder, "notes.txt")).read()
             ok = killed and bool(which) and user_file == "mine"
             results[point] = {"killed": killed, "loads_as": which, "ok": ok}
         except Exception as error:  # reported, not raised: one line of JSON
-            results[point] = {"killed": killed, "ok": False,
-                              "error": f"{type(error).__name__}: {error}"}
+            results[point] = {
+                "killed": killed,
+                "ok": False,
+                "error": f"{type(error).__name__}: {error}",
+            }
 
     def good_preset():
         old.save_to_preset(folder)
@@ -159,6 +174,7 @@ def main():
                     if point == "export half written":
                         f.flush()
                         kill_self()
+
             tflite.convert_in_subprocess = convert
             if point == "export before rename":
                 tflite.inspect_tflite = lambda *a: kill_self()

@@ -35,7 +35,9 @@ def write_snapshot(cache_dir, repo_id, folder, revision="main"):
             contents[name] = f.read()
     tree = hashlib.sha1()
     for name in names:
-        tree.update(name.encode() + b"\0" + _etag(name, contents[name]).encode())
+        tree.update(
+            name.encode() + b"\0" + _etag(name, contents[name]).encode()
+        )
     tree.update(revision.encode())
     commit = tree.hexdigest()
     storage = os.path.join(cache_dir, repo_folder(repo_id))
@@ -66,16 +68,27 @@ class FakeHfApi:
     calls = []
     cache_dir = None
 
-    def __init__(self, token=None, library_name=None, library_version=None,
-                 **kwargs):
-        FakeHfApi.calls.append(("HfApi", {"token": token,
-                                          "library_name": library_name}))
+    def __init__(
+        self, token=None, library_name=None, library_version=None, **kwargs
+    ):
+        FakeHfApi.calls.append(
+            ("HfApi", {"token": token, "library_name": library_name})
+        )
 
-    def create_repo(self, repo_id, repo_type=None, private=None,
-                    exist_ok=False, **kwargs):
-        FakeHfApi.calls.append(("create_repo", {
-            "repo_id": repo_id, "repo_type": repo_type, "private": private,
-            "exist_ok": exist_ok}))
+    def create_repo(
+        self, repo_id, repo_type=None, private=None, exist_ok=False, **kwargs
+    ):
+        FakeHfApi.calls.append(
+            (
+                "create_repo",
+                {
+                    "repo_id": repo_id,
+                    "repo_type": repo_type,
+                    "private": private,
+                    "exist_ok": exist_ok,
+                },
+            )
+        )
 
         class RepoUrl(str):
             pass
@@ -84,18 +97,39 @@ class FakeHfApi:
         url.repo_id = repo_id
         return url
 
-    def create_branch(self, repo_id, branch, repo_type=None, exist_ok=False,
-                      **kwargs):
-        FakeHfApi.calls.append(("create_branch", {
-            "repo_id": repo_id, "branch": branch, "exist_ok": exist_ok}))
+    def create_branch(
+        self, repo_id, branch, repo_type=None, exist_ok=False, **kwargs
+    ):
+        FakeHfApi.calls.append(
+            (
+                "create_branch",
+                {"repo_id": repo_id, "branch": branch, "exist_ok": exist_ok},
+            )
+        )
 
-    def upload_folder(self, repo_id, folder_path, repo_type=None,
-                      revision=None, commit_message=None, **kwargs):
+    def upload_folder(
+        self,
+        repo_id,
+        folder_path,
+        repo_type=None,
+        revision=None,
+        commit_message=None,
+        **kwargs,
+    ):
         files = sorted(os.listdir(folder_path))
         readme = open(os.path.join(folder_path, "README.md")).read()
-        FakeHfApi.calls.append(("upload_folder", {
-            "repo_id": repo_id, "revision": revision, "files": files,
-            "commit_message": commit_message, "readme": readme}))
+        FakeHfApi.calls.append(
+            (
+                "upload_folder",
+                {
+                    "repo_id": repo_id,
+                    "revision": revision,
+                    "files": files,
+                    "commit_message": commit_message,
+                    "readme": readme,
+                },
+            )
+        )
         commit = write_snapshot(
             FakeHfApi.cache_dir, repo_id, folder_path, revision or "main"
         )

@@ -39,16 +39,24 @@ def cases():
         ),
         "dense_block_exact_gelu": (
             lambda: layers.TransformerEncoderBlock(
-                hidden_dim=48, num_heads=3, mlp_dim=96,
-                mlp_activation="gelu", layer_norm_epsilon=1e-5,
+                hidden_dim=48,
+                num_heads=3,
+                mlp_dim=96,
+                mlp_activation="gelu",
+                layer_norm_epsilon=1e-5,
                 name="dense_block_exact_gelu",
             ),
             lambda rng: [_tokens(rng, 2, 10, 48)],
         ),
         "image_moe_block_top2": (
             lambda: layers.TransformerEncoderBlock(
-                hidden_dim=32, num_heads=2, mlp_dim=64, num_experts=4,
-                top_k=2, normalize_gates=True, name="image_moe_block_top2",
+                hidden_dim=32,
+                num_heads=2,
+                mlp_dim=64,
+                num_experts=4,
+                top_k=2,
+                normalize_gates=True,
+                name="image_moe_block_top2",
             ),
             lambda rng: [
                 _tokens(rng, 3, 17, 32),
@@ -58,8 +66,12 @@ def cases():
         ),
         "image_moe_block_top1": (
             lambda: layers.TransformerEncoderBlock(
-                hidden_dim=32, num_heads=2, mlp_dim=64, num_experts=4,
-                top_k=1, name="image_moe_block_top1",
+                hidden_dim=32,
+                num_heads=2,
+                mlp_dim=64,
+                num_experts=4,
+                top_k=1,
+                name="image_moe_block_top1",
             ),
             lambda rng: [
                 _tokens(rng, 12, 17, 32),  # > 8 rows: JAX's XLA:CPU scan path
@@ -69,16 +81,25 @@ def cases():
         ),
         "token_moe_block_top2": (
             lambda: layers.TransformerEncoderBlock(
-                hidden_dim=32, num_heads=2, mlp_dim=64, num_experts=4,
-                top_k=2, router_type="token", capacity_factor=1.0,
+                hidden_dim=32,
+                num_heads=2,
+                mlp_dim=64,
+                num_experts=4,
+                top_k=2,
+                router_type="token",
+                capacity_factor=1.0,
                 name="token_moe_block_top2",
             ),
             lambda rng: [_tokens(rng, 3, 17, 32)],
         ),
         "nested_block_budget_half": (
             lambda: layers.NestedExpertBlock(
-                hidden_dim=32, num_heads=4, mlp_dim=64, num_nested_experts=4,
-                capacity_budget=0.5, name="nested_block_budget_half",
+                hidden_dim=32,
+                num_heads=4,
+                mlp_dim=64,
+                num_nested_experts=4,
+                capacity_budget=0.5,
+                name="nested_block_budget_half",
             ),
             lambda rng: [
                 _tokens(rng, 3, 17, 32),
@@ -87,8 +108,12 @@ def cases():
         ),
         "nested_block_full_no_gates": (
             lambda: layers.NestedExpertBlock(
-                hidden_dim=32, num_heads=2, mlp_dim=64, num_nested_experts=4,
-                capacity_budget=1.0, name="nested_block_full_no_gates",
+                hidden_dim=32,
+                num_heads=2,
+                mlp_dim=64,
+                num_nested_experts=4,
+                capacity_budget=1.0,
+                name="nested_block_full_no_gates",
             ),
             lambda rng: [_tokens(rng, 2, 17, 32)],
         ),

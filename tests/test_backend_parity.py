@@ -25,7 +25,9 @@ CASES = {
 
 
 def build(name):
-    backbone = kmm.MobileVMoEBackbone(**{**TINY, **CASES[name]}, name="backbone")
+    backbone = kmm.MobileVMoEBackbone(
+        **{**TINY, **CASES[name]}, name="backbone"
+    )
     return kmm.MobileVMoE(
         backbone, num_classes=10, routing="learned", name="classifier"
     )

@@ -26,21 +26,29 @@ from keras_mobile_moe.models.task_utils import _NonFiniteLoss
 
 NUM_CLASSES = 4
 SMALL = dict(
-    image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16,
-    num_heads=2, mlp_dim=32, num_experts=4,
+    image_shape=(32, 32, 3),
+    patch_size=8,
+    num_layers=2,
+    hidden_dim=16,
+    num_heads=2,
+    mlp_dim=32,
+    num_experts=4,
 )
 
 
 def classifier(num_moe_layers=1, value_range=(0, 255), **kwargs):
     converter = MobileVMoEImageConverter(
-        image_size=(32, 32), scale=1 / 127.5, offset=-1.0,
+        image_size=(32, 32),
+        scale=1 / 127.5,
+        offset=-1.0,
         value_range=value_range,
     )
     backbone = kmm.MobileVMoEBackbone(**SMALL, num_moe_layers=num_moe_layers)
     if num_moe_layers:
         kwargs.setdefault("superclass_ids", [0, 1, 2, 3])
     return kmm.MobileVMoE(
-        backbone, num_classes=NUM_CLASSES,
+        backbone,
+        num_classes=NUM_CLASSES,
         preprocessor=MobileVMoEImageClassifierPreprocessor(converter),
         **kwargs,
     )
@@ -65,35 +73,68 @@ def with_nan(images):
 
 # name, images, labels, message the error must match
 BAD_FIT_ROWS = [
-    ("label == num_classes", PIXELS, LABELS + 100,
-     r"y of shape \(8,\).*values in \[100, 103\].*\[0, 4\)"),
+    (
+        "label == num_classes",
+        PIXELS,
+        LABELS + 100,
+        r"y of shape \(8,\).*values in \[100, 103\].*\[0, 4\)",
+    ),
     ("label -1", PIXELS, LABELS - 1, r"values in \[-1, 2\].*\[0, 4\)"),
     ("float labels", PIXELS, LABELS + 0.5, r"non-integer values.*truncated"),
     ("bool labels", PIXELS, LABELS > 1, r"dtype bool.*integer class ids"),
-    ("one-hot labels with the sparse loss", PIXELS, np.eye(4)[LABELS],
-     r"loss is sparse.*argmax.*CategoricalCrossentropy"),
+    (
+        "one-hot labels with the sparse loss",
+        PIXELS,
+        np.eye(4)[LABELS],
+        r"loss is sparse.*argmax.*CategoricalCrossentropy",
+    ),
     ("labels of another length", PIXELS, LABELS[:5], r"for 8 images"),
-    ("images in [0, 1]", PIXELS / 255.0, LABELS,
-     r"images of shape \(8, 32, 32, 3\).*scaled to \[0, 1\].*value_range"),
-    ("images in [-1, 1]", PIXELS / 127.5 - 1, LABELS,
-     r"scaled to \[-1, 1\].*value_range = \(-1, 1\)"),
+    (
+        "images in [0, 1]",
+        PIXELS / 255.0,
+        LABELS,
+        r"images of shape \(8, 32, 32, 3\).*scaled to \[0, 1\].*value_range",
+    ),
+    (
+        "images in [-1, 1]",
+        PIXELS / 127.5 - 1,
+        LABELS,
+        r"scaled to \[-1, 1\].*value_range = \(-1, 1\)",
+    ),
     ("bool images", PIXELS > 127, LABELS, r"dtype bool.*not accepted"),
     ("NaN pixel", with_nan(PIXELS), LABELS, r"1 NaN or inf values"),
-    ("inf pixel", np.where(PIXELS > 254, np.inf, PIXELS).astype("float32"),
-     LABELS, r"NaN or inf"),
-    ("pixels above 255", PIXELS.astype("float32") * 2, LABELS,
-     r"outside the converter's value_range \(0, 255\)"),
-    ("single image", PIXELS[0], LABELS[:1],
-     r"images of shape \(32, 32, 3\).*single image.*images\[None\]"),
-    ("grayscale batch", PIXELS[..., :1], LABELS,
-     r"shape \(8, 32, 32, 1\).*3 channels.*np.repeat"),
+    (
+        "inf pixel",
+        np.where(PIXELS > 254, np.inf, PIXELS).astype("float32"),
+        LABELS,
+        r"NaN or inf",
+    ),
+    (
+        "pixels above 255",
+        PIXELS.astype("float32") * 2,
+        LABELS,
+        r"outside the converter's value_range \(0, 255\)",
+    ),
+    (
+        "single image",
+        PIXELS[0],
+        LABELS[:1],
+        r"images of shape \(32, 32, 3\).*single image.*images\[None\]",
+    ),
+    (
+        "grayscale batch",
+        PIXELS[..., :1],
+        LABELS,
+        r"shape \(8, 32, 32, 1\).*3 channels.*np.repeat",
+    ),
     ("empty batch", PIXELS[:0], LABELS[:0], r"shape \(0, 32, 32, 3\).*empty"),
     ("string images", PIXELS.astype(str), LABELS, r"numeric images"),
 ]
 
 
 @pytest.mark.parametrize(
-    "images,labels,message", [r[1:] for r in BAD_FIT_ROWS],
+    "images,labels,message",
+    [r[1:] for r in BAD_FIT_ROWS],
     ids=[r[0] for r in BAD_FIT_ROWS],
 )
 def test_fit_rejects_bad_rows_before_keras(model, images, labels, message):
@@ -113,8 +154,9 @@ def test_predict_rejects_bad_images_and_the_model_keeps_working(
     with pytest.raises(ValueError, match=message):
         model.predict(images, verbose=0)
     # On JAX a failed predict inside Keras 3.15.1 breaks every later call.
-    np.testing.assert_allclose(model.predict(PIXELS, verbose=0), before,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        model.predict(PIXELS, verbose=0), before, atol=1e-6
+    )
 
 
 def test_evaluate_checks_labels(model):
@@ -133,8 +175,11 @@ def test_value_range_contract():
     np.testing.assert_allclose(
         unit, model.predict(PIXELS / 127.5 - 1, verbose=0), atol=1e-4
     )
-    with pytest.raises(ValueError, match=r"outside the converter's "
-                       r"value_range \(-1, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"outside the converter's "
+        r"value_range \(-1, 1\)",
+    ):
         model.predict(PIXELS.astype("float32"), verbose=0)
     config = model.preprocessor.image_converter.get_config()
     assert config["value_range"] == [-1, 1]
@@ -154,7 +199,9 @@ def test_one_hot_and_soft_targets_with_a_categorical_loss():
     model.fit(PIXELS, np.eye(4)[LABELS], epochs=1, verbose=0)
     soft = np.full((8, 4), 0.25)
     model.fit(PIXELS, soft, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match=r"one-hot or soft targets \[batch, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"one-hot or soft targets \[batch, 4\]"
+    ):
         model.fit(PIXELS, np.eye(5)[LABELS], epochs=1, verbose=0)
     with pytest.raises(ValueError, match="rows sum to 1"):
         model.fit(PIXELS, soft * 2, epochs=1, verbose=0)
@@ -205,7 +252,8 @@ def test_every_input_kind_fits_evaluates_and_predicts(model, kind):
         model.predict(make(PIXELS), verbose=0)
     assert np.isfinite(history.history["loss"][0])
     ours = [
-        str(w.message) for w in caught
+        str(w.message)
+        for w in caught
         if "shuffle" in str(w.message) or "ran out of data" in str(w.message)
     ]
     assert not ours, ours
@@ -268,9 +316,16 @@ def test_non_finite_loss_stops_training_before_the_checkpoint(tmp_path):
     checkpoint = tmp_path / "last.weights.h5"
     with pytest.raises(FloatingPointError, match="loss is nan.*batch 1"):
         model.fit(
-            PIXELS, LABELS, epochs=1, batch_size=4, verbose=0,
-            callbacks=[keras.callbacks.ModelCheckpoint(
-                str(checkpoint), save_weights_only=True, save_freq=1)],
+            PIXELS,
+            LABELS,
+            epochs=1,
+            batch_size=4,
+            verbose=0,
+            callbacks=[
+                keras.callbacks.ModelCheckpoint(
+                    str(checkpoint), save_weights_only=True, save_freq=1
+                )
+            ],
         )
     assert not checkpoint.exists()
     with pytest.raises(FloatingPointError, match="loss is inf"):
@@ -283,11 +338,18 @@ def test_non_finite_loss_stops_training_before_the_checkpoint(tmp_path):
 @pytest.mark.parametrize("cls", ["MobileVMoEBackbone", "MoNEBackbone"])
 def test_absurd_config_is_refused_before_allocating(cls):
     backbone_cls = getattr(kmm.models, cls)
-    with pytest.raises(ValueError, match=r"hidden_dim=1000000.*GiB.*more "
-                       "than this machine's"):
+    with pytest.raises(
+        ValueError,
+        match=r"hidden_dim=1000000.*GiB.*more "
+        "than this machine's",
+    ):
         backbone_cls(
-            image_shape=(32, 32, 3), patch_size=8, num_layers=12,
-            hidden_dim=1000000, num_heads=2, mlp_dim=64,
+            image_shape=(32, 32, 3),
+            patch_size=8,
+            num_layers=12,
+            hidden_dim=1000000,
+            num_heads=2,
+            mlp_dim=64,
         )
     parameters, _ = kmm.validation.check_model_memory(
         cls, (32, 32, 3), 8, 2, 16, [32, 32], 2, [1, 4], available=2**40
@@ -303,10 +365,14 @@ def test_calibration_data_is_checked(model, tmp_path):
     inputs = PIXELS / 127.5 - 1
     # preprocessing=False: the file takes the model's input format, so
     # calibration images must be preprocessed.
-    with pytest.raises(ValueError, match=r"values in \[0, 255\].*"
-                       r"\[-1, 1\].*image_converter"):
-        tflite.to_tflite(model, path, "int8", PIXELS.astype("float32"),
-                         preprocessing=False)
+    with pytest.raises(
+        ValueError,
+        match=r"values in \[0, 255\].*"
+        r"\[-1, 1\].*image_converter",
+    ):
+        tflite.to_tflite(
+            model, path, "int8", PIXELS.astype("float32"), preprocessing=False
+        )
     bad = inputs.copy()
     bad[0, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="1 NaN or inf values"):
@@ -354,9 +420,17 @@ def test_the_cli_prints_the_flag_in_its_error(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "keras_mobile_moe.export", "--preset",
-         "12x384_e10", "--out", str(tmp_path / "x.tflite")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "keras_mobile_moe.export",
+            "--preset",
+            "12x384_e10",
+            "--out",
+            str(tmp_path / "x.tflite"),
+        ],
+        capture_output=True,
+        text=True,
         env={**os.environ, "KMM_EXPORT_SUBPROCESS": ""},
     )
     assert result.returncode == 1

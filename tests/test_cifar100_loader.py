@@ -42,7 +42,10 @@ def save_npz(path, **changes):
 def test_load_data_from_a_path_and_from_the_environment(tmp_path, monkeypatch):
     fixture = cifar100.load_fixture()
     path = save_npz(tmp_path / "c.npz")
-    for data in (cifar100.load_data(path), cifar100.load_data(pathlib.Path(path))):
+    for data in (
+        cifar100.load_data(path),
+        cifar100.load_data(pathlib.Path(path)),
+    ):
         assert sorted(data) == sorted(cifar100.KEYS)
         for key in cifar100.KEYS:
             np.testing.assert_array_equal(data[key], fixture[key])
@@ -68,7 +71,9 @@ def test_full_dataset_from_shared():
     assert data["x_test"].shape == (10000, 32, 32, 3)
     assert np.bincount(data["y_train"]).tolist() == [500] * 100
     assert np.bincount(data["y_test_coarse"]).tolist() == [500] * 20
-    assert data["class_names"][0] == "apple" and data["class_names"][99] == "worm"
+    assert (
+        data["class_names"][0] == "apple" and data["class_names"][99] == "worm"
+    )
     table = cifar100.fine_to_coarse(data["y_train"], data["y_train_coarse"])
     assert data["coarse_names"][table[0]] == "fruit_and_vegetables"
 
@@ -99,7 +104,9 @@ def official_archive(path, train_labels=(0, 1, 99, 0), extra=None):
         "test": batch([99, 1]),
         "meta": {
             b"fine_label_names": [n.encode() for n in fixture["class_names"]],
-            b"coarse_label_names": [n.encode() for n in fixture["coarse_names"]],
+            b"coarse_label_names": [
+                n.encode() for n in fixture["coarse_names"]
+            ],
         },
     }
     members.update(extra or {})
@@ -112,7 +119,9 @@ def official_archive(path, train_labels=(0, 1, 99, 0), extra=None):
     return members, hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def test_official_archive_is_read_without_unsafe_unpickling(tmp_path, monkeypatch):
+def test_official_archive_is_read_without_unsafe_unpickling(
+    tmp_path, monkeypatch
+):
     path = tmp_path / "cifar-100-python.tar.gz"
     members, digest = official_archive(path)
     monkeypatch.setattr(cifar100, "ARCHIVE_SHA256", digest)
@@ -138,7 +147,10 @@ def test_download_checks_the_hash_and_caches(tmp_path, monkeypatch):
     assert data["x_test"].shape == (2, 32, 32, 3)
     assert (cache / "datasets" / cifar100.ARCHIVE_NAME).exists()
     source.unlink()  # the second call reads the cached, checked copy
-    assert cifar100.load_data(cache_dir=str(cache))["y_test"].tolist() == [99, 1]
+    assert cifar100.load_data(cache_dir=str(cache))["y_test"].tolist() == [
+        99,
+        1,
+    ]
 
 
 def test_download_with_a_wrong_hash_fails(tmp_path, monkeypatch):
@@ -153,7 +165,9 @@ def test_download_without_network_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(
         cifar100, "ARCHIVE_URL", (tmp_path / "unreachable.tar.gz").as_uri()
     )
-    with pytest.raises(ConnectionError, match="Could not download CIFAR-100") as info:
+    with pytest.raises(
+        ConnectionError, match="Could not download CIFAR-100"
+    ) as info:
         cifar100.load_data(cache_dir=str(tmp_path / "cache"))
     assert "KMM_CIFAR100_PATH" in str(info.value) and "path=" in str(info.value)
 
@@ -180,8 +194,10 @@ def test_archive_with_code_in_its_pickles_is_refused(tmp_path, monkeypatch):
         path, extra={"meta": pickle.dumps({b"x": _Exploit(marker)}, 4)}
     )
     monkeypatch.setattr(cifar100, "ARCHIVE_SHA256", digest)
-    with pytest.raises(ValueError, match="cannot be read safely .*refusing to "
-                       "load the global .*system"):
+    with pytest.raises(
+        ValueError,
+        match="cannot be read safely .*refusing to load the global .*system",
+    ):
         cifar100.load_data(path)
     assert not marker.exists()
 
@@ -205,26 +221,48 @@ def test_truncated_archive(tmp_path, monkeypatch):
     "changes, message",
     [
         ({"y_test_coarse": None}, r"has no \['y_test_coarse'\]"),
-        ({"x_train": np.zeros((8, 32, 32), np.uint8)},
-         r"x_train has shape \(8, 32, 32\); expected \[N, 32, 32, 3\]"),
-        ({"x_test": np.zeros((200, 32, 32, 3), np.float32)},
-         "x_test has dtype float32; expected uint8"),
-        ({"y_train": np.full(800, 100)},
-         r"y_train has labels up to 100 .*expected fine labels in \[0, 100\)"),
-        ({"y_test_coarse": np.full(200, -1)},
-         r"expected coarse labels in \[0, 20\)"),
-        ({"y_test": np.zeros(199, np.int64)},
-         r"y_test has shape \(199,\); expected \(200,\)"),
-        ({"y_train": np.zeros(800, np.float32)},
-         "y_train has dtype float32; expected integer labels"),
-        ({"class_names": np.array(["a"] * 99)},
-         "class_names is <U1 of shape \\(99,\\); expected 100 str names"),
-        ({"y_train_coarse": np.arange(800) % 20},
-         "more than one coarse label"),
+        (
+            {"x_train": np.zeros((8, 32, 32), np.uint8)},
+            r"x_train has shape \(8, 32, 32\); expected \[N, 32, 32, 3\]",
+        ),
+        (
+            {"x_test": np.zeros((200, 32, 32, 3), np.float32)},
+            "x_test has dtype float32; expected uint8",
+        ),
+        (
+            {"y_train": np.full(800, 100)},
+            r"y_train has labels up to 100 "
+            r".*expected fine labels in \[0, 100\)",
+        ),
+        (
+            {"y_test_coarse": np.full(200, -1)},
+            r"expected coarse labels in \[0, 20\)",
+        ),
+        (
+            {"y_test": np.zeros(199, np.int64)},
+            r"y_test has shape \(199,\); expected \(200,\)",
+        ),
+        (
+            {"y_train": np.zeros(800, np.float32)},
+            "y_train has dtype float32; expected integer labels",
+        ),
+        (
+            {"class_names": np.array(["a"] * 99)},
+            "class_names is <U1 of shape \\(99,\\); expected 100 str names",
+        ),
+        ({"y_train_coarse": np.arange(800) % 20}, "more than one coarse label"),
     ],
-    ids=["missing_key", "image_shape", "image_dtype", "fine_range",
-         "coarse_range", "label_count", "label_dtype", "names",
-         "inconsistent_coarse"],
+    ids=[
+        "missing_key",
+        "image_shape",
+        "image_dtype",
+        "fine_range",
+        "coarse_range",
+        "label_count",
+        "label_dtype",
+        "names",
+        "inconsistent_coarse",
+    ],
 )
 def test_bad_npz_files_say_what_is_wrong(tmp_path, changes, message):
     path = save_npz(tmp_path / "bad.npz", **changes)
@@ -236,8 +274,9 @@ def test_npz_with_pickled_objects_is_never_unpickled(tmp_path):
     path = save_npz(
         tmp_path / "obj.npz", class_names=np.array([object()] * 100, object)
     )
-    with pytest.raises(ValueError, match="pickled object arrays, which are "
-                       "never loaded"):
+    with pytest.raises(
+        ValueError, match="pickled object arrays, which are never loaded"
+    ):
         cifar100.load_data(path)
 
 

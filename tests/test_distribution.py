@@ -64,7 +64,8 @@ TRAIN_SCRIPT = textwrap.dedent(
         layouts = {}
         for v in model.variables + model.optimizer.variables:
             # The expert weights and their Adam slots, e.g.
-            # "moe_block_1/moe/kernel_in", "adam/moe_block_1_moe_kernel_in_momentum".
+            # "moe_block_1/moe/kernel_in",
+            # "adam/moe_block_1_moe_kernel_in_momentum".
             if any(name in v.path for name in (
                     "kernel_in", "kernel_out", "bias_in", "bias_out")):
                 value = v.value
@@ -166,13 +167,14 @@ def test_data_and_expert_parallel_training_match_one_device():
         timeout=900,
     )
     lines = [
-        line for line in process.stdout.splitlines()
+        line
+        for line in process.stdout.splitlines()
         if line.startswith("RESULTS ")
     ]
     assert process.returncode == 0 and lines, (
         process.stdout[-3000:] + process.stderr[-6000:]
     )
-    results = json.loads(lines[-1][len("RESULTS "):])
+    results = json.loads(lines[-1][len("RESULTS ") :])
 
     import numpy as np
 
@@ -181,14 +183,18 @@ def test_data_and_expert_parallel_training_match_one_device():
     assert np.all(np.isfinite(single["curve"]))
     for name in ("data", "expert_2x2"):
         np.testing.assert_allclose(
-            results[name]["curve"], single["curve"], rtol=1e-4, atol=1e-5,
+            results[name]["curve"],
+            single["curve"],
+            rtol=1e-4,
+            atol=1e-5,
             err_msg=name,
         )
         # The trained weights agree too: 8 Adam steps of up to 1e-3 each;
         # seen ~1.3e-5 apart (Adam rescales the float32 rounding noise of
         # near-zero gradients).
         assert results[name]["max_weight_diff"] < 1e-4, (
-            name, results[name]["max_weight_diff"]
+            name,
+            results[name]["max_weight_diff"],
         )
     # Same seed, same initial weights, however they are laid out.
     for name in ("data", "expert_2x2", "expert_1x4"):

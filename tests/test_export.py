@@ -53,12 +53,15 @@ def exported(trained, tmp_path_factory):
         # stream in float32.
         "int8_static": dict(quantization="int8", int8_activations="static"),
         "int8_routing": dict(
-            quantization="int8", int8_activations="static",
+            quantization="int8",
+            int8_activations="static",
             float_residual_stream=False,
         ),
         "int8_full": dict(
-            quantization="int8", int8_activations="static",
-            float_routing=False, float_residual_stream=False,
+            quantization="int8",
+            int8_activations="static",
+            float_routing=False,
+            float_residual_stream=False,
         ),
     }
     reports = {}
@@ -92,10 +95,18 @@ def test_float32_matches_keras_to_1e_4(trained, exported):
     assert len(np.unique(reference["expert_index"])) == 4
 
 
-@pytest.mark.parametrize("mode", [
-    "none", "float16", "dynamic", "int8", "int8_static", "int8_routing",
-    "int8_full",
-])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "none",
+        "float16",
+        "dynamic",
+        "int8",
+        "int8_static",
+        "int8_routing",
+        "int8_full",
+    ],
+)
 def test_files_use_builtin_ops_and_keep_per_image_routing(exported, mode):
     report = exported[mode]
     assert not [op for op in report["ops"] if op.startswith("Flex")]
@@ -111,8 +122,11 @@ def _ops(path):
     tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     return [
-        (op["op_name"], [tensors[i]["dtype"] for i in op["inputs"] if i >= 0],
-         [tensors[i]["name"] for i in op["outputs"]])
+        (
+            op["op_name"],
+            [tensors[i]["dtype"] for i in op["inputs"] if i >= 0],
+            [tensors[i]["name"] for i in op["outputs"]],
+        )
         for op in ops
     ]
 
@@ -126,19 +140,23 @@ def _weight_dtypes(path, pattern):
     produced = {i for op in ops for i in op["outputs"]}
     inputs = {t["index"] for t in interpreter.get_input_details()}
     return {
-        tensors[i]["dtype"] for op in ops
+        tensors[i]["dtype"]
+        for op in ops
         if op["op_name"] == "FULLY_CONNECTED"
         and any(re.search(pattern, tensors[o]["name"]) for o in op["outputs"])
-        for i in op["inputs"][1:2] if i >= 0 and i not in produced
-        and i not in inputs
+        for i in op["inputs"][1:2]
+        if i >= 0 and i not in produced and i not in inputs
     }
 
 
 def test_int8_default_keeps_the_routing_blocks_weights_float(exported):
     report = exported["int8"]
     assert report["int8_activations"] == "dynamic"
-    assert report["float_layers"] == ["dense_block_0", "dense_block_1",
-                                      "router"]
+    assert report["float_layers"] == [
+        "dense_block_0",
+        "dense_block_1",
+        "router",
+    ]
     assert report["float_residual_stream"] is None
     path = report["path"]
     # The blocks before the router: float32 weights (float ops); the patch
@@ -162,7 +180,8 @@ def test_int8_routing_path_is_float_up_to_the_topk(exported):
     topk = [op for op in ops if op[0] == "TOPK_V2"]
     assert len(topk) == 1 and topk[0][1][0] == np.float32
     softmax_index = max(
-        i for i, op in enumerate(ops)
+        i
+        for i, op in enumerate(ops)
         if op[0] == "SOFTMAX" and any("router" in n for n in op[2])
     )
     router_dense = ops[softmax_index - 1]
@@ -171,14 +190,17 @@ def test_int8_routing_path_is_float_up_to_the_topk(exported):
     # All int8: the TopK ranks int8 probabilities.
     full = _ops(exported["int8_full"]["path"])
     assert [op[1][0] for op in full if op[0] == "TOPK_V2"] == [np.int8]
+
     # The residual stream of the MoE blocks (their additions and the
     # LayerNorms' first op) is float32 by default, int8 with
     # float_residual_stream=False; the expert matmuls are int8 in both.
     def input_dtypes(path, op_name, pattern):
         return {
-            op[1][0] for op in _ops(path)
+            op[1][0]
+            for op in _ops(path)
             if op[0] == op_name and any(re.search(pattern, n) for n in op[2])
         }
+
     residual = r"/moe_block_\d_1/add(_1)?$"
     norm_mean = r"/moe_block_\d_1/(attention|mlp)_norm_1/moments/mean$"
     experts = r"/moe_block_\d_1/moe_1/MatMul"
@@ -205,7 +227,10 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
     for mode in ("int8", "int8_static", "int8_routing"):
         assert size[mode] < 0.6 * size["none"]
     assert exported["int8_static"]["float_layers"] == ROUTING + [
-        "attention_norm", "mlp_norm", "final_norm", "predictions"
+        "attention_norm",
+        "mlp_norm",
+        "final_norm",
+        "predictions",
     ]
     assert exported["int8_static"]["float_residual_stream"] is True
     assert exported["int8_routing"]["float_layers"] == ROUTING
@@ -215,9 +240,10 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
         mode: agreement(model, exported[mode]["path"], images, labels)
         for mode in exported
     }
-    print("top-1 / routing agreement:", {
-        mode: (r["top1"], r["routing"]) for mode, r in result.items()
-    })
+    print(
+        "top-1 / routing agreement:",
+        {mode: (r["top1"], r["routing"]) for mode, r in result.items()},
+    )
     assert result["none"]["top1"] == result["none"]["routing"] == 1.0
     assert result["float16"]["top1"] >= 0.99
     assert result["float16"]["routing"] >= 0.99
@@ -238,9 +264,12 @@ def test_quantized_files_are_smaller_and_agree_with_keras(trained, exported):
     assert result["int8_full"]["routing"] >= 0.93
     # Quantization costs agreement, not accuracy: within 2 points.
     for mode in exported:
-        assert abs(
-            result[mode]["tflite_accuracy"] - result[mode]["keras_accuracy"]
-        ) <= 0.02
+        assert (
+            abs(
+                result[mode]["tflite_accuracy"] - result[mode]["keras_accuracy"]
+            )
+            <= 0.02
+        )
 
 
 def test_agreement_detects_a_different_model_and_old_files(
@@ -305,14 +334,24 @@ def test_bad_arguments_raise(trained, tmp_path):
     with pytest.raises(ValueError, match="quantization='int4'"):
         to_tflite(model, tmp_path / "x.tflite", quantization="int4")
     with pytest.raises(ValueError, match="needs representative_data"):
-        to_tflite(model, tmp_path / "x.tflite", quantization="int8",
-                  int8_activations="static")
+        to_tflite(
+            model,
+            tmp_path / "x.tflite",
+            quantization="int8",
+            int8_activations="static",
+        )
     with pytest.raises(ValueError, match="int8_activations='float'"):
-        to_tflite(model, tmp_path / "x.tflite", quantization="int8",
-                  int8_activations="float")
+        to_tflite(
+            model,
+            tmp_path / "x.tflite",
+            quantization="int8",
+            int8_activations="float",
+        )
     with pytest.raises(ValueError, match=r"representative_data has shape"):
         to_tflite(
-            model, tmp_path / "x.tflite", quantization="int8",
+            model,
+            tmp_path / "x.tflite",
+            quantization="int8",
             representative_data=np.zeros((4, 16, 16, 3), "float32"),
         )
     with pytest.raises(ValueError, match="exports classifier tasks"):
@@ -320,22 +359,34 @@ def test_bad_arguments_raise(trained, tmp_path):
     calibration = trained[1][:4]
     with pytest.raises(ValueError, match="float_layers='final_norm'"):
         to_tflite(
-            model, tmp_path / "x.tflite", quantization="int8",
-            representative_data=calibration, float_layers="final_norm",
+            model,
+            tmp_path / "x.tflite",
+            quantization="int8",
+            representative_data=calibration,
+            float_layers="final_norm",
         )
     with pytest.raises(ValueError, match="quantization='float16'"):
         to_tflite(
-            model, tmp_path / "x.tflite", quantization="float16",
+            model,
+            tmp_path / "x.tflite",
+            quantization="float16",
             float_layers=["final_norm"],
         )
     with pytest.raises(ValueError, match="float_residual_stream='yes'"):
         to_tflite(
-            model, tmp_path / "x.tflite", quantization="int8",
-            representative_data=calibration, float_residual_stream="yes",
+            model,
+            tmp_path / "x.tflite",
+            quantization="int8",
+            representative_data=calibration,
+            float_residual_stream="yes",
         )
-    with pytest.raises((ValueError, RuntimeError), match=r"\['no_such_layer'\]"):
+    with pytest.raises(
+        (ValueError, RuntimeError), match=r"\['no_such_layer'\]"
+    ):
         to_tflite(
-            model, tmp_path / "x.tflite", quantization="int8",
+            model,
+            tmp_path / "x.tflite",
+            quantization="int8",
             representative_data=calibration,
             float_layers=["final_norm", "no_such_layer"],
         )
@@ -367,8 +418,10 @@ def test_expert_split_matches_single_file_with_dense_sized_memory(
     resident = manifest["trunk"]["bytes"] + max(
         e["bytes"] for e in manifest["experts"]
     )
-    print(f"resident {resident} B, dense {dense_bytes} B, "
-          f"single file {exported['none']['bytes']} B")
+    print(
+        f"resident {resident} B, dense {dense_bytes} B, "
+        f"single file {exported['none']['bytes']} B"
+    )
     assert resident <= 1.1 * dense_bytes
     assert exported["none"]["bytes"] > 1.5 * resident
 
@@ -388,7 +441,8 @@ def test_file_takes_raw_uint8_and_matches_predict(preset_model, tmp_path):
         {"name": "images", "dtype": "uint8", "shape": [1, 32, 32, 3]}
     ]
     assert {(o["name"], o["dtype"]) for o in report["outputs"]} == {
-        ("logits", "float32"), ("router_logits", "float32"),
+        ("logits", "float32"),
+        ("router_logits", "float32"),
         ("expert_index", "int32"),
     }
     # Resize and scaling inside, with builtin ops.
@@ -427,11 +481,14 @@ def test_bicubic_preprocessing_resizes_with_builtin_matmuls(tmp_path):
     # so the file applies it as two constant matrices (exact for a fixed
     # input size).
     converter = kmm.models.MobileVMoEImageConverter(
-        image_size=(48, 48), interpolation="bicubic", scale=1 / 127.5,
+        image_size=(48, 48),
+        interpolation="bicubic",
+        scale=1 / 127.5,
         offset=-1.0,
     )
     model = kmm.MobileVMoE(
-        tiny_backbone(image_shape=(48, 48, 3)), num_classes=10,
+        tiny_backbone(image_shape=(48, 48, 3)),
+        num_classes=10,
         preprocessor=kmm.models.MobileVMoEImageClassifierPreprocessor(
             converter
         ),
@@ -458,8 +515,11 @@ def test_preprocessing_arguments_are_checked(preset_model, tmp_path):
     with pytest.raises(ValueError, match="preprocessing='yes'"):
         to_tflite(model, path, preprocessing="yes")
     raw, _ = fixture_images(model, "train", raw=True)
-    with pytest.raises(ValueError, match=r"shape \(4, 32, 32, 3\); expected "
-                       r"raw images \[n, 16, 16, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(4, 32, 32, 3\); expected "
+        r"raw images \[n, 16, 16, 3\]",
+    ):
         to_tflite(model, path, "int8", raw[:4], input_size=(16, 16))
     with pytest.raises(ValueError, match=r"values in \[-1, 1\].*raw pixels"):
         to_tflite(model, path, "int8", raw[:4] / 127.5 - 1, input_size=32)
@@ -477,10 +537,21 @@ def test_cli_help_example_exports_a_trained_preset(tmp_path):
     out = tmp_path / "m.tflite"
     # The command of the CLI's --help, as written (int8, raw 32x32 input).
     result = subprocess.run(
-        [sys.executable, "-m", "keras_mobile_moe.export", "--preset",
-         "6x64_e10_cifar100", "--quantization", "int8", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "keras_mobile_moe.export",
+            "--preset",
+            "6x64_e10_cifar100",
+            "--quantization",
+            "int8",
+            "--out",
+            str(out),
+        ],
         env={**os.environ, "KERAS_BACKEND": "tensorflow"},
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -491,16 +562,28 @@ def test_cli_help_example_exports_a_trained_preset(tmp_path):
     assert summary.startswith(f"wrote {out}") and "top-1 agreement" in summary
     # TensorFlow's and LiteRT's native log lines, those TensorFlow prints
     # while it is imported included, are filtered out: the summary is all.
-    for prefix in ("fully_quantize", "W0000", "INFO: Created TensorFlow",
-                   "oneDNN", "cuda", "cpu_feature_guard", "absl::"):
+    for prefix in (
+        "fully_quantize",
+        "W0000",
+        "INFO: Created TensorFlow",
+        "oneDNN",
+        "cuda",
+        "cpu_feature_guard",
+        "absl::",
+    ):
         assert prefix not in result.stderr
     assert result.stderr.strip().splitlines() == [summary]
     # Issue 14's goals on the fixture (measured: 99.2% top-1, 99.9% routing,
     # accuracy 27.0% vs Keras 27.1%).
     assert report["agreement"]["top1"] >= 0.98
     assert report["agreement"]["routing"] >= 0.995
-    assert abs(report["agreement"]["tflite_accuracy"]
-               - report["agreement"]["keras_accuracy"]) <= 0.005
+    assert (
+        abs(
+            report["agreement"]["tflite_accuracy"]
+            - report["agreement"]["keras_accuracy"]
+        )
+        <= 0.005
+    )
 
 
 # A plain Python subprocess: nothing of the session's backend.
@@ -524,11 +607,17 @@ def test_native_log_filter_passes_other_lines_even_on_a_crash():
         "os.write(2, b'E0000 00:00 real.cc:1] a real error\\n'); "
         "os.write(2, b'Traceback: the last line\\n'); os._exit(3)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                            text=True, check=False, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 3
     assert result.stderr.splitlines() == [
-        "E0000 00:00 real.cc:1] a real error", "Traceback: the last line"
+        "E0000 00:00 real.cc:1] a real error",
+        "Traceback: the last line",
     ]
 
 
@@ -542,11 +631,24 @@ def test_cli_exports_a_preset_with_builtin_ops_only(tmp_path):
 
     out = tmp_path / "cli.tflite"
     result = subprocess.run(
-        [sys.executable, "-m", "keras_mobile_moe.export", "--preset",
-         "6x64_e10", "--random_weights", "--quantization", "int8",
-         "--num_calibration", "8", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "keras_mobile_moe.export",
+            "--preset",
+            "6x64_e10",
+            "--random_weights",
+            "--quantization",
+            "int8",
+            "--num_calibration",
+            "8",
+            "--out",
+            str(out),
+        ],
         env={**os.environ, "KERAS_BACKEND": "tensorflow"},
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -558,8 +660,14 @@ def test_cli_exports_a_preset_with_builtin_ops_only(tmp_path):
 @pytest.mark.parametrize("budget", [1.0, 0.5, 0.25])
 def test_mone_exports_at_fixed_budgets_with_parity(budget, tmp_path):
     backbone = kmm.MoNEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
-        num_heads=2, mlp_dim=64, num_nested_experts=4, capacity_budget=0.5,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=32,
+        num_heads=2,
+        mlp_dim=64,
+        num_nested_experts=4,
+        capacity_budget=0.5,
     )
     model = kmm.MoNE(backbone, num_classes=10)
     model.backbone.capacity_budget = budget  # a built model, changed for export

@@ -43,11 +43,18 @@ IMAGES = (
 def build(seed, num_moe_layers):
     keras.utils.set_random_seed(seed)
     backbone = kmm.MobileVMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=16,
-        num_heads=2, mlp_dim=32, num_experts=4, num_moe_layers=num_moe_layers,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=16,
+        num_heads=2,
+        mlp_dim=32,
+        num_experts=4,
+        num_moe_layers=num_moe_layers,
     )
     return kmm.MobileVMoE(
-        backbone, num_classes=4,
+        backbone,
+        num_classes=4,
         superclass_ids=[0, 1, 2, 3] if num_moe_layers else None,
     )
 
@@ -78,24 +85,50 @@ def half_then_disk_full(original):
 # (owner, attribute, replacement factory) in the order a save reaches them.
 SAVE_FAULTS = {
     "writing the first config": (
-        preset_utils.KerasPresetSaver, "_save_serialized_object",
-        lambda original: disk_full),
+        preset_utils.KerasPresetSaver,
+        "_save_serialized_object",
+        lambda original: disk_full,
+    ),
     "writing the task weights (half written)": (
-        kmm.MobileVMoE, "save_task_weights", half_then_disk_full),
+        kmm.MobileVMoE,
+        "save_task_weights",
+        half_then_disk_full,
+    ),
     "writing the backbone weights (half written)": (
-        kmm.MobileVMoEBackbone, "save_weights", half_then_disk_full),
+        kmm.MobileVMoEBackbone,
+        "save_weights",
+        half_then_disk_full,
+    ),
     "hashing the weights": (
-        preset_loader, "file_sha256", lambda original: disk_full),
+        preset_loader,
+        "file_sha256",
+        lambda original: disk_full,
+    ),
     "writing the model card": (
-        preset_format, "model_card", lambda original: disk_full),
+        preset_format,
+        "model_card",
+        lambda original: disk_full,
+    ),
     "carrying over the user's files": (
-        preset_loader, "_carry_over", lambda original: disk_full),
+        preset_loader,
+        "_carry_over",
+        lambda original: disk_full,
+    ),
     "fsyncing the staging directory": (
-        atomic_io, "fsync_tree", lambda original: disk_full),
+        atomic_io,
+        "fsync_tree",
+        lambda original: disk_full,
+    ),
     "swapping the directories": (
-        atomic_io, "_exchange", lambda original: disk_full),
+        atomic_io,
+        "_exchange",
+        lambda original: disk_full,
+    ),
     "renaming (no renameat2: fallback)": (
-        atomic_io, "_exchange", lambda original: (lambda a, b: False)),
+        atomic_io,
+        "_exchange",
+        lambda original: lambda a, b: False,
+    ),
 }
 
 
@@ -148,7 +181,9 @@ def test_the_two_rename_fallback_saves(models, tmp_path, monkeypatch):
 def test_kills_during_save_and_export_leave_the_previous_result(tmp_path):
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "fault_saver.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     points = json.loads(result.stdout.strip().splitlines()[-1])
@@ -170,8 +205,11 @@ def test_save_refuses_files_it_did_not_write(models, tmp_path):
     (folder / "README.md").write_text("# my notes\n")
     (folder / "data").mkdir()
     (folder / "data" / "x.npy").write_bytes(b"123")
-    with pytest.raises(FileExistsError, match=r"\['config.json', "
-                       r"'metadata.json'\].*overwrite=True"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"\['config.json', "
+        r"'metadata.json'\].*overwrite=True",
+    ):
         old.save_to_preset(folder)
     assert (folder / "config.json").read_text() == '{"my": "config"}'
     old.save_to_preset(folder, overwrite=True)
@@ -189,7 +227,8 @@ def test_saves_record_and_loading_verifies_every_sha256(models, tmp_path):
     old.save_to_preset(folder)
     metadata = json.loads((folder / "metadata.json").read_text())
     assert sorted(metadata["files_sha256"]) == [
-        "model.weights.h5", "task.weights.h5"
+        "model.weights.h5",
+        "task.weights.h5",
     ]
     assert metadata["tasks"] == ["ImageClassifier"]
     weights = folder / "task.weights.h5"
@@ -257,8 +296,9 @@ def fail_while_writing(monkeypatch, good):
         with HalfWriter(out) as f:
             f.write(good)
 
-    monkeypatch.setattr(tflite, "convert_functional",
-                        lambda *args, **kwargs: good)
+    monkeypatch.setattr(
+        tflite, "convert_functional", lambda *args, **kwargs: good
+    )
     monkeypatch.setattr(tflite, "convert_in_subprocess", convert_in_subprocess)
     monkeypatch.setattr(
         tflite, "open", lambda path, mode="r": HalfWriter(path), raising=False
@@ -287,8 +327,9 @@ def converter_output(monkeypatch, good):
         with open(arguments[arguments.index("--out") + 1], "wb") as f:
             f.write(good[:100])
 
-    monkeypatch.setattr(tflite, "convert_functional",
-                        lambda *args, **kwargs: good[:100])
+    monkeypatch.setattr(
+        tflite, "convert_functional", lambda *args, **kwargs: good[:100]
+    )
     monkeypatch.setattr(tflite, "convert_in_subprocess", convert_in_subprocess)
 
 
@@ -332,8 +373,10 @@ def test_a_failed_expert_split_leaves_the_previous_files(
     folder = tmp_path / "split"
     folder.mkdir()
     previous = {
-        "trunk.tflite": good, "expert_0.tflite": good,
-        "expert_split.json": b'{"old": true}\n', "notes.txt": b"mine",
+        "trunk.tflite": good,
+        "expert_0.tflite": good,
+        "expert_split.json": b'{"old": true}\n',
+        "notes.txt": b"mine",
     }
     for name, data in previous.items():
         (folder / name).write_bytes(data)
@@ -353,8 +396,9 @@ def test_a_failed_expert_split_leaves_the_previous_files(
 
     monkeypatch.setattr(expert_split, "convert_functional", convert)
     monkeypatch.setattr(expert_split, "check_builtin_ops", lambda i: [])
-    monkeypatch.setattr(expert_split, "convert_in_subprocess",
-                        convert_in_subprocess)
+    monkeypatch.setattr(
+        expert_split, "convert_in_subprocess", convert_in_subprocess
+    )
     with pytest.raises(OSError, match="injected"):
         expert_split.to_tflite_expert_split(old, folder)
     monkeypatch.undo()
@@ -374,8 +418,13 @@ def test_saving_into_the_working_directory_keeps_it_usable(
     new.save_to_preset(".")  # replaces the preset, not the folder we are in
     assert os.path.samefile(os.getcwd(), folder)
     assert sorted(os.listdir(".")) == [
-        "README.md", "config.json", "metadata.json", "model.weights.h5",
-        "notes.txt", "task.json", "task.weights.h5",
+        "README.md",
+        "config.json",
+        "metadata.json",
+        "model.weights.h5",
+        "notes.txt",
+        "task.json",
+        "task.weights.h5",
     ]
     assert not kmm.MobileVMoE.from_preset(".").backbone.is_moe
     assert sorted(os.listdir(tmp_path)) == ["here"]

@@ -15,10 +15,18 @@ from keras_mobile_moe import preset_registry
 
 # Daxberger et al. 2023, Fig. 3a (MFLOPs, patch 32, 224x224).
 PAPER_MFLOPS = {
-    "12x384": 2297, "9x384": 1752, "6x384": 1207,
-    "12x192": 618, "9x192": 478, "6x192": 338,
-    "12x96": 176, "9x96": 140, "6x96": 103,
-    "12x64": 88, "9x64": 71, "6x64": 54,
+    "12x384": 2297,
+    "9x384": 1752,
+    "6x384": 1207,
+    "12x192": 618,
+    "9x192": 478,
+    "6x192": 338,
+    "12x96": 176,
+    "9x96": 140,
+    "6x96": 103,
+    "12x64": 88,
+    "9x64": 71,
+    "6x64": 54,
 }
 
 
@@ -31,7 +39,10 @@ def test_flops_reproduce_the_paper_within_3_percent(scale):
         )
         model = kmm.MobileVMoE(backbone, num_classes=1000, compile=False)
         flops = kmm.count_flops(model)
-        assert abs(flops / (PAPER_MFLOPS[scale] * 1e6) - 1) < 0.03, (name, flops)
+        assert abs(flops / (PAPER_MFLOPS[scale] * 1e6) - 1) < 0.03, (
+            name,
+            flops,
+        )
         assert flops == entry["flops"]
 
 
@@ -93,7 +104,9 @@ def test_every_paper_scale_has_dense_and_moe_presets_and_aliases():
             assert {f"{layers}x{width}", f"{layers}x{width}_e10"} <= names
     assert {"tiny", "tiny_e10", "small", "small_e10"} <= names
     assert kmm.MobileVMoE.presets["tiny_e10"]["variant"] == "12x192"
-    assert kmm.MobileVMoEBackbone.presets.keys() == kmm.MobileVMoE.presets.keys()
+    assert (
+        kmm.MobileVMoEBackbone.presets.keys() == kmm.MobileVMoE.presets.keys()
+    )
 
 
 def test_preset_files_are_valid_and_match_the_variant_table():
@@ -101,9 +114,10 @@ def test_preset_files_are_valid_and_match_the_variant_table():
         entry = json.loads(path.read_text())
         assert path.stem == entry["name"]
         config = preset_registry.backbone_config(entry, {})
-        assert config["num_heads"] == {384: 6, 192: 3, 96: 3, 64: 2}[
-            config["hidden_dim"]
-        ]
+        assert (
+            config["num_heads"]
+            == {384: 6, 192: 3, 96: 3, 64: 2}[config["hidden_dim"]]
+        )
         assert config["mlp_dim"] == 4 * config["hidden_dim"]
         assert config["patch_size"] == 32
         if entry["family"] == "mone":
@@ -134,13 +148,18 @@ def test_tiny_e10_builds_and_counts_618_mflops():
     assert model.backbone.num_experts == 10 and model.backbone.top_k == 1
     assert model.backbone.num_moe_layers == 2 and model.num_classes == 1000
     assert abs(kmm.count_flops(model) / 618e6 - 1) < 0.03
-    backbone = kmm.MobileVMoEBackbone.from_preset("tiny_e10", load_weights=False)
+    backbone = kmm.MobileVMoEBackbone.from_preset(
+        "tiny_e10", load_weights=False
+    )
     assert backbone.count_params() == model.backbone.count_params()
 
 
 def test_from_preset_overrides_backbone_and_head_arguments():
     model = kmm.MobileVMoE.from_preset(
-        "6x64_e10", load_weights=False, num_classes=7, image_shape=(64, 64, 3),
+        "6x64_e10",
+        load_weights=False,
+        num_classes=7,
+        image_shape=(64, 64, 3),
         top_k=2,
     )
     assert model.num_classes == 7 and model.backbone.top_k == 2
@@ -148,13 +167,17 @@ def test_from_preset_overrides_backbone_and_head_arguments():
 
 
 def test_unknown_preset_lists_close_matches_and_accepted_forms():
-    with pytest.raises(ValueError, match=r"Did you mean \[.*'tiny_e10'") as info:
+    with pytest.raises(
+        ValueError, match=r"Did you mean \[.*'tiny_e10'"
+    ) as info:
         kmm.MobileVMoE.from_preset("tiny_e1O", load_weights=False)
     assert "hf://" in str(info.value) and "directory" in str(info.value)
 
 
 def test_preset_without_weights_says_so_and_lists_the_trained_ones():
-    with pytest.raises(ValueError, match="has no published weights yet") as info:
+    with pytest.raises(
+        ValueError, match="has no published weights yet"
+    ) as info:
         kmm.MobileVMoE.from_preset("tiny_e10")
     assert "'6x64_e10.cifar100'" in str(info.value)
     assert "load_weights=False" in str(info.value)
@@ -166,7 +189,9 @@ def test_architecture_name_loads_its_trained_tag():
     model = kmm.MobileVMoE.from_preset("6x64_e10")
     tagged = kmm.MobileVMoE.from_preset("6x64_e10.cifar100")
     old_name = kmm.MobileVMoE.from_preset("6x64_e10_cifar100")
-    assert model.num_classes == tagged.num_classes == old_name.num_classes == 100
+    assert (
+        model.num_classes == tagged.num_classes == old_name.num_classes == 100
+    )
     for a, b, c in zip(model.weights, tagged.weights, old_name.weights):
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b)
@@ -174,7 +199,10 @@ def test_architecture_name_loads_its_trained_tag():
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(c)
         )
-    assert kmm.MobileVMoE.from_preset("6x64_e10", load_weights=False).num_classes == 1000
+    assert (
+        kmm.MobileVMoE.from_preset("6x64_e10", load_weights=False).num_classes
+        == 1000
+    )
     backbone = kmm.MobileVMoEBackbone.from_preset("6x64_e10")
     np.testing.assert_array_equal(
         keras.ops.convert_to_numpy(backbone.weights[0]),
@@ -200,7 +228,9 @@ def test_compile_auto_learning_rate_follows_where_the_weights_came_from():
     scratch = kmm.MobileVMoE.from_preset("6x64_e10", load_weights=False)
     pretrained = kmm.MobileVMoE.from_preset("6x64_e10.cifar100")
     new_head = kmm.MobileVMoE.from_preset(
-        "6x64_e10.cifar100", num_classes=20, superclass_ids=[c % 10 for c in range(20)]
+        "6x64_e10.cifar100",
+        num_classes=20,
+        superclass_ids=[c % 10 for c in range(20)],
     )
     mone = kmm.MoNE.from_preset("6x64_mone", load_weights=False)
     assert learning_rate(scratch) == pytest.approx(3e-4)

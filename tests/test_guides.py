@@ -37,7 +37,11 @@ def env(**extra):
 
 def run(command, timeout, **extra):
     result = subprocess.run(
-        command, env=env(**extra), capture_output=True, text=True, timeout=timeout
+        command,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout
@@ -49,13 +53,25 @@ def presets(tmp_path_factory):
     root = tmp_path_factory.mktemp("guide_presets")
     moe, dense = str(root / "moe"), str(root / "dense")
     run(
-        [sys.executable, TRAIN, "--preset=6x64_e10", "--routing=random",
-         "--num_experts=4", f"--workdir={moe}", *TINY_ARGS],
+        [
+            sys.executable,
+            TRAIN,
+            "--preset=6x64_e10",
+            "--routing=random",
+            "--num_experts=4",
+            f"--workdir={moe}",
+            *TINY_ARGS,
+        ],
         timeout=300,
     )
     run(
-        [sys.executable, TRAIN, "--preset=6x64", f"--workdir={dense}",
-         *TINY_ARGS],
+        [
+            sys.executable,
+            TRAIN,
+            "--preset=6x64",
+            f"--workdir={dense}",
+            *TINY_ARGS,
+        ],
         timeout=300,
     )
     return os.path.join(moe, "preset"), os.path.join(dense, "preset")
@@ -82,7 +98,8 @@ def is_fraction(value):
 def test_every_guide_is_tested():
     # guide_helpers.py holds what several guides share; it is not a guide.
     guides = sorted(
-        f for f in os.listdir(GUIDES)
+        f
+        for f in os.listdir(GUIDES)
         if f.endswith(".py") and f != "guide_helpers.py"
     )
     assert guides == [
@@ -98,22 +115,29 @@ def test_every_guide_is_tested():
 def test_getting_started(presets, tmp_path):
     moe, dense = presets
     stdout, results = run_guide(
-        "getting_started.py", tmp_path,
-        KMM_GUIDE_PRESET=moe, KMM_GUIDE_DENSE_PRESET=dense,
+        "getting_started.py",
+        tmp_path,
+        KMM_GUIDE_PRESET=moe,
+        KMM_GUIDE_DENSE_PRESET=dense,
     )
     assert "top-1 accuracy on 200 test images" in stdout
     assert "-> expert" in stdout
     assert is_fraction(results["top1"])
     assert results["dense_trained"] and is_fraction(results["dense_top1"])
     # Same FLOPs (the router is the only extra), more parameters.
-    assert results["dense_flops"] < results["moe_flops"] < 1.01 * results["dense_flops"]
+    assert (
+        results["dense_flops"]
+        < results["moe_flops"]
+        < 1.01 * results["dense_flops"]
+    )
     assert results["moe_params"] > results["dense_params"]
 
 
 def test_getting_started_without_dense_preset(presets, tmp_path):
     moe, _ = presets
     stdout, results = run_guide(
-        "getting_started.py", tmp_path,
+        "getting_started.py",
+        tmp_path,
         KMM_GUIDE_PRESET=moe,
         KMM_GUIDE_DENSE_PRESET=str(tmp_path / "no_such_preset"),
     )
@@ -124,13 +148,20 @@ def test_getting_started_without_dense_preset(presets, tmp_path):
 
 def test_fine_tuning(presets, tmp_path):
     moe, _ = presets
-    stdout, results = run_guide("fine_tuning.py", tmp_path, KMM_GUIDE_PRESET=moe)
+    stdout, results = run_guide(
+        "fine_tuning.py", tmp_path, KMM_GUIDE_PRESET=moe
+    )
     table = results["superclass_ids"]
     # 20 coarse classes in 4 balanced groups (one per expert of the preset).
     assert len(table) == 20 and sorted(set(table)) == [0, 1, 2, 3]
     assert all(table.count(g) == 5 for g in range(4))
-    for key in ("probe_accuracy", "test_accuracy_before", "test_accuracy_after",
-                "router_accuracy_before", "router_accuracy_after"):
+    for key in (
+        "probe_accuracy",
+        "test_accuracy_before",
+        "test_accuracy_after",
+        "router_accuracy_before",
+        "router_accuracy_after",
+    ):
         assert is_fraction(results[key]), key
     assert all(math.isfinite(v) for v in results["train_loss"])
     assert results["reload_max_abs_difference"] < 1e-4
@@ -144,7 +175,9 @@ def test_understanding_routing(presets, tmp_path):
         "understanding_routing.py", tmp_path, KMM_GUIDE_PRESET=moe
     )
     assert results["num_experts"] == 4 and results["num_images"] == 100
-    assert is_fraction(results["top1"]) and is_fraction(results["router_accuracy"])
+    assert is_fraction(results["top1"]) and is_fraction(
+        results["router_accuracy"]
+    )
     for shares in (results["load"], results["target_share"]):
         assert len(shares) == 4 and abs(sum(shares) - 1.0) < 1e-6
     assert os.path.getsize(results["heatmap"]) > 10_000  # a real PNG
@@ -200,8 +233,14 @@ def hub_cache(tmp_path_factory):
     from timm_helpers import save_timm_checkpoint
 
     timm = import_timm()
-    args = dict(embed_dim=48, depth=2, num_heads=3, img_size=32, patch_size=8,
-                num_classes=10)
+    args = dict(
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        img_size=32,
+        patch_size=8,
+        num_classes=10,
+    )
     model = timm.create_model("vit_small_patch32_224", **args).eval()
     root = tmp_path_factory.mktemp("guide_hub")
     folder = save_timm_checkpoint(model, str(root / "checkpoint"), args)
@@ -212,9 +251,13 @@ def hub_cache(tmp_path_factory):
 
 def test_upcycling_a_hub_vit(hub_cache, tmp_path):
     stdout, results = run_guide(
-        "upcycling_a_hub_vit.py", tmp_path, timeout=400,
-        HF_HUB_OFFLINE="1", HF_HUB_CACHE=hub_cache,
-        KMM_GUIDE_HUB_HANDLE="hf://kmm-test/tiny-vit", KMM_GUIDE_IMAGE_SIZE="32",
+        "upcycling_a_hub_vit.py",
+        tmp_path,
+        timeout=400,
+        HF_HUB_OFFLINE="1",
+        HF_HUB_CACHE=hub_cache,
+        KMM_GUIDE_HUB_HANDLE="hf://kmm-test/tiny-vit",
+        KMM_GUIDE_IMAGE_SIZE="32",
     )
     assert "loading hf://kmm-test/tiny-vit" in stdout
     table = results["superclass_ids"]
@@ -222,14 +265,25 @@ def test_upcycling_a_hub_vit(hub_cache, tmp_path):
     # Upcycling with normalised gates keeps the dense function; the router
     # adds a little compute, the experts many parameters.
     assert results["upcycle_max_abs_difference"] < 1e-4
-    assert results["dense_flops"] < results["moe_flops"] < 1.05 * results["dense_flops"]
-    for key in ("probe_accuracy", "test_accuracy_before", "test_accuracy_after",
-                "router_accuracy_before", "router_accuracy_after"):
+    assert (
+        results["dense_flops"]
+        < results["moe_flops"]
+        < 1.05 * results["dense_flops"]
+    )
+    for key in (
+        "probe_accuracy",
+        "test_accuracy_before",
+        "test_accuracy_after",
+        "router_accuracy_before",
+        "router_accuracy_after",
+    ):
         assert is_fraction(results[key]), key
     assert all(math.isfinite(v) for v in results["train_loss"])
     tflite = results["tflite"]
     assert os.path.getsize(tflite["path"]) == tflite["bytes"] > 0
-    assert tflite["routing_agreement"] >= 0.9 and is_fraction(tflite["top1_agreement"])
+    assert tflite["routing_agreement"] >= 0.9 and is_fraction(
+        tflite["top1_agreement"]
+    )
 
 
 # The guide stops at the Hub download, before any backend computes.
@@ -239,9 +293,14 @@ def test_upcycling_a_hub_vit_says_it_needs_internet(tmp_path):
     stops with a message saying the guide needs internet."""
     result = subprocess.run(
         [sys.executable, os.path.join(GUIDES, "upcycling_a_hub_vit.py")],
-        env=env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty"),
-                KMM_GUIDE_OUTPUT_DIR=str(tmp_path)),
-        capture_output=True, text=True, timeout=300,
+        env=env(
+            HF_HUB_OFFLINE="1",
+            HF_HUB_CACHE=str(tmp_path / "empty"),
+            KMM_GUIDE_OUTPUT_DIR=str(tmp_path),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 1
     assert "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k" in result.stderr

@@ -90,7 +90,7 @@ def find_cycle(graph):
         stack.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state:
                 cycle = visit(target)
                 if cycle:
@@ -109,7 +109,10 @@ def find_cycle(graph):
 
 def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [
-        "a", "b", "c", "a",
+        "a",
+        "b",
+        "c",
+        "a",
     ]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
     # A function-level import counts.
@@ -214,9 +217,12 @@ def test_every_module_imports_alone():
     names = sorted(n for n in MODULES if n != PACKAGE)
     result = subprocess.run(
         [sys.executable, "-c", IMPORT_ALONE, json.dumps(names)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     line = [l for l in result.stdout.splitlines() if l.startswith("RESULT")]
-    failures = json.loads(line[-1][len("RESULT"):])
+    failures = json.loads(line[-1][len("RESULT") :])
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())

@@ -258,7 +258,6 @@ class BackboneHarnessTest(HarnessTestCase):
             with self.assertRaisesRegex(ValueError, "looks channels-first"):
                 cls(**{**arguments, "image_shape": (3, 32, 32)})
 
-
     def test_keras_quantization_is_refused(self):
         # Instead of the harness's `run_quantization_test`.
         policy_map = keras.dtype_policies.DTypePolicyMap("float32")

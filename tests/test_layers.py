@@ -48,8 +48,11 @@ CASES = {
         lambda: layers.ImageRoutedMoE(
             num_experts=4, intermediate_dim=32, top_k=2, normalize_gates=True
         ),
-        lambda: [TOKENS, np.array([[0, 1], [3, 2], [1, 3]], "int32"),
-                 np.array([[0.5, 0.2], [0.6, 0.3], [0.2, 0.1]], "float32")],
+        lambda: [
+            TOKENS,
+            np.array([[0, 1], [3, 2], [1, 3]], "int32"),
+            np.array([[0.5, 0.2], [0.6, 0.3], [0.2, 0.1]], "float32"),
+        ],
     ),
     "dense_block": (
         lambda: layers.TransformerEncoderBlock(16, 2, 32, drop_path_rate=0.1),
@@ -125,7 +128,9 @@ def test_moe_large_batches_match_one_image_at_a_time(top_k, platform_path):
     grads = gradients(moe, lambda y: keras.ops.sum(y**2), x, indices, gates)
     assert all(g is not None and np.isfinite(g).all() for g in grads)
     paths = [w.path for w in moe.trainable_variables]
-    grad_in = grads[next(i for i, p in enumerate(paths) if p.endswith("kernel_in"))]
+    grad_in = grads[
+        next(i for i, p in enumerate(paths) if p.endswith("kernel_in"))
+    ]
     used = np.unique(indices)
     assert np.all(np.abs(grad_in[used]).sum(axis=(1, 2)) > 0)
     assert np.all(grad_in[3] == 0)
@@ -171,7 +176,8 @@ def test_patch_embedding_matches_patch_flattening():
     want = patches @ kernel + bias + pos[1:]
     np.testing.assert_allclose(tokens[:, 1:], want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
-        tokens[:, 0], np.broadcast_to(to_numpy(layer.class_token)[0, 0] + pos[0], (2, 16)),
+        tokens[:, 0],
+        np.broadcast_to(to_numpy(layer.class_token)[0, 0] + pos[0], (2, 16)),
         atol=1e-6,
     )
 
@@ -209,7 +215,9 @@ def test_patch_embedding_large_batches_match_one_image_at_a_time(
     layer = layers.PatchEmbedding(hidden_dim=16, patch_size=8)
     x = RNG.normal(size=(batch, 32, 32, 3)).astype("float32")
     whole = to_numpy(layer(x))
-    one_by_one = np.concatenate([to_numpy(layer(x[i : i + 1])) for i in range(batch)])
+    one_by_one = np.concatenate(
+        [to_numpy(layer(x[i : i + 1])) for i in range(batch)]
+    )
     np.testing.assert_allclose(whole, one_by_one, rtol=1e-5, atol=1e-5)
     model = keras.Sequential([keras.Input((32, 32, 3)), layer])
     grads = gradients(model, lambda y: keras.ops.sum(y**2), x)
@@ -258,7 +266,9 @@ def test_superclass_router_loss_values_and_config(tmp_path):
     loss = kmm.losses.SuperclassRouterLoss(superclass_ids=[1, 0, 1])
     logits = np.log(np.array([[0.25, 0.75], [0.6, 0.4]], "float32"))
     value = run_loss_test(loss, np.array([0, 1]), logits, tmp_path)
-    np.testing.assert_allclose(value, -(np.log(0.75) + np.log(0.6)) / 2, rtol=1e-5)
+    np.testing.assert_allclose(
+        value, -(np.log(0.75) + np.log(0.6)) / 2, rtol=1e-5
+    )
     with pytest.raises(ValueError, match="router has 2 experts"):
         kmm.losses.SuperclassRouterLoss([0, 2])(np.array([1]), logits[:1])
     with pytest.raises(ValueError, match="1-D sequence of ints"):

@@ -35,7 +35,9 @@ def test_block_matches_the_old_code(name):
         variable.assign(golden[key])
     outputs = layer(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    expected = sorted(k for k in golden.files if k.startswith(f"{name}/output_"))
+    expected = sorted(
+        k for k in golden.files if k.startswith(f"{name}/output_")
+    )
     assert len(outputs) == len(expected)
     for i, value in enumerate(outputs):
         reference = golden[f"{name}/output_{i}"]

@@ -28,41 +28,57 @@ NESTED_GATES = RNG.uniform(0, 1, size=(2, 17)).astype("float32")
 CASES = {
     "dense_block": (
         lambda d: layers.TransformerEncoderBlock(32, 2, 64, dtype=d),
-        [TOKENS], (),
+        [TOKENS],
+        (),
     ),
     "image_moe_block": (
         lambda d: layers.TransformerEncoderBlock(
-            32, 2, 64, num_experts=4, top_k=2, dtype=d),
-        [TOKENS, INDICES, GATES], (),
+            32, 2, 64, num_experts=4, top_k=2, dtype=d
+        ),
+        [TOKENS, INDICES, GATES],
+        (),
     ),
     "token_moe_block": (
         lambda d: layers.TransformerEncoderBlock(
-            32, 2, 64, num_experts=4, top_k=2, router_type="token", dtype=d),
-        [TOKENS], (),
+            32, 2, 64, num_experts=4, top_k=2, router_type="token", dtype=d
+        ),
+        [TOKENS],
+        (),
     ),
     "nested_block": (
         lambda d: layers.NestedExpertBlock(
-            32, 2, 64, capacity_budget=0.5, dtype=d),
-        [TOKENS, NESTED_GATES], (),
+            32, 2, 64, capacity_budget=0.5, dtype=d
+        ),
+        [TOKENS, NESTED_GATES],
+        (),
     ),
     "image_routed_moe": (
         lambda d: layers.ImageRoutedMoE(4, 64, top_k=2, dtype=d),
-        [TOKENS, INDICES, GATES], (),
+        [TOKENS, INDICES, GATES],
+        (),
     ),
     "token_routed_moe": (
         lambda d: layers.TokenRoutedMoE(4, 64, top_k=2, dtype=d),
-        [TOKENS], (),
+        [TOKENS],
+        (),
     ),
     "mlp": (lambda d: layers.MLP(64, dtype=d), [TOKENS], ()),
     "patch_embedding": (
-        lambda d: layers.PatchEmbedding(32, 8, dtype=d), [IMAGES], ()),
+        lambda d: layers.PatchEmbedding(32, 8, dtype=d),
+        [IMAGES],
+        (),
+    ),
     # Routers: logits / probabilities / gates in float32 on purpose; the
     # indices (and MoNE's permutations) are int32.
     "image_router": (
-        lambda d: layers.ImageRouter(4, 2, dtype=d), [TOKENS], (0, 1, 2)),
+        lambda d: layers.ImageRouter(4, 2, dtype=d),
+        [TOKENS],
+        (0, 1, 2),
+    ),
     "nested_router": (
         lambda d: layers.NestedExpertRouter(4, 0.5, dtype=d),
-        [TOKENS], (0, 1, 2, 3, 4),
+        [TOKENS],
+        (0, 1, 2, 3, 4),
     ),
 }
 POLICIES = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
@@ -108,7 +124,8 @@ def test_layer_computes_in_the_policy_dtype(name, policy):
                 assert close.all(axis=-1).mean() >= 0.9
             elif not name.endswith("router") or i == 0:
                 np.testing.assert_allclose(
-                    value, expected, atol=atol, rtol=atol)
+                    value, expected, atol=atol, rtol=atol
+                )
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -119,8 +136,10 @@ def test_token_moe_loss_stays_float32(policy):
     assert _dtype(layer.route(TOKENS)["router_probs"]) == "float32"
 
 
-@pytest.mark.parametrize("name", ["dense_block", "image_moe_block",
-                                  "token_moe_block", "nested_block"])
+@pytest.mark.parametrize(
+    "name",
+    ["dense_block", "image_moe_block", "token_moe_block", "nested_block"],
+)
 def test_blocks_get_finite_gradients_in_bfloat16(name):
     make, inputs, _ = CASES[name]
     layer = make("mixed_bfloat16")

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import keras_mobile_moe as kmm
-from conftest import BACKEND
 from conftest import TINY
 from conftest import fixture
 from conftest import gradients
@@ -40,8 +39,10 @@ def images(n=4, seed=0):
 @pytest.mark.parametrize("moe_layers", [0, 2])
 def test_backbone_harness(moe_layers, tmp_path):
     backbone = tiny_backbone(num_moe_layers=moe_layers, drop_path_rate=0.1)
-    keys = ("sequence_output", "router_logits") if moe_layers else (
-        "sequence_output",
+    keys = (
+        ("sequence_output", "router_logits")
+        if moe_layers
+        else ("sequence_output",)
     )
     run_backbone_test(backbone, images(), tmp_path, keys)
 
@@ -95,7 +96,11 @@ def test_dense_baseline_with_mlp_scaled_by_k():
     moe_flops, dense_flops = kmm.count_flops(moe), kmm.count_flops(dense)
     # The same inference FLOPs up to the router and the gates.
     assert abs(moe_flops - dense_flops) / dense_flops < 0.01
-    assert [b.mlp.intermediate_dim for b in dense.encoder_blocks] == [64, 128, 128]
+    assert [b.mlp.intermediate_dim for b in dense.encoder_blocks] == [
+        64,
+        128,
+        128,
+    ]
     config = dense.get_config()
     assert kmm.MobileVMoEBackbone.from_config(config).get_config() == config
     with pytest.raises(ValueError, match="one int per layer"):
@@ -145,7 +150,9 @@ def test_router_loss_is_added_with_its_weight():
     got = float(to_numpy(model.compute_loss(x, y, train_out, training=True)))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     plain = float(to_numpy(model.compute_loss(x, y, outputs, training=False)))
-    np.testing.assert_allclose(plain, float(to_numpy(ce(y, outputs))), rtol=1e-5)
+    np.testing.assert_allclose(
+        plain, float(to_numpy(ce(y, outputs))), rtol=1e-5
+    )
 
 
 def test_learned_routing_trains_router_without_router_loss():
@@ -158,7 +165,9 @@ def test_learned_routing_trains_router_without_router_loss():
         got, float(to_numpy(ce(y, train_out["logits"]))), rtol=1e-5
     )
     grads = gradients(
-        model.backbone, lambda out: keras.ops.sum(out["sequence_output"] ** 2), x
+        model.backbone,
+        lambda out: keras.ops.sum(out["sequence_output"] ** 2),
+        x,
     )
     names = [v.path for v in model.backbone.trainable_variables]
     router_grads = [g for n, g in zip(names, grads) if "router" in n]
@@ -190,7 +199,9 @@ def router_reaching_every_expert(backbone, x):
 
 def test_every_trainable_weight_gets_a_finite_nonzero_gradient():
     backbone = tiny_backbone(top_k=2, drop_path_rate=0.1)
-    model = kmm.MobileVMoE(backbone, num_classes=100, superclass_ids=tiny_superclass_ids())
+    model = kmm.MobileVMoE(
+        backbone, num_classes=100, superclass_ids=tiny_superclass_ids()
+    )
     x = images(32)
     router_reaching_every_expert(backbone, x)
     y = np.arange(32) % 100
@@ -226,7 +237,9 @@ def test_changing_one_images_expert_changes_only_that_image():
     changed[2] = 1
     after = to_numpy(moe(tokens, changed, gates))
     assert not np.allclose(after[2], before[2])
-    np.testing.assert_array_equal(np.delete(after, 2, 0), np.delete(before, 2, 0))
+    np.testing.assert_array_equal(
+        np.delete(after, 2, 0), np.delete(before, 2, 0)
+    )
 
 
 def test_results_do_not_depend_on_the_rest_of_the_batch():
@@ -315,7 +328,9 @@ def test_bad_classifier_arguments_raise(kwargs, match):
 def test_learned_routing_rejects_renormalised_single_gate():
     with pytest.raises(ValueError, match="normalize_gates=False"):
         kmm.MobileVMoE(
-            tiny_backbone(normalize_gates=True), num_classes=10, routing="learned"
+            tiny_backbone(normalize_gates=True),
+            num_classes=10,
+            routing="learned",
         )
 
 

@@ -67,7 +67,7 @@ def objective(c, beta=10.0, delta=2.0):
     return float(c @ delta ** np.arange(len(c)) - beta * entropy)
 
 
-# --- capacity distribution -----------------------------------------------------
+# --- capacity distribution ----------------------------------------------------
 
 # The capacities and token counts are numpy: the same on every backend.
 numpy_only = pytest.mark.backend_independent
@@ -221,7 +221,9 @@ def test_epr_counts_are_exact_and_follow_preferences(budget):
     assert expert.dtype == order.dtype == position.dtype == np.int32
     np.testing.assert_array_equal(expert, reference_routing(probs, counts))
     for b in range(5):
-        np.testing.assert_array_equal(np.bincount(expert[b], minlength=4), counts)
+        np.testing.assert_array_equal(
+            np.bincount(expert[b], minlength=4), counts
+        )
         np.testing.assert_array_equal(np.sort(order[b]), np.arange(49))
         np.testing.assert_array_equal(order[b][position[b]], np.arange(49))
         # Grouped by expert, smallest first.
@@ -279,7 +281,9 @@ def test_permute_tokens_reorders_each_image():
     tokens = np.arange(2 * 3 * 2, dtype="float32").reshape(2, 3, 2)
     order = np.array([[2, 0, 1], [1, 2, 0]], "int32")
     got = to_numpy(permute_tokens(tokens, order))
-    np.testing.assert_array_equal(got, np.take_along_axis(tokens, order[..., None], 1))
+    np.testing.assert_array_equal(
+        got, np.take_along_axis(tokens, order[..., None], 1)
+    )
 
 
 @pytest.mark.parametrize("batch", [3, 4])
@@ -292,7 +296,9 @@ def test_permute_tokens_in_a_functional_model_when_batch_equals_tokens(batch):
     order = keras.Input((4,), dtype="int32")
     model = keras.Model([tokens, order], permute_tokens(tokens, order))
     x = np.arange(batch * 4 * 2, dtype="float32").reshape(batch, 4, 2)
-    o = np.stack([np.roll(np.arange(4), b) for b in range(batch)]).astype("int32")
+    o = np.stack([np.roll(np.arange(4), b) for b in range(batch)]).astype(
+        "int32"
+    )
     got = to_numpy(model([x, o]))
     np.testing.assert_array_equal(got, np.take_along_axis(x, o[..., None], 1))
 
@@ -300,15 +306,19 @@ def test_permute_tokens_in_a_functional_model_when_batch_equals_tokens(batch):
 def test_router_gates_are_each_tokens_own_expert_probability():
     router = NestedExpertRouter(num_nested_experts=4, capacity_budget=0.4)
     tokens = np.random.default_rng(3).normal(size=(3, 16, 8)).astype("float32")
-    probs, expert, order, position, gates = (to_numpy(t) for t in router(tokens))
+    probs, expert, order, position, gates = (
+        to_numpy(t) for t in router(tokens)
+    )
     assert probs.dtype == np.float32 and gates.dtype == np.float32
     np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-6)
     own = np.take_along_axis(probs, expert[..., None], -1)[..., 0]
     np.testing.assert_allclose(gates, np.take_along_axis(own, order, 1))
-    np.testing.assert_array_equal(expert, reference_routing(probs, router.token_counts(16)))
+    np.testing.assert_array_equal(
+        expert, reference_routing(probs, router.token_counts(16))
+    )
 
 
-# --- NestedExpertBlock ---------------------------------------------------------
+# --- NestedExpertBlock --------------------------------------------------------
 
 
 def copy_dense_weights(dense, nested):
@@ -362,7 +372,9 @@ def test_block_scales_the_mlp_branch_by_alpha_r_plus_one():
     )
     base = to_numpy(block(tokens, gates))
     # alpha = 0: the gates do not matter.
-    np.testing.assert_allclose(to_numpy(block(tokens, 0 * gates)), base, atol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(block(tokens, 0 * gates)), base, atol=1e-6
+    )
     block.alpha.assign(0.5)
     scaled = to_numpy(block(tokens, gates))
     no_router = to_numpy(block(tokens, 0 * gates))
@@ -402,7 +414,8 @@ def test_block_touches_only_each_tokens_own_width(budget):
                 after = to_numpy(block(changed, gates))
                 delta = after - before
                 np.testing.assert_allclose(
-                    delta[:, i, width:], changed[:, i, width:] - tokens[:, i, width:],
+                    delta[:, i, width:],
+                    changed[:, i, width:] - tokens[:, i, width:],
                     atol=1e-6,
                 )
                 delta[:, i, width:] = 0
@@ -457,15 +470,20 @@ def test_block_rejects_tokens_of_the_wrong_width():
         block(np.zeros((2, 16, 24), "float32"))
 
 
-# --- config and saving ---------------------------------------------------------
+# --- config and saving --------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "make",
     [
         lambda: NestedExpertBlock(
-            hidden_dim=32, num_heads=2, mlp_dim=64, capacity_budget=0.3,
-            dropout_rate=0.1, attention_dropout_rate=0.1, drop_path_rate=0.2,
+            hidden_dim=32,
+            num_heads=2,
+            mlp_dim=64,
+            capacity_budget=0.3,
+            dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+            drop_path_rate=0.2,
         ),
         lambda: NestedExpertRouter(num_nested_experts=3, capacity_budget=0.4),
     ],
@@ -480,7 +498,9 @@ def test_backbone_and_classifier_harness(tmp_path):
     backbone = tiny_mone_backbone(capacity_budget=0.3, drop_path_rate=0.1)
     assert backbone.get_config()["capacity_budget"] == 0.3
     run_backbone_test(
-        backbone, images(), tmp_path,
+        backbone,
+        images(),
+        tmp_path,
         ("sequence_output", "router_probs", "expert_index"),
     )
     model = kmm.MoNE(backbone, num_classes=10, training_budgets=[0.2, 0.6])
@@ -492,9 +512,16 @@ def test_backbone_and_classifier_harness(tmp_path):
 
 def test_mone_has_the_parameters_of_the_dense_vit():
     dense = kmm.MobileVMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
-        num_heads=2, mlp_dim=64, num_moe_layers=0, num_experts=0,
-        use_class_token=False, router_pooling="mean",
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=32,
+        num_heads=2,
+        mlp_dim=64,
+        num_moe_layers=0,
+        num_experts=0,
+        use_class_token=False,
+        router_pooling="mean",
     )
     mone = tiny_mone_backbone()
     # The same weights, plus the router (D x E + E) and one alpha per block.
@@ -512,7 +539,9 @@ def test_classifier_keras_save_load_keeps_budget_and_outputs(tmp_path):
     loaded.capacity_budget = 0.8
     fresh = tiny_mone(num_classes=10, capacity_budget=0.8)
     fresh.set_weights(model.get_weights())
-    np.testing.assert_allclose(to_numpy(loaded(x)), to_numpy(fresh(x)), atol=1e-5)
+    np.testing.assert_allclose(
+        to_numpy(loaded(x)), to_numpy(fresh(x)), atol=1e-5
+    )
 
 
 def test_preprocessing_harness():
@@ -523,7 +552,7 @@ def test_preprocessing_harness():
     )
 
 
-# --- the model -------------------------------------------------------------------
+# --- the model ----------------------------------------------------------------
 
 
 def test_backbone_outputs_in_patch_order():
@@ -536,7 +565,9 @@ def test_backbone_outputs_in_patch_order():
     counts = backbone.token_counts()
     assert counts == expert_token_counts(0.4, 16)
     for b in range(3):
-        np.testing.assert_array_equal(np.bincount(expert[b], minlength=4), counts)
+        np.testing.assert_array_equal(
+            np.bincount(expert[b], minlength=4), counts
+        )
     np.testing.assert_array_equal(expert, reference_routing(probs, counts))
 
 
@@ -544,14 +575,24 @@ def test_full_budget_backbone_is_the_dense_vit_of_the_same_weights():
     """At budget 1.0 (alpha = 0) MoNE computes the dense ViT exactly."""
     backbone = tiny_mone_backbone(capacity_budget=1.0)
     dense = kmm.MobileVMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
-        num_heads=2, mlp_dim=64, num_moe_layers=0, num_experts=0,
-        use_class_token=False, router_pooling="mean",
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=32,
+        num_heads=2,
+        mlp_dim=64,
+        num_moe_layers=0,
+        num_experts=0,
+        use_class_token=False,
+        router_pooling="mean",
     )
     for name in ("projection", "position_embedding"):
         source = getattr(dense.patch_embedding, name)
         target = getattr(backbone.patch_embedding, name)
-        for s, t in zip(getattr(source, "weights", [source]), getattr(target, "weights", [target])):
+        for s, t in zip(
+            getattr(source, "weights", [source]),
+            getattr(target, "weights", [target]),
+        ):
             t.assign(to_numpy(s))
     for source, target in zip(dense.encoder_blocks, backbone.encoder_blocks):
         copy_dense_weights(source, target)
@@ -575,7 +616,9 @@ def test_changing_the_budget_of_a_built_model_recompiles_predict():
     at_02 = to_numpy(model.predict(x, verbose=0))
     fresh = tiny_mone(num_classes=10, capacity_budget=0.2)
     fresh.set_weights(model.get_weights())
-    np.testing.assert_allclose(at_02, to_numpy(fresh.predict(x, verbose=0)), atol=1e-5)
+    np.testing.assert_allclose(
+        at_02, to_numpy(fresh.predict(x, verbose=0)), atol=1e-5
+    )
     assert not np.allclose(at_02, at_06, atol=1e-4)
     expert = to_numpy(model.backbone(x)["expert_index"])
     np.testing.assert_array_equal(
@@ -604,7 +647,9 @@ def test_every_trainable_weight_gets_a_finite_nonzero_gradient():
         return model.compute_loss(x, y, logits, training=True)
 
     names = list(assert_finite_nonzero_gradients(model, loss, x))
-    assert any("alpha" in n for n in names) and any("router" in n for n in names)
+    assert any("alpha" in n for n in names) and any(
+        "router" in n for n in names
+    )
 
 
 def test_alpha_gets_a_gradient_at_initialisation():
@@ -673,7 +718,15 @@ def test_adaptive_option_uses_the_papers_budgets():
     model = tiny_mone(num_classes=10, training_budgets="adaptive")
     assert model.training_budgets == "adaptive"
     assert kmm.models.mone.ADAPTIVE_BUDGETS == (
-        0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95,
+        0.15,
+        0.25,
+        0.35,
+        0.45,
+        0.55,
+        0.65,
+        0.75,
+        0.85,
+        0.95,
     )
     assert model._budgets == kmm.models.mone.ADAPTIVE_BUDGETS
 
@@ -714,10 +767,17 @@ def test_bad_classifier_arguments_raise(kwargs, match):
 
 def test_classifier_rejects_other_backbones():
     with pytest.raises(ValueError, match="Expected a MoNEBackbone"):
-        kmm.MoNE(kmm.MobileVMoEBackbone(
-            image_shape=(32, 32, 3), patch_size=8, num_layers=2,
-            hidden_dim=32, num_heads=2, mlp_dim=64,
-        ), num_classes=10)
+        kmm.MoNE(
+            kmm.MobileVMoEBackbone(
+                image_shape=(32, 32, 3),
+                patch_size=8,
+                num_layers=2,
+                hidden_dim=32,
+                num_heads=2,
+                mlp_dim=64,
+            ),
+            num_classes=10,
+        )
 
 
 def test_wrong_images_raise():
@@ -739,11 +799,20 @@ def test_flops_follow_the_budget():
     assert values == sorted(values)
     dense = kmm.MobileVMoE(
         kmm.MobileVMoEBackbone(
-            image_shape=(32, 32, 3), patch_size=8, num_layers=2,
-            hidden_dim=32, num_heads=2, mlp_dim=64, num_moe_layers=0,
-            num_experts=0, use_class_token=False, router_pooling="mean",
+            image_shape=(32, 32, 3),
+            patch_size=8,
+            num_layers=2,
+            hidden_dim=32,
+            num_heads=2,
+            mlp_dim=64,
+            num_moe_layers=0,
+            num_experts=0,
+            use_class_token=False,
+            router_pooling="mean",
         ),
-        num_classes=10, pooling="avg", compile=False,
+        num_classes=10,
+        pooling="avg",
+        compile=False,
     )
     parts = kmm.flops_breakdown(dense)
     model.capacity_budget = 1.0
@@ -798,7 +867,7 @@ def test_compiled_compute_shrinks_with_the_budget():
     assert abs(ratio / (ours[0.4] / ours[1.0]) - 1) < 0.02
 
 
-# --- presets -------------------------------------------------------------------
+# --- presets ------------------------------------------------------------------
 
 
 def test_every_paper_scale_has_a_mone_preset_and_aliases():
@@ -843,8 +912,12 @@ def test_mone_save_to_preset_round_trip(tmp_path):
     # the presets' default one (raw pixels in [0, 255]).
     loaded = kmm.MoNE.from_preset(str(tmp_path / "preset"), preprocessor=None)
     assert loaded.capacity_budget == 0.3
-    np.testing.assert_allclose(to_numpy(loaded.predict(x, verbose=0)), expected, atol=1e-5)
-    cheaper = kmm.MoNE.from_preset(str(tmp_path / "preset"), capacity_budget=0.2)
+    np.testing.assert_allclose(
+        to_numpy(loaded.predict(x, verbose=0)), expected, atol=1e-5
+    )
+    cheaper = kmm.MoNE.from_preset(
+        str(tmp_path / "preset"), capacity_budget=0.2
+    )
     assert cheaper.backbone.token_counts() == expert_token_counts(0.2, 16)
 
 
@@ -882,7 +955,9 @@ def test_class_token_is_first_full_width_and_not_routed():
 
 def test_class_token_mone_harness(tmp_path):
     model = tiny_mone(
-        num_classes=5, capacity_budget=0.4, use_class_token=True,
+        num_classes=5,
+        capacity_budget=0.4,
+        use_class_token=True,
         mlp_activation="gelu",
     )
     config = model.get_config()["backbone"]["config"]

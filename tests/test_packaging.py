@@ -34,14 +34,26 @@ def wheel(tmp_path_factory):
         shutil.copy(ROOT / name, source / name)
     for name in ("keras_mobile_moe", "presets"):
         shutil.copytree(
-            ROOT / name, source / name,
+            ROOT / name,
+            source / name,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         )
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps",
-         "--no-build-isolation", "--quiet", "-w", str(work / "dist"),
-         str(source)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "-w",
+            str(work / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (path,) = (work / "dist").glob("keras_mobile_moe-*.whl")
@@ -73,8 +85,12 @@ def test_unpacked_wheel_lists_and_builds_presets(wheel, tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": str(target), "KERAS_BACKEND": BACKEND}
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])

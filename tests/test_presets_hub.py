@@ -33,7 +33,9 @@ def tiny_classifier(seed=0, **overrides):
     backbone = kmm.MobileVMoEBackbone(**{**TINY, **overrides})
     preprocessor = preset_loader.default_preprocessor(kmm.MobileVMoE, backbone)
     return kmm.MobileVMoE(
-        backbone, num_classes=6, preprocessor=preprocessor,
+        backbone,
+        num_classes=6,
+        preprocessor=preprocessor,
         superclass_ids=[0, 0, 1, 2, 3, 3],
     )
 
@@ -93,8 +95,13 @@ def hf_cache(tmp_path, monkeypatch):
 def test_save_writes_the_keras_hub_preset_format(saved):
     model, folder = saved
     assert sorted(os.listdir(folder)) == [
-        "README.md", "config.json", "image_converter.json", "metadata.json",
-        "model.weights.h5", "preprocessor.json", "task.json",
+        "README.md",
+        "config.json",
+        "image_converter.json",
+        "metadata.json",
+        "model.weights.h5",
+        "preprocessor.json",
+        "task.json",
         "task.weights.h5",
     ]
     config = json.load(open(os.path.join(folder, "config.json")))
@@ -145,7 +152,10 @@ def test_saving_again_replaces_the_previous_preset(saved, copy_of):
     )
     # The task files of the earlier save are gone: this is a backbone now.
     assert sorted(os.listdir(folder)) == [
-        "README.md", "config.json", "metadata.json", "model.weights.h5"
+        "README.md",
+        "config.json",
+        "metadata.json",
+        "model.weights.h5",
     ]
     assert not kmm.MobileVMoEBackbone.from_preset(folder).is_moe
 
@@ -216,9 +226,7 @@ def test_preset_saved_after_fit_loads(tmp_path):
     model = tiny_classifier()
     model.compile(optimizer="adam")
     data = fixture()
-    model.fit(
-        data["x_train"][:8], data["y_train"][:8] % 6, epochs=1, verbose=0
-    )
+    model.fit(data["x_train"][:8], data["y_train"][:8] % 6, epochs=1, verbose=0)
     model.save_to_preset(str(tmp_path))
     loaded = kmm.MobileVMoE.from_preset(str(tmp_path))
     np.testing.assert_allclose(logits(loaded), logits(model), atol=1e-5)
@@ -247,9 +255,13 @@ def test_architecture_overrides_with_weights_fail_clearly(saved):
 
 def test_unknown_overrides_and_bad_load_weights(saved):
     _, folder = saved
-    with pytest.raises(ValueError, match=r"Unknown argument\(s\).*'num_clases'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown argument\(s\).*'num_clases'"
+    ):
         kmm.MobileVMoE.from_preset(folder, num_clases=3)
-    with pytest.raises(ValueError, match=r"Unknown argument\(s\).*'num_classes'"):
+    with pytest.raises(
+        ValueError, match=r"Unknown argument\(s\).*'num_classes'"
+    ):
         kmm.MobileVMoEBackbone.from_preset(folder, num_classes=3)
     with pytest.raises(ValueError, match="load_weights='yes'"):
         kmm.MobileVMoE.from_preset(folder, load_weights="yes")
@@ -266,13 +278,20 @@ def registry_with(tmp_path, monkeypatch, weights, name="tiny_trained", **extra):
     registry = tmp_path / "registry"
     registry.mkdir(exist_ok=True)
     entry = {
-        "name": name, "aliases": [], "family": "mobile_vmoe",
+        "name": name,
+        "aliases": [],
+        "family": "mobile_vmoe",
         "class": "MobileVMoEImageClassifier",
-        "description": "tiny test preset", "variant": "6x64",
+        "description": "tiny test preset",
+        "variant": "6x64",
         "backbone": {**TINY, "image_shape": list(TINY["image_shape"])},
-        "task": {"num_classes": 6}, "params": 1, "flops": 1,
-        "training_data": "cifar100 fixture", "accuracy": {"top1": 0.5},
-        "weights": weights, **extra,
+        "task": {"num_classes": 6},
+        "params": 1,
+        "flops": 1,
+        "training_data": "cifar100 fixture",
+        "accuracy": {"top1": 0.5},
+        "weights": weights,
+        **extra,
     }
     (registry / f"{name}.json").write_text(json.dumps(entry))
     monkeypatch.setattr(preset_registry, "presets_dir", lambda: registry)
@@ -288,16 +307,21 @@ def test_builtin_preset_with_packaged_weights(saved, tmp_path, monkeypatch):
     np.testing.assert_array_equal(logits(loaded), logits(model))
     # Architecture only: no file is read.
     shutil.rmtree(registry / "tiny_trained")
-    assert kmm.MobileVMoE.from_preset(
-        "tiny_trained", load_weights=False
-    ).num_classes == 6
+    assert (
+        kmm.MobileVMoE.from_preset(
+            "tiny_trained", load_weights=False
+        ).num_classes
+        == 6
+    )
     with pytest.raises(FileNotFoundError, match="packaged folder .* missing"):
         kmm.MobileVMoE.from_preset("tiny_trained")
     table = preset_registry.markdown_table()
     assert "| `tiny_trained` |" in table and "50.0%" in table
 
 
-def test_builtin_preset_with_hub_weights(saved, tmp_path, monkeypatch, hf_cache):
+def test_builtin_preset_with_hub_weights(
+    saved, tmp_path, monkeypatch, hf_cache
+):
     model, folder = saved
     write_snapshot(hf_cache, REPO, folder, "v2")
     registry_with(tmp_path, monkeypatch, f"hf://{REPO}/v2")
@@ -310,7 +334,9 @@ def test_builtin_preset_with_hub_weights(saved, tmp_path, monkeypatch, hf_cache)
 def test_registry_entry_must_match_its_weights(saved, tmp_path, monkeypatch):
     _, folder = saved
     registry = registry_with(
-        tmp_path, monkeypatch, "w",
+        tmp_path,
+        monkeypatch,
+        "w",
         backbone={**TINY, "image_shape": [32, 32, 3], "top_k": 2},
     )
     shutil.copytree(folder, registry / "w")
@@ -321,7 +347,9 @@ def test_registry_entry_must_match_its_weights(saved, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "weights", ["../escape", "/etc", "a/../../b", "hf://org/../x", "a\\b"]
 )
-def test_registry_rejects_path_tricks_in_weights(weights, tmp_path, monkeypatch):
+def test_registry_rejects_path_tricks_in_weights(
+    weights, tmp_path, monkeypatch
+):
     registry_with(tmp_path, monkeypatch, weights)
     with pytest.raises(ValueError, match="weights"):
         kmm.MobileVMoE.presets
@@ -329,13 +357,21 @@ def test_registry_rejects_path_tricks_in_weights(weights, tmp_path, monkeypatch)
 
 def test_registry_entries_are_validated(tmp_path, monkeypatch):
     registry_with(tmp_path, monkeypatch, None, params="many")
-    with pytest.raises(ValueError, match="field 'params' is 'many'; expected int"):
+    with pytest.raises(
+        ValueError, match="field 'params' is 'many'; expected int"
+    ):
         kmm.MobileVMoE.presets
 
 
 def test_presets_of_another_family_name_the_right_class(tmp_path, monkeypatch):
-    registry_with(tmp_path, monkeypatch, None, name="other", family="mone",
-                  **{"class": "MoNEImageClassifier"})
+    registry_with(
+        tmp_path,
+        monkeypatch,
+        None,
+        name="other",
+        family="mone",
+        **{"class": "MoNEImageClassifier"},
+    )
     with pytest.raises(ValueError, match="'mone' preset .*MoNEImageClassifier"):
         kmm.MobileVMoE.from_preset("other", load_weights=False)
 
@@ -396,12 +432,19 @@ def test_upload_then_load_round_trip(saved, hf_cache, monkeypatch):
     assert sorted(os.listdir(folder)) == before  # the folder is not touched
     names = [name for name, _ in FakeHfApi.calls]
     assert names == [
-        "HfApi", "create_repo", "upload_folder",
-        "HfApi", "create_repo", "create_branch", "upload_folder",
+        "HfApi",
+        "create_repo",
+        "upload_folder",
+        "HfApi",
+        "create_repo",
+        "create_branch",
+        "upload_folder",
     ]
     assert FakeHfApi.calls[0][1]["token"] == "tok"
     assert FakeHfApi.calls[1][1] == {
-        "repo_id": REPO, "repo_type": "model", "private": True,
+        "repo_id": REPO,
+        "repo_type": "model",
+        "private": True,
         "exist_ok": True,
     }
     upload = FakeHfApi.calls[2][1]
@@ -477,7 +520,9 @@ def test_hub_errors_are_explained(name, kind, message, monkeypatch):
     ],
 )
 def test_handles_with_path_tricks_are_rejected(handle, reason):
-    with pytest.raises(ValueError, match="not a valid Hugging Face handle") as info:
+    with pytest.raises(
+        ValueError, match="not a valid Hugging Face handle"
+    ) as info:
         kmm.MobileVMoE.from_preset(handle)
     assert reason in str(info.value)
 
@@ -503,8 +548,12 @@ def test_missing_directory_and_directory_without_config(tmp_path):
 
 def test_config_of_another_class(tmp_path):
     vit = keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=1, num_heads=2,
-        hidden_dim=16, mlp_dim=32,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=16,
+        mlp_dim=32,
     )
     vit.save_to_preset(str(tmp_path))
     # A keras-hub ViT converts into a dense Mobile V-MoE and into MoNE
@@ -516,8 +565,10 @@ def test_config_of_another_class(tmp_path):
     config = json.load(open(config_path))
     config["registered_name"] = "keras_hub>ResNetBackbone"
     json.dump(config, open(config_path, "w"))
-    with pytest.raises(ValueError, match="'keras_hub>ResNetBackbone', which is "
-                       "not a MobileVMoEBackbone"):
+    with pytest.raises(
+        ValueError,
+        match="'keras_hub>ResNetBackbone', which is not a MobileVMoEBackbone",
+    ):
         kmm.MobileVMoEBackbone.from_preset(str(tmp_path))
     with pytest.raises(ValueError, match="not a MobileVMoEBackbone"):
         kmm.MobileVMoE.from_preset(str(tmp_path), num_classes=3)
@@ -542,16 +593,31 @@ def test_config_of_an_unregistered_class_or_broken_json(copy_of):
 @pytest.mark.parametrize(
     "mutation, message",
     [
-        (lambda c: c["config"].update(
-            activation={"class_name": "__lambda__", "config": {"value": "x"}}),
-         "'__lambda__' object"),
-        (lambda c: c["config"].update(
-            layer={"module": "os", "class_name": "system", "config": {}}),
-         "module 'os'"),
-        (lambda c: c["config"].update(
-            layer={"module": "keras.layers", "class_name": "Lambda",
-                   "config": {}}),
-         "'Lambda' object"),
+        (
+            lambda c: c["config"].update(
+                activation={
+                    "class_name": "__lambda__",
+                    "config": {"value": "x"},
+                }
+            ),
+            "'__lambda__' object",
+        ),
+        (
+            lambda c: c["config"].update(
+                layer={"module": "os", "class_name": "system", "config": {}}
+            ),
+            "module 'os'",
+        ),
+        (
+            lambda c: c["config"].update(
+                layer={
+                    "module": "keras.layers",
+                    "class_name": "Lambda",
+                    "config": {},
+                }
+            ),
+            "'Lambda' object",
+        ),
     ],
     ids=["lambda", "foreign_module", "lambda_layer"],
 )
@@ -572,8 +638,11 @@ def test_truncated_weights(copy_of):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size // 2)
-    with pytest.raises(ValueError, match="model.weights.h5 is truncated or "
-                       "corrupt \\(h5py: .*truncated file"):
+    with pytest.raises(
+        ValueError,
+        match="model.weights.h5 is truncated or "
+        "corrupt \\(h5py: .*truncated file",
+    ):
         kmm.MobileVMoE.from_preset(folder)
 
 
@@ -583,8 +652,10 @@ def test_corrupt_weights_are_caught_by_the_recorded_sha256(copy_of):
     with h5py.File(path, "r+") as f:  # same layout, other numbers
         name = [n for n in _datasets(f)][0]
         f[name][...] = f[name][...] + 1
-    with pytest.raises(ValueError, match="task.weights.h5 is truncated or "
-                       "corrupt \\(its sha256 is"):
+    with pytest.raises(
+        ValueError,
+        match="task.weights.h5 is truncated or corrupt \\(its sha256 is",
+    ):
         kmm.MobileVMoE.from_preset(folder)
 
 
@@ -612,8 +683,9 @@ def test_weights_whose_shapes_do_not_match_the_config(copy_of, tmp_path):
         os.path.join(other, "model.weights.h5"),
         os.path.join(folder, "model.weights.h5"),
     )
-    with pytest.raises(ValueError, match="do not match the model built from "
-                       "its config") as info:
+    with pytest.raises(
+        ValueError, match="do not match the model built from its config"
+    ) as info:
         kmm.MobileVMoE.from_preset(folder)
     assert "(16,) in the file, (32,) in the model" in str(info.value)
     assert "different models" in str(info.value)
@@ -634,7 +706,9 @@ def test_missing_weights_file(copy_of):
     with pytest.raises(FileNotFoundError, match="has no task.weights.h5"):
         kmm.MobileVMoE.from_preset(folder)
     # Without weights nothing is read but the configs.
-    assert kmm.MobileVMoE.from_preset(folder, load_weights=False).num_classes == 6
+    assert (
+        kmm.MobileVMoE.from_preset(folder, load_weights=False).num_classes == 6
+    )
 
 
 def test_weights_linking_to_other_files_are_refused(copy_of, tmp_path):
@@ -693,9 +767,7 @@ def test_offline_loading_in_a_fresh_process(saved, tmp_path):
     write_snapshot(cache, REPO, folder, "main")
     write_snapshot(cache, REPO, folder, "v1")
     np.save(tmp_path / "images.npy", images())
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("HF_")
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(
         HF_HUB_OFFLINE="1",
         HF_HOME=str(tmp_path / "hf_home"),
@@ -704,29 +776,38 @@ def test_offline_loading_in_a_fresh_process(saved, tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-c", OFFLINE_SCRIPT, str(tmp_path / "images.npy")],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     lines = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
-    out = json.loads(lines[0][len("RESULT "):])
-    np.testing.assert_allclose(np.array(out["main"]), logits(model), rtol=0,
-                               atol=1e-6)
+    out = json.loads(lines[0][len("RESULT ") :])
+    np.testing.assert_allclose(
+        np.array(out["main"]), logits(model), rtol=0, atol=1e-6
+    )
     assert out["v1_head"] == [TINY["hidden_dim"], 2]
     assert out["keras_hub"] == "MobileVMoEBackbone"
     assert "offline mode is on (HF_HUB_OFFLINE=1)" in out["missing"]
     assert cache in out["missing"]
 
 
-# --- every family plugs in the same way ----------------------------------------
+# --- every family plugs in the same way ---------------------------------------
 
 
 def test_mone_family_uses_the_same_preset_machinery(saved, tmp_path):
     backbone = kmm.MoNEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, hidden_dim=32,
-        num_heads=2, mlp_dim=64,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        hidden_dim=32,
+        num_heads=2,
+        mlp_dim=64,
     )
     model = kmm.MoNE(
-        backbone, num_classes=4,
+        backbone,
+        num_classes=4,
         preprocessor=preset_loader.default_preprocessor(kmm.MoNE, backbone),
     )
     folder = str(tmp_path / "mone")
@@ -737,8 +818,11 @@ def test_mone_family_uses_the_same_preset_machinery(saved, tmp_path):
     loaded = kmm.MoNE.from_preset(folder)
     np.testing.assert_array_equal(logits(loaded), logits(model))
     assert kmm.MoNE.from_preset(folder, num_classes=2).num_classes == 2
-    with pytest.raises(ValueError, match="not a MobileVMoEImageClassifier. It "
-                       "is a 'mone' preset: load it with MoNEImageClassifier"):
+    with pytest.raises(
+        ValueError,
+        match="not a MobileVMoEImageClassifier. It "
+        "is a 'mone' preset: load it with MoNEImageClassifier",
+    ):
         kmm.MobileVMoE.from_preset(folder)
     with pytest.raises(ValueError, match="It is a 'mobile_vmoe' preset"):
         kmm.MoNE.from_preset(saved[1])

@@ -36,10 +36,13 @@ def test_router_loss_one_hot_equals_integer_labels_exactly():
 def test_router_loss_of_a_mixed_target_by_hand():
     loss = kmm.losses.SuperclassRouterLoss(TABLE)
     # Super-class targets: [0.2, 0.8] and [0.7, 0.3].
-    want = -(
-        (0.2 * np.log(0.25) + 0.8 * np.log(0.75))
-        + (0.7 * np.log(0.6) + 0.3 * np.log(0.4))
-    ) / 2
+    want = (
+        -(
+            (0.2 * np.log(0.25) + 0.8 * np.log(0.75))
+            + (0.7 * np.log(0.6) + 0.3 * np.log(0.4))
+        )
+        / 2
+    )
     got = float(to_numpy(loss(MIXED, np.log(PROBS))))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     targets = to_numpy(loss.superclass_targets(MIXED, 2))

@@ -27,8 +27,9 @@ def planted_confusion(groups, within=20.0, noise=1.0, diagonal=100.0, seed=0):
     return confusion + diagonal * np.eye(len(groups))
 
 
-def sampled_confusion(groups, images_per_class=100, accuracy=0.6,
-                      within_share=0.7, seed=0):
+def sampled_confusion(
+    groups, images_per_class=100, accuracy=0.6, within_share=0.7, seed=0
+):
     """Counts from a simulated classifier: of its mistakes on a class,
     `within_share` go to the other classes of its group, the rest anywhere."""
     rng = np.random.default_rng(seed)
@@ -58,8 +59,10 @@ def test_recovers_planted_blocks_exactly():
     assert first == sorted(first) and labels[0] == 0
 
 
-@pytest.mark.parametrize("num_classes,k", [(20, 4), (23, 4), (10, 3), (7, 7),
-                                           (9, 1), (100, 20), (100, 10)])
+@pytest.mark.parametrize(
+    "num_classes,k",
+    [(20, 4), (23, 4), (10, 3), (7, 7), (9, 1), (100, 20), (100, 10)],
+)
 def test_balanced_and_no_empty_group(num_classes, k):
     rng = np.random.default_rng(num_classes + k)
     confusion = rng.uniform(0.0, 1.0, (num_classes, num_classes))

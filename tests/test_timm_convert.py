@@ -15,21 +15,24 @@ import keras
 import numpy as np
 import pytest
 
+import keras_mobile_moe as kmm
 from conftest import to_numpy
 from hub_helpers import write_snapshot
+from keras_mobile_moe.convert import common
 from timm_helpers import import_timm
 from timm_helpers import save_timm_checkpoint
 from timm_helpers import timm_logits
-
-import keras_mobile_moe as kmm
-from keras_mobile_moe.convert import common
 
 timm = import_timm()
 import torch  # noqa: E402  (after timm_helpers set torchvision up)
 
 REPO = "timm/vit_small_patch32_224.augreg_in21k_ft_in1k"
 SMALL_ARGS = dict(
-    embed_dim=48, depth=2, num_heads=3, img_size=32, patch_size=8,
+    embed_dim=48,
+    depth=2,
+    num_heads=3,
+    img_size=32,
+    patch_size=8,
     num_classes=10,
 )
 TOLERANCE = 1e-4
@@ -111,7 +114,9 @@ def test_timm_checkpoint_loads_through_hf_with_timms_logits(
 
 def test_timm_backbone_matches_forward_features(small_checkpoint, hf_cache):
     reference, folder = small_checkpoint
-    backbone = kmm.models.MobileVMoEBackbone.from_preset(publish(hf_cache, folder))
+    backbone = kmm.models.MobileVMoEBackbone.from_preset(
+        publish(hf_cache, folder)
+    )
     x = timm_normalize(raw_images(8), reference)
     ours = to_numpy(backbone(x)["sequence_output"])
     with torch.no_grad():
@@ -131,17 +136,27 @@ def test_pinned_revision_and_local_folder(small_checkpoint, hf_cache, tmp_path):
     publish(hf_cache, other_folder, revision="main")
     x = timm_normalize(raw_images(4), reference)
     pinned = kmm.MobileVMoE.from_preset(f"hf://{REPO}/v1")
-    assert np.abs(to_numpy(pinned(x)) - timm_logits(reference, x)).max() <= TOLERANCE
+    assert (
+        np.abs(to_numpy(pinned(x)) - timm_logits(reference, x)).max()
+        <= TOLERANCE
+    )
     latest = kmm.MobileVMoE.from_preset(f"hf://{REPO}")
-    assert np.abs(to_numpy(latest(x)) - timm_logits(other, x)).max() <= TOLERANCE
+    assert (
+        np.abs(to_numpy(latest(x)) - timm_logits(other, x)).max() <= TOLERANCE
+    )
     local = kmm.MobileVMoE.from_preset(folder)
-    assert np.abs(to_numpy(local(x)) - timm_logits(reference, x)).max() <= TOLERANCE
+    assert (
+        np.abs(to_numpy(local(x)) - timm_logits(reference, x)).max()
+        <= TOLERANCE
+    )
 
 
 def test_from_preset_upcycles_a_timm_checkpoint(small_checkpoint, hf_cache):
     reference, folder = small_checkpoint
     model = kmm.MobileVMoE.from_preset(
-        publish(hf_cache, folder), num_experts=4, num_moe_layers=1,
+        publish(hf_cache, folder),
+        num_experts=4,
+        num_moe_layers=1,
         superclass_ids=[0, 0, 1, 1, 2, 2, 3, 3, 0, 1],
     )
     assert model.backbone.num_experts == 4
@@ -166,7 +181,9 @@ def test_new_head_and_resampled_position_embedding(small_checkpoint, hf_cache):
         handle, image_shape=(48, 48, 3)
     )
     theirs = resample_abs_pos_embed(
-        reference.pos_embed.detach(), new_size=(6, 6), old_size=(4, 4),
+        reference.pos_embed.detach(),
+        new_size=(6, 6),
+        old_size=(4, 4),
         num_prefix_tokens=1,
     ).numpy()
     ours = to_numpy(backbone.patch_embedding.position_embedding)
@@ -185,7 +202,10 @@ def test_new_head_and_resampled_position_embedding(small_checkpoint, hf_cache):
         want = timm48.forward_features(
             torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
         ).numpy()
-    assert np.abs(to_numpy(backbone(x)["sequence_output"]) - want).max() <= TOLERANCE
+    assert (
+        np.abs(to_numpy(backbone(x)["sequence_output"]) - want).max()
+        <= TOLERANCE
+    )
 
 
 # --- bad checkpoints ---------------------------------------------------------
@@ -228,16 +248,27 @@ def test_bad_checkpoints_raise_clear_errors(
     _, folder = small_checkpoint
     edits = {
         "missing": dict(edit_tensors=lambda t: t.pop("blocks.1.mlp.fc2.bias")),
-        "shape": dict(edit_tensors=lambda t: t.update(
-            {"blocks.0.attn.qkv.weight": np.zeros((100, 48), "float32")})),
-        "register": dict(edit_tensors=lambda t: t.update(
-            {"reg_token": np.zeros((1, 4, 48), "float32")})),
-        "layer_scale": dict(edit_tensors=lambda t: t.update(
-            {"blocks.0.ls1.gamma": np.ones((48,), "float32")})),
-        "architecture": dict(edit_config=lambda c: c.update(
-            {"architecture": "convnext_tiny"})),
-        "model_args": dict(edit_config=lambda c: c["model_args"].update(
-            {"reg_tokens": 4})),
+        "shape": dict(
+            edit_tensors=lambda t: t.update(
+                {"blocks.0.attn.qkv.weight": np.zeros((100, 48), "float32")}
+            )
+        ),
+        "register": dict(
+            edit_tensors=lambda t: t.update(
+                {"reg_token": np.zeros((1, 4, 48), "float32")}
+            )
+        ),
+        "layer_scale": dict(
+            edit_tensors=lambda t: t.update(
+                {"blocks.0.ls1.gamma": np.ones((48,), "float32")}
+            )
+        ),
+        "architecture": dict(
+            edit_config=lambda c: c.update({"architecture": "convnext_tiny"})
+        ),
+        "model_args": dict(
+            edit_config=lambda c: c["model_args"].update({"reg_tokens": 4})
+        ),
         "pool": dict(edit_config=lambda c: c.update({"global_pool": "avg"})),
     }[case]
     bad = edited_copy(folder, tmp_path, case, **edits)
@@ -318,7 +349,9 @@ def test_resample_matches_timm_downsampling():
     pe = np.random.RandomState(0).randn(1, 1 + 7 * 7, 8).astype("float32")
     for grid in ((4, 4), (10, 10), (7, 3)):
         theirs = resample_abs_pos_embed(
-            torch.from_numpy(pe), new_size=grid, old_size=(7, 7),
+            torch.from_numpy(pe),
+            new_size=grid,
+            old_size=(7, 7),
             num_prefix_tokens=1,
         ).numpy()
         ours = common.resample_position_embedding(pe, (7, 7), grid, 1)
@@ -333,8 +366,12 @@ def test_keras_hub_vit_preset_loads_with_keras_hubs_logits(hf_cache, tmp_path):
 
     keras.utils.set_random_seed(3)
     backbone = keras_hub.models.ViTBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=3,
-        hidden_dim=48, mlp_dim=96,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=2,
+        num_heads=3,
+        hidden_dim=48,
+        mlp_dim=96,
     )
     converter = keras_hub.layers.ViTImageConverter(
         image_size=(32, 32), scale=1 / 127.5, offset=-1.0
@@ -345,8 +382,12 @@ def test_keras_hub_vit_preset_loads_with_keras_hubs_logits(hf_cache, tmp_path):
     )
     for variable in reference.weights:  # zero-initialised biases and norms
         value = to_numpy(variable)
-        variable.assign(value + np.random.RandomState(0).normal(
-            0, 0.2, value.shape).astype("float32"))
+        variable.assign(
+            value
+            + np.random.RandomState(0)
+            .normal(0, 0.2, value.shape)
+            .astype("float32")
+        )
     folder = str(tmp_path / "vit")
     reference.save_to_preset(folder)
     handle = publish(hf_cache, folder, repo="keras/vit-tiny-test")
@@ -360,9 +401,12 @@ def test_keras_hub_vit_preset_loads_with_keras_hubs_logits(hf_cache, tmp_path):
         handle, num_experts=3, num_moe_layers=2
     )
     x = to_numpy(reference.preprocessor(images))
-    assert np.abs(
-        to_numpy(moe(x)["sequence_output"]) - to_numpy(backbone(x))
-    ).max() <= TOLERANCE
+    assert (
+        np.abs(
+            to_numpy(moe(x)["sequence_output"]) - to_numpy(backbone(x))
+        ).max()
+        <= TOLERANCE
+    )
     # keras-hub's ViT (hidden_dim 48 = 8 x 6) is also a MoNE at budget 1.
     mone = kmm.MoNE.from_preset(handle)
     got = to_numpy(mone.predict(images, verbose=0))
@@ -386,10 +430,12 @@ def test_vit_small_patch32_224_full_size(hf_cache, tmp_path):
     assert model.backbone.image_shape == (224, 224, 3)
     assert model.backbone.num_layers == 12 and model.backbone.hidden_dim == 384
     assert model.num_classes == 1000
-    images = np.stack([
-        np.asarray(Image.fromarray(i).resize((224, 224), Image.BICUBIC))
-        for i in raw_images(4)
-    ])
+    images = np.stack(
+        [
+            np.asarray(Image.fromarray(i).resize((224, 224), Image.BICUBIC))
+            for i in raw_images(4)
+        ]
+    )
     x = timm_normalize(images, reference)
     ours = to_numpy(model(x, training=False))
     theirs = timm_logits(reference, x)

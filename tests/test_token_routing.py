@@ -174,7 +174,9 @@ def test_tokens_beyond_capacity_are_dropped_in_token_order():
     # ... and kept ones their gated expert output.
     gate = to_numpy(routing["expert_gates"])[..., 0]
     want = gate[:, :capacity, None] * numpy_expert(moe, x[:, :capacity], 2)
-    np.testing.assert_allclose(outputs[:, :capacity], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs[:, :capacity], want, rtol=1e-4, atol=1e-5
+    )
     # A larger capacity factor keeps everyone.
     roomy = TokenRoutedMoE(
         num_experts=4, intermediate_dim=32, capacity_factor=4.0
@@ -204,7 +206,9 @@ def test_first_choices_take_priority_over_second_choices():
 
 
 def test_batch_independence_per_image_groups():
-    moe = TokenRoutedMoE(num_experts=4, intermediate_dim=32, capacity_factor=0.75)
+    moe = TokenRoutedMoE(
+        num_experts=4, intermediate_dim=32, capacity_factor=0.75
+    )
     together = to_numpy(moe(TOKENS))
     alone = to_numpy(moe(TOKENS[1:2]))
     others = RNG.normal(size=TOKENS.shape).astype("float32")
@@ -223,7 +227,9 @@ def test_backbone_results_do_not_depend_on_the_rest_of_the_batch():
 
 
 def test_one_expert_with_room_for_all_is_the_dense_mlp():
-    moe = TokenRoutedMoE(num_experts=1, intermediate_dim=32, capacity_factor=2.0)
+    moe = TokenRoutedMoE(
+        num_experts=1, intermediate_dim=32, capacity_factor=2.0
+    )
     mlp = kmm.layers.MLP(intermediate_dim=32)
     moe(TOKENS)
     mlp(TOKENS)
@@ -255,7 +261,9 @@ def test_load_balancing_loss_value_and_only_in_training():
         [np.bincount(i.ravel(), minlength=4) / i.size for i in indices]
     )
     want = np.mean(4 * np.sum(fractions * probs.mean(axis=1), axis=-1))
-    np.testing.assert_allclose(float(to_numpy(routing["aux_loss"])), want, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(to_numpy(routing["aux_loss"])), want, rtol=1e-5
+    )
     moe(TOKENS, training=True)
     assert len(moe.losses) == 1
     np.testing.assert_allclose(
@@ -279,7 +287,10 @@ def test_balanced_router_has_loss_one():
 
 def test_fit_loss_includes_the_aux_losses_of_every_moe_block():
     model = token_classifier(num_classes=10)
-    x, y = scaled_images(fixture()["x_train"][:8]), fixture()["y_train"][:8] % 10
+    x, y = (
+        scaled_images(fixture()["x_train"][:8]),
+        fixture()["y_train"][:8] % 10,
+    )
     logits = model(x, training=True)
     assert len(model.losses) == 2  # one per MoE block
     aux = sum(float(to_numpy(loss)) for loss in model.losses)
@@ -291,7 +302,7 @@ def test_fit_loss_includes_the_aux_losses_of_every_moe_block():
     )
 
 
-# --- gradients ------------------------------------------------------------------
+# --- gradients ----------------------------------------------------------------
 
 
 def test_every_layer_weight_gets_a_finite_nonzero_gradient():
@@ -323,11 +334,21 @@ def test_every_model_weight_gets_a_finite_nonzero_gradient():
 
 LAYERS = {
     "moe": lambda: TokenRoutedMoE(
-        4, 32, top_k=2, capacity_factor=1.25, normalize_gates=True,
-        aux_loss_weight=0.02, dropout_rate=0.1,
+        4,
+        32,
+        top_k=2,
+        capacity_factor=1.25,
+        normalize_gates=True,
+        aux_loss_weight=0.02,
+        dropout_rate=0.1,
     ),
     "block": lambda: kmm.layers.TransformerEncoderBlock(
-        16, 2, 32, num_experts=4, router_type="token", capacity_factor=0.5,
+        16,
+        2,
+        32,
+        num_experts=4,
+        router_type="token",
+        capacity_factor=0.5,
         aux_loss_weight=0.0,
     ),
 }
@@ -387,7 +408,7 @@ def test_preset_override_builds_a_token_routed_model():
     )
 
 
-# --- training -------------------------------------------------------------------
+# --- training -----------------------------------------------------------------
 
 
 def test_fit_reduces_loss_on_cifar100_fixture():
@@ -410,7 +431,8 @@ def test_fit_reduces_loss_on_cifar100_fixture():
 def test_count_flops_matches_the_formula():
     model = kmm.MobileVMoE(
         token_backbone(top_k=2, capacity_factor=1.5),
-        num_classes=10, routing="learned",
+        num_classes=10,
+        routing="learned",
     )
     n, d, h, e, k = 17, 32, 64, 4, 2
     capacity = 13  # ceil(1.5 * 2 * 17 / 4) = ceil(12.75)
@@ -423,9 +445,7 @@ def test_count_flops_matches_the_formula():
     )
     block = flops.transformer_block_flops(n, d, 2, h)
     # Two MoE blocks: the dense model minus two MLPs plus two token MoEs.
-    want = kmm.count_flops(dense) + 2 * (
-        router + experts - n * per_token
-    )
+    want = kmm.count_flops(dense) + 2 * (router + experts - n * per_token)
     assert kmm.count_flops(model) == want
     parts = kmm.flops_breakdown(model)
     assert parts["router"] == 2 * router
@@ -443,7 +463,10 @@ def test_activated_params_per_image():
     assert flops.activated_params(dense) == dense.count_params()
     assert flops.activated_params(token) == token.count_params()
     per_expert = 2 * 32 * 64 + 64 + 32
-    assert flops.activated_params(image) == image.count_params() - 2 * 3 * per_expert
+    assert (
+        flops.activated_params(image)
+        == image.count_params() - 2 * 3 * per_expert
+    )
     assert flops.activated_params(image) < flops.activated_params(token)
 
 
@@ -455,8 +478,12 @@ def test_activated_params_reproduce_paper_fig_3e():
     counts = {}
     for router_type in ("image", "token"):
         model = kmm.MobileVMoE.from_preset(
-            "tiny_e10", load_weights=False, patch_size=16, top_k=2,
-            router_type=router_type, routing="learned",
+            "tiny_e10",
+            load_weights=False,
+            patch_size=16,
+            top_k=2,
+            router_type=router_type,
+            routing="learned",
         )
         counts[router_type] = flops.activated_params(model)
     assert round(counts["token"] / 1e6, 2) == 11.05
@@ -471,36 +498,54 @@ def test_activated_params_reproduce_paper_fig_3e():
         {"top_k": 2},
         {"capacity_factor": 0.5},
         {"capacity_factor": 2.0, "use_class_token": False},
-        {"num_experts": 8, "top_k": 3, "hidden_dim": 48, "mlp_dim": 96,
-         "num_heads": 3},
+        {
+            "num_experts": 8,
+            "top_k": 3,
+            "hidden_dim": 48,
+            "mlp_dim": 96,
+            "num_heads": 3,
+        },
     ],
     ids=["top1", "top2", "cf0.5", "cf2_no_class_token", "e8_top3_w48"],
 )
 def test_flops_match_xla_cost_analysis(overrides):
     model = kmm.MobileVMoE(
-        token_backbone(**overrides), num_classes=10, pooling="avg",
-        routing="learned", compile=False,
+        token_backbone(**overrides),
+        num_classes=10,
+        pooling="avg",
+        routing="learned",
+        compile=False,
     )
     xla = xla_flops(model, (32, 32, 3))
     ours = kmm.count_flops(model)
     assert abs(ours / xla - 1) < 0.05, (ours, xla)
 
 
-# --- argument checks ------------------------------------------------------------
+# --- argument checks ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "make, match",
     [
         (lambda: TokenRoutedMoE(4, 32, capacity_factor=0), "capacity_factor=0"),
-        (lambda: TokenRoutedMoE(4, 32, capacity_factor="1"), "capacity_factor='1'"),
-        (lambda: TokenRoutedMoE(4, 32, aux_loss_weight=-1.0), "aux_loss_weight=-1.0"),
+        (
+            lambda: TokenRoutedMoE(4, 32, capacity_factor="1"),
+            "capacity_factor='1'",
+        ),
+        (
+            lambda: TokenRoutedMoE(4, 32, aux_loss_weight=-1.0),
+            "aux_loss_weight=-1.0",
+        ),
         (lambda: TokenRoutedMoE(4, 32, top_k=5), "top_k=5"),
         (lambda: TokenRoutedMoE(0, 32), "num_experts=0"),
         (lambda: token_backbone(router_type="tokens"), "router_type='tokens'"),
         (lambda: token_backbone(capacity_factor=-2.0), "capacity_factor=-2.0"),
-        (lambda: kmm.layers.TransformerEncoderBlock(
-            16, 2, 32, num_experts=4, router_type="expert"), "router_type='expert'"),
+        (
+            lambda: kmm.layers.TransformerEncoderBlock(
+                16, 2, 32, num_experts=4, router_type="expert"
+            ),
+            "router_type='expert'",
+        ),
         (lambda: expert_capacity(0, 4), "num_tokens=0"),
     ],
 )
@@ -510,7 +555,9 @@ def test_bad_arguments_raise(make, match):
 
 
 def test_superclass_routing_with_token_backbone_raises():
-    with pytest.raises(ValueError, match="routing='superclass'.*router_type='token'"):
+    with pytest.raises(
+        ValueError, match="routing='superclass'.*router_type='token'"
+    ):
         kmm.MobileVMoE(token_backbone(), num_classes=10)
     with pytest.raises(ValueError, match="Accepted: routing='learned'"):
         kmm.MobileVMoE(token_backbone(), num_classes=10, routing="superclass")

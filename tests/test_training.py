@@ -208,8 +208,15 @@ def test_token_routing_flag_trains(tmp_path):
 def test_distribution_flag_trains_on_two_devices(tmp_path, kind):
     workdir = tmp_path / kind
     result = subprocess.run(
-        [sys.executable, TRAIN, *TINY_ARGS, f"--workdir={workdir}",
-         f"--distribution={kind}", "--epochs=1", "--max_steps_per_epoch=2"],
+        [
+            sys.executable,
+            TRAIN,
+            *TINY_ARGS,
+            f"--workdir={workdir}",
+            f"--distribution={kind}",
+            "--epochs=1",
+            "--max_steps_per_epoch=2",
+        ],
         env={**env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
         capture_output=True,
         text=True,
@@ -224,9 +231,18 @@ def test_distribution_flag_needs_jax(tmp_path):
     if keras.config.backend() == "jax":
         pytest.skip("the error is for the TensorFlow and PyTorch backends")
     result = subprocess.run(
-        [sys.executable, TRAIN, *TINY_ARGS, f"--workdir={tmp_path}",
-         "--distribution=data", "--epochs=1"],
-        env=env(), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            TRAIN,
+            *TINY_ARGS,
+            f"--workdir={tmp_path}",
+            "--distribution=data",
+            "--epochs=1",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode != 0
     assert "--distribution data runs on the JAX backend" in result.stderr
@@ -258,8 +274,12 @@ def test_stratified_split_and_seeded_batches():
     np.testing.assert_array_equal(again, val_idx)
 
     batches = data_lib.CifarBatches(
-        fixture["x_train"], labels, 16, 100,
-        recipe=recipes.get_recipe("vit", 64), seed=5,
+        fixture["x_train"],
+        labels,
+        16,
+        100,
+        recipe=recipes.get_recipe("vit", 64),
+        seed=5,
     )
     x0, y0 = batches[0]
     np.testing.assert_array_equal(batches[0][0], x0)
@@ -283,8 +303,12 @@ def test_deit_recipe_augments_with_soft_labels():
     assert recipe.name == "deit" and recipe.soft_labels
     fixture = kmm.datasets.cifar100.load_fixture()
     batches = data_lib.CifarBatches(
-        fixture["x_train"], fixture["y_train"], 8, 100,
-        recipe=recipe, seed=2,
+        fixture["x_train"],
+        fixture["y_train"],
+        8,
+        100,
+        recipe=recipe,
+        seed=2,
     )
     x, y = batches[0]
     x_again, y_again = batches[0]
@@ -295,8 +319,12 @@ def test_deit_recipe_augments_with_soft_labels():
     # The same seed draws the same crops and flips: the vit recipe's batch
     # is the deit batch before RandAugment, Mixup/CutMix and erasing.
     plain = data_lib.CifarBatches(
-        fixture["x_train"], fixture["y_train"], 8, 100,
-        recipe=recipes.get_recipe("vit", 64), seed=2,
+        fixture["x_train"],
+        fixture["y_train"],
+        8,
+        100,
+        recipe=recipes.get_recipe("vit", 64),
+        seed=2,
     )
     assert not np.allclose(plain[0][0], x)
     assert np.sum(y > 0) > np.sum(plain[0][1] > 0)  # mixed targets
@@ -307,8 +335,13 @@ def test_deit_recipe_augments_with_soft_labels():
     # The eager path (benchmarks/train_throughput.py compares it) draws
     # the same random choices of its own: valid, seeded batches.
     eager = data_lib.CifarBatches(
-        fixture["x_train"], fixture["y_train"], 8, 100,
-        recipe=recipe, seed=2, compile_augmentation=False,
+        fixture["x_train"],
+        fixture["y_train"],
+        8,
+        100,
+        recipe=recipe,
+        seed=2,
+        compile_augmentation=False,
     )
     x_eager, y_eager = eager[1]
     np.testing.assert_array_equal(eager[1][0], x_eager)
@@ -352,9 +385,11 @@ def h5_paths(path):
     paths = {}
     with h5py.File(path, "r") as f:
         f.visititems(
-            lambda name, obj: paths.__setitem__(name, obj.shape)
-            if isinstance(obj, h5py.Dataset)
-            else None
+            lambda name, obj: (
+                paths.__setitem__(name, obj.shape)
+                if isinstance(obj, h5py.Dataset)
+                else None
+            )
         )
     return paths
 
@@ -369,14 +404,21 @@ def test_trainer_loads_and_writes_the_committed_checkpoint_format(tmp_path):
 
     trainer_lib = _load("trainer")
     source = os.path.join(
-        ROOT, "training", "checkpoints", "6x64_e10_p4_100ep_s0",
+        ROOT,
+        "training",
+        "checkpoints",
+        "6x64_e10_p4_100ep_s0",
         "latest.weights.h5",
     )
     checkpoint = str(tmp_path / "latest.weights.h5")
     shutil.copy(source, checkpoint)
     model = kmm.MobileVMoE.from_preset(
-        "6x64_e10", load_weights=False, num_classes=100,
-        image_shape=(32, 32, 3), patch_size=4, routing="learned",
+        "6x64_e10",
+        load_weights=False,
+        num_classes=100,
+        image_shape=(32, 32, 3),
+        patch_size=4,
+        routing="learned",
     )
     model.preprocessor = None
     trainer = trainer_lib.Trainer(model)
@@ -457,9 +499,11 @@ def test_publish_preset_stores_compact_weights_and_a_registry_entry(
     with h5py.File(tmp_path / "6x64_e4_fixture" / "model.weights.h5") as f:
         dtypes = set()
         f.visititems(
-            lambda _, item: dtypes.add(item.dtype)
-            if isinstance(item, h5py.Dataset) and item.size > 1
-            else None
+            lambda _, item: (
+                dtypes.add(item.dtype)
+                if isinstance(item, h5py.Dataset) and item.size > 1
+                else None
+            )
         )
     assert dtypes == {np.dtype("float16")}
     original = kmm.MobileVMoE.from_preset(os.path.join(workdir, "preset"))
@@ -483,8 +527,12 @@ def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
 
     workdir = str(tmp_path / "mone")
     stdout = run_program(
-        TRAIN, "--preset=6x64_mone", *MONE_ARGS, "--max_steps_per_epoch=6",
-        "--training_budgets=adaptive", f"--workdir={workdir}",
+        TRAIN,
+        "--preset=6x64_mone",
+        *MONE_ARGS,
+        "--max_steps_per_epoch=6",
+        "--training_budgets=adaptive",
+        f"--workdir={workdir}",
     )
     assert "capacity budget 0.2: test top-1" in stdout
     with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
@@ -501,7 +549,15 @@ def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
     assert len(steps) > 1
     curve = results["budget_curve"]
     assert [p["capacity_budget"] for p in curve] == [
-        0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0
+        0.2,
+        0.3,
+        0.4,
+        0.5,
+        0.6,
+        0.7,
+        0.8,
+        0.9,
+        1.0,
     ]
     flops = [p["flops"] for p in curve]
     assert flops == sorted(flops) and flops[0] < flops[-1]
@@ -523,8 +579,12 @@ def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
     # name); --training_budgets none trains at its capacity budget.
     again = str(tmp_path / "again")
     run_program(
-        TRAIN, f"--preset={preset}", *MONE_ARGS, "--max_steps_per_epoch=1",
-        "--training_budgets=none", f"--workdir={again}",
+        TRAIN,
+        f"--preset={preset}",
+        *MONE_ARGS,
+        "--max_steps_per_epoch=1",
+        "--training_budgets=none",
+        f"--workdir={again}",
     )
     with open(os.path.join(again, "results.json"), encoding="utf-8") as f:
         from_dir = json.load(f)
@@ -545,13 +605,16 @@ def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
     out = str(tmp_path / "report")
     run_program(
         os.path.join(ROOT, "training", "make_cifar100_report.py"),
-        f"--results_dir={results_dir}", f"--out={out}",
+        f"--results_dir={results_dir}",
+        f"--out={out}",
     )
     with open(out + ".md", encoding="utf-8") as f:
         report = f.read()
     assert "## MoNE: accuracy against compute budget" in report
     assert "dense twin dense_6x64 (50.00%" in report
-    row = next(line for line in report.splitlines() if line.startswith("| 0.5 |"))
+    row = next(
+        line for line in report.splitlines() if line.startswith("| 0.5 |")
+    )
     delta = 100 * (results["test_top1"] - 0.5)
     assert row.split("|")[3].strip() == f"{results['flops'] / 1e6:.2f}"
     assert row.split("|")[4].strip() == "0.50"
@@ -569,7 +632,9 @@ def test_init_from_upcycles_a_trained_dense_preset(tmp_path):
     dense_preset = os.path.join(dense_dir, "preset")
     moe_dir = str(tmp_path / "moe")
     stdout = train(
-        moe_dir, f"--init_from={dense_preset}", "--epochs=1",
+        moe_dir,
+        f"--init_from={dense_preset}",
+        "--epochs=1",
         "--max_steps_per_epoch=2",
     )
     assert f"upcycled from {dense_preset}" in stdout
@@ -583,15 +648,27 @@ def test_init_from_upcycles_a_trained_dense_preset(tmp_path):
     assert results["arch"]["num_experts"] == 4 and results["arch"]["is_moe"]
     # A dense model continues from it (the control run).
     stdout = train(
-        str(tmp_path / "continued"), "--preset=6x64",
-        f"--init_from={dense_preset}", "--epochs=1", "--max_steps_per_epoch=2",
+        str(tmp_path / "continued"),
+        "--preset=6x64",
+        f"--init_from={dense_preset}",
+        "--epochs=1",
+        "--max_steps_per_epoch=2",
     )
     assert f"continuing from {dense_preset}; max |logit difference" in stdout
     # A dense preset of another width is refused before training.
     result = subprocess.run(
-        [sys.executable, TRAIN, *TINY_ARGS, "--override=hidden_dim=24",
-         f"--init_from={dense_preset}", f"--workdir={tmp_path / 'bad'}"],
-        env=env(), capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            TRAIN,
+            *TINY_ARGS,
+            "--override=hidden_dim=24",
+            f"--init_from={dense_preset}",
+            f"--workdir={tmp_path / 'bad'}",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode != 0
     assert "hidden_dim (preset 16, model 24)" in result.stderr

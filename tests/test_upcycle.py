@@ -18,8 +18,14 @@ SUPERCLASSES = [0, 1, 2, 3, 0, 1]
 def dense_classifier(seed=0, mlp_activation="keras_mobile_moe>gelu_tanh"):
     keras.utils.set_random_seed(seed)
     backbone = kmm.MobileVMoEBackbone(
-        image_shape=(32, 32, 3), patch_size=8, num_layers=3, hidden_dim=32,
-        num_heads=2, mlp_dim=64, num_moe_layers=0, num_experts=0,
+        image_shape=(32, 32, 3),
+        patch_size=8,
+        num_layers=3,
+        hidden_dim=32,
+        num_heads=2,
+        mlp_dim=64,
+        num_moe_layers=0,
+        num_experts=0,
         mlp_activation=mlp_activation,
     )
     model = kmm.MobileVMoE(backbone, num_classes=6)
@@ -27,7 +33,9 @@ def dense_classifier(seed=0, mlp_activation="keras_mobile_moe>gelu_tanh"):
     rng = np.random.RandomState(seed)
     for variable in model.weights:
         value = to_numpy(variable)
-        variable.assign(value + rng.normal(0, 0.1, value.shape).astype("float32"))
+        variable.assign(
+            value + rng.normal(0, 0.1, value.shape).astype("float32")
+        )
     return model
 
 
@@ -56,17 +64,24 @@ def test_top_k_2_also_keeps_the_dense_function():
     dense = dense_classifier(mlp_activation="gelu")
     moe = kmm.upcycle(dense, num_experts=4, num_moe_layers=1, top_k=2)
     x = images(8)
-    assert np.abs(
-        to_numpy(moe.predict(x, verbose=0)) - to_numpy(dense.predict(x, verbose=0))
-    ).max() <= 1e-5
+    assert (
+        np.abs(
+            to_numpy(moe.predict(x, verbose=0))
+            - to_numpy(dense.predict(x, verbose=0))
+        ).max()
+        <= 1e-5
+    )
 
 
-def test_without_normalized_gates_each_moe_block_scales_the_dense_mlp_by_its_gate():
+def test_without_normalized_gates_moe_blocks_scale_the_dense_mlp_by_gate():
     dense = dense_classifier()
     moe = kmm.upcycle(
         dense, num_experts=4, num_moe_layers=1, normalize_gates=False
     )
-    block, dense_block = moe.backbone.encoder_blocks[-1], dense.backbone.encoder_blocks[-1]
+    block, dense_block = (
+        moe.backbone.encoder_blocks[-1],
+        dense.backbone.encoder_blocks[-1],
+    )
     rng = np.random.RandomState(1)
     tokens = rng.normal(size=(5, 17, 32)).astype("float32")
     _, indices, gates = moe.backbone.router(tokens)
@@ -75,9 +90,13 @@ def test_without_normalized_gates_each_moe_block_scales_the_dense_mlp_by_its_gat
     assert np.abs(got - want).max() <= 1e-5
     # so the model's output is no longer the dense one
     x = images(8)
-    assert np.abs(
-        to_numpy(moe.predict(x, verbose=0)) - to_numpy(dense.predict(x, verbose=0))
-    ).max() > 1e-3
+    assert (
+        np.abs(
+            to_numpy(moe.predict(x, verbose=0))
+            - to_numpy(dense.predict(x, verbose=0))
+        ).max()
+        > 1e-3
+    )
 
 
 def test_weights_copied_router_fresh_and_dense_model_untouched():
@@ -85,10 +104,13 @@ def test_weights_copied_router_fresh_and_dense_model_untouched():
     before = [to_numpy(w).copy() for w in dense.weights]
     moe = kmm.upcycle(dense.backbone, num_experts=3, num_moe_layers=2)
     assert isinstance(moe, kmm.MobileVMoEBackbone)
-    for old, new in zip(dense.backbone.encoder_blocks[1:], moe.encoder_blocks[1:]):
+    for old, new in zip(
+        dense.backbone.encoder_blocks[1:], moe.encoder_blocks[1:]
+    ):
         for e in range(3):
             np.testing.assert_array_equal(
-                to_numpy(new.mlp.kernel_in)[e], to_numpy(old.mlp.dense_in.kernel)
+                to_numpy(new.mlp.kernel_in)[e],
+                to_numpy(old.mlp.dense_in.kernel),
             )
             np.testing.assert_array_equal(
                 to_numpy(new.mlp.bias_out)[e], to_numpy(old.mlp.dense_out.bias)
@@ -97,7 +119,9 @@ def test_weights_copied_router_fresh_and_dense_model_untouched():
         to_numpy(moe.encoder_blocks[0].mlp.dense_in.kernel),
         to_numpy(dense.backbone.encoder_blocks[0].mlp.dense_in.kernel),
     )
-    assert moe.router is not None and np.all(to_numpy(moe.router.dense.bias) == 0)
+    assert moe.router is not None and np.all(
+        to_numpy(moe.router.dense.bias) == 0
+    )
     for old, now in zip(before, dense.weights):
         np.testing.assert_array_equal(old, to_numpy(now))
     # The upcycled backbone round-trips through its config.
@@ -129,9 +153,13 @@ def test_from_preset_with_experts_on_a_dense_preset_upcycles(tmp_path):
     )
     assert moe.backbone.num_moe_layers == 2 and moe.backbone.num_experts == 4
     x = images(8)
-    assert np.abs(
-        to_numpy(moe.predict(x, verbose=0)) - to_numpy(dense.predict(x, verbose=0))
-    ).max() <= 1e-5
+    assert (
+        np.abs(
+            to_numpy(moe.predict(x, verbose=0))
+            - to_numpy(dense.predict(x, verbose=0))
+        ).max()
+        <= 1e-5
+    )
     backbone = kmm.MobileVMoEBackbone.from_preset(
         folder, num_experts=2, num_moe_layers=1
     )
@@ -147,8 +175,9 @@ def test_upcycled_classifier_fine_tunes_at_the_dense_models_rate(tmp_path):
         ("pretrained", kmm.MobileVMoE.from_preset(folder)),
         ("new_head", kmm.MobileVMoE.from_preset(folder, num_classes=6)),
     ):
-        moe = kmm.upcycle(dense, num_experts=2, num_moe_layers=1,
-                          superclass_ids=[0, 1] * 3)
+        moe = kmm.upcycle(
+            dense, num_experts=2, num_moe_layers=1, superclass_ids=[0, 1] * 3
+        )
         assert moe.weights_source == name
         moe.compile()
         rates[name] = float(to_numpy(moe.optimizer.learning_rate))

@@ -11,11 +11,7 @@ importing, so torchvision and timm import; no torchvision operator is ever
 called: timm's VisionTransformer uses only torch.
 """
 
-import os
-import shutil
 import sys
-
-import pytest
 
 _LIBRARY = []
 
@@ -35,14 +31,17 @@ def import_timm():
         library = torch.library.Library("torchvision", "FRAGMENT")
         for op in ("nms", "qnms"):
             library.define(
-                f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+                f"{op}(Tensor dets, Tensor scores, float iou_threshold)"
+                " -> Tensor"
             )
         _LIBRARY.append(library)  # the definitions live as long as this
         import timm
     return timm
 
 
-def save_timm_checkpoint(model, folder, model_args=None, formats=("safetensors",)):
+def save_timm_checkpoint(
+    model, folder, model_args=None, formats=("safetensors",)
+):
     """Writes `model` with timm's own Hub-saving code (`save_for_hf`), as
     timm's `push_to_hf_hub` does before uploading: config.json and
     model.safetensors (and/or the pickle pytorch_model.bin)."""

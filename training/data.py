@@ -39,7 +39,9 @@ def stratified_split(labels, fraction, seed):
         Two sorted int arrays.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"Received: val_fraction={fraction!r}. Expected [0, 1).")
+        raise ValueError(
+            f"Received: val_fraction={fraction!r}. Expected [0, 1)."
+        )
     rng = np.random.default_rng([seed, 7919])
     labels = np.asarray(labels)
     val = []
@@ -75,11 +77,17 @@ def _data_layers(layers, seen=None):
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        if isinstance(getattr(layer, "generator", None), keras.random.SeedGenerator):
+        if isinstance(
+            getattr(layer, "generator", None), keras.random.SeedGenerator
+        ):
             found.append(layer)
         found.extend(
             _data_layers(
-                [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)],
+                [
+                    v
+                    for v in vars(layer).values()
+                    if isinstance(v, keras.layers.Layer)
+                ],
                 seen,
             )
         )
@@ -140,7 +148,9 @@ class CifarBatches(keras.utils.PyDataset):
             )
             self.layers.append(self.rand_augment)
         if recipe.mixup_alpha:
-            self.mixup = keras.layers.MixUp(alpha=recipe.mixup_alpha, seed=self.seed)
+            self.mixup = keras.layers.MixUp(
+                alpha=recipe.mixup_alpha, seed=self.seed
+            )
             self.layers.append(self.mixup)
         if recipe.cutmix_alpha:
             self.cutmix = keras.layers.CutMix(
@@ -149,10 +159,14 @@ class CifarBatches(keras.utils.PyDataset):
             self.layers.append(self.cutmix)
         if recipe.random_erasing:
             self.random_erasing = keras.layers.RandomErasing(
-                factor=recipe.random_erasing, value_range=(0, 255), seed=self.seed
+                factor=recipe.random_erasing,
+                value_range=(0, 255),
+                seed=self.seed,
             )
             self.layers.append(self.random_erasing)
-        self._generators = [g for layer in self.layers for g in _seed_generators(layer)]
+        self._generators = [
+            g for layer in self.layers for g in _seed_generators(layer)
+        ]
         self._compiled = None
 
     @property
@@ -161,7 +175,11 @@ class CifarBatches(keras.utils.PyDataset):
 
     def __len__(self):
         n = len(self.labels)
-        steps = n // self.batch_size if self.training else math.ceil(n / self.batch_size)
+        steps = (
+            n // self.batch_size
+            if self.training
+            else math.ceil(n / self.batch_size)
+        )
         steps = max(steps, 1)
         if self.max_steps:
             steps = min(steps, int(self.max_steps))
@@ -179,7 +197,9 @@ class CifarBatches(keras.utils.PyDataset):
     def __getitem__(self, index):
         if index >= len(self):
             raise IndexError(index)
-        ids = self._order()[index * self.batch_size : (index + 1) * self.batch_size]
+        ids = self._order()[
+            index * self.batch_size : (index + 1) * self.batch_size
+        ]
         x = self.images[ids]
         y = np.eye(self.num_classes, dtype="float32")[self.labels[ids]]
         if self.training:
@@ -198,7 +218,9 @@ class CifarBatches(keras.utils.PyDataset):
             dx = rng.integers(0, 2 * pad + 1, n)
             rows = dy[:, None] + np.arange(h)[None, :]
             cols = dx[:, None] + np.arange(w)[None, :]
-            x = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+            x = padded[
+                np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]
+            ]
         if recipe.horizontal_flip:
             flip = rng.random(n) < 0.5
             x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
@@ -214,7 +236,9 @@ class CifarBatches(keras.utils.PyDataset):
             self._compiled = self._compile_layers()
         seeds = [int(rng.integers(0, 2**30)) for _ in self._compiled[1]]
         x, y = self._augment_layers(x.astype("float32"), y, mix, seeds)
-        return np.clip(np.asarray(x, "float32"), 0, 255), np.asarray(y, "float32")
+        return np.clip(np.asarray(x, "float32"), 0, 255), np.asarray(
+            y, "float32"
+        )
 
     def warm_up(self):
         """Traces the compiled augmentation for every mix kind now (once per
@@ -227,8 +251,14 @@ class CifarBatches(keras.utils.PyDataset):
         recipe = self.recipe
         kinds = [None]
         if recipe.mixup_alpha or recipe.cutmix_alpha:
-            kinds = [k for k, a in (("mixup", recipe.mixup_alpha),
-                                    ("cutmix", recipe.cutmix_alpha)) if a]
+            kinds = [
+                k
+                for k, a in (
+                    ("mixup", recipe.mixup_alpha),
+                    ("cutmix", recipe.cutmix_alpha),
+                )
+                if a
+            ]
         n = min(self.batch_size, len(self.labels))
         x = np.zeros((n, *self.images.shape[1:]), "float32")
         y = np.zeros((n, self.num_classes), "float32")
@@ -263,7 +293,9 @@ class CifarBatches(keras.utils.PyDataset):
         for generator, seed in zip(generators, seeds):
             state = generator.state
             if function is None:
-                value = keras.ops.convert_to_tensor([seed, 0], dtype=state.dtype)
+                value = keras.ops.convert_to_tensor(
+                    [seed, 0], dtype=state.dtype
+                )
             else:
                 import tensorflow as tf
 
@@ -271,7 +303,9 @@ class CifarBatches(keras.utils.PyDataset):
             state.assign(value)
         if function is None:
             x, y = self._apply_layers(
-                keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y), mix
+                keras.ops.convert_to_tensor(x),
+                keras.ops.convert_to_tensor(y),
+                mix,
             )
             return keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)
         x, y = function(x, y, mix)

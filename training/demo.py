@@ -32,7 +32,10 @@ from absl import flags  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
 sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    0,
+    os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"
+    ),
 )
 from common import compiled_forward  # noqa: E402
 from common import convert_images  # noqa: E402
@@ -50,7 +53,9 @@ SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
 def family_table(scales, repeats):
-    print(f"\n== The Mobile V-MoE family ({keras.config.backend()}, {machine()})")
+    print(
+        f"\n== The Mobile V-MoE family ({keras.config.backend()}, {machine()})"
+    )
     print("latency: one 224x224 image, compiled, median of", repeats, "calls\n")
     header = (
         f"{'scale':>7} | {'params dense/MoE':>17} | {'active/img MoE':>14} |"
@@ -107,14 +112,20 @@ def trained_presets(names=("6x64.cifar100", "6x64_e10.cifar100")):
 def fine_tune(preset, epochs, seed):
     """Fine-tunes a trained preset to CIFAR-100's 20 coarse classes."""
     data = kmm.datasets.cifar100.load_fixture()
-    experts = np.asarray(kmm.MobileVMoE.presets[preset]["task"]["superclass_ids"])
+    experts = np.asarray(
+        kmm.MobileVMoE.presets[preset]["task"]["superclass_ids"]
+    )
     coarse_of = kmm.datasets.cifar100.fine_to_coarse(
         data["y_train"], data["y_train_coarse"]
     )
     # Each coarse class goes to the expert most of its fine classes use.
-    table = [int(np.bincount(experts[coarse_of == c]).argmax()) for c in range(20)]
+    table = [
+        int(np.bincount(experts[coarse_of == c]).argmax()) for c in range(20)
+    ]
     keras.utils.set_random_seed(seed)
-    model = kmm.MobileVMoE.from_preset(preset, num_classes=20, superclass_ids=table)
+    model = kmm.MobileVMoE.from_preset(
+        preset, num_classes=20, superclass_ids=table
+    )
     model.compile()  # a loaded preset with a new head: AdamW at 1e-4
     print(
         f"\n== fine-tuning {preset} to a new task: CIFAR-100's 20 coarse "
@@ -136,7 +147,10 @@ def fine_tune(preset, epochs, seed):
     print(f"epoch 0: held-out top-1 {held_out():.3f}")
     for epoch in range(epochs):
         logs = model.fit(
-            data["x_train"], data["y_train_coarse"], batch_size=32, epochs=1,
+            data["x_train"],
+            data["y_train_coarse"],
+            batch_size=32,
+            epochs=1,
             verbose=0,
         ).history
         print(

@@ -37,7 +37,6 @@ from absl import flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import data as data_lib  # noqa: E402
-
 import keras_mobile_moe as kmm  # noqa: E402
 
 PRESET_DIR = flags.DEFINE_string(
@@ -48,10 +47,16 @@ TRAIN_PRESET = flags.DEFINE_string(
     None,
     "Train this dense preset with train.py into --workdir first.",
 )
-WORKDIR = flags.DEFINE_string("workdir", None, "train.py workdir (with --train_preset).")
+WORKDIR = flags.DEFINE_string(
+    "workdir", None, "train.py workdir (with --train_preset)."
+)
 NUM_SUPERCLASSES = flags.DEFINE_integer("num_superclasses", 10, "E.")
-OUT = flags.DEFINE_string("out", None, "Output path without extension.", required=True)
-DATA = flags.DEFINE_enum("data", None, ["full", "fixture"], "Default: as trained.")
+OUT = flags.DEFINE_string(
+    "out", None, "Output path without extension.", required=True
+)
+DATA = flags.DEFINE_enum(
+    "data", None, ["full", "fixture"], "Default: as trained."
+)
 DATA_PATH = flags.DEFINE_string("data_path", None, "cifar100.npz.")
 VAL_FRACTION = flags.DEFINE_float("val_fraction", None, "Default: as trained.")
 SEED = flags.DEFINE_integer("seed", None, "Split seed (default: as trained).")
@@ -183,17 +188,21 @@ def main(argv):
         f"\nvs CIFAR-100's 20 coarse classes: adjusted Rand index {ari:.3f}, "
         f"purity {purity:.3f}"
     )
-    write_groups(OUT.value, groups, {
-        "num_superclasses": num_groups,
-        "groups": members,
-        "source_preset": os.path.abspath(preset_dir),
-        "val_images": int(len(val_idx)),
-        "val_top1": float(accuracy),
-        "adjusted_rand_index_vs_coarse": ari,
-        "purity_vs_coarse": purity,
-        "coarse_names": [str(n) for n in dataset["coarse_names"]],
-        "cluster_seed": CLUSTER_SEED.value,
-    })
+    write_groups(
+        OUT.value,
+        groups,
+        {
+            "num_superclasses": num_groups,
+            "groups": members,
+            "source_preset": os.path.abspath(preset_dir),
+            "val_images": int(len(val_idx)),
+            "val_top1": float(accuracy),
+            "adjusted_rand_index_vs_coarse": ari,
+            "purity_vs_coarse": purity,
+            "coarse_names": [str(n) for n in dataset["coarse_names"]],
+            "cluster_seed": CLUSTER_SEED.value,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ different copy of the test split at hand (e.g. on a remote machine).
 
 Usage:
   python training/evaluate.py --preset_dir runs/6x64_e10/preset \
-      --data_path ../shared/datasets/cifar100.npz [--results runs/6x64_e10/results.json]
+      --data_path ../shared/datasets/cifar100.npz \
+      [--results runs/6x64_e10/results.json]
 """
 
 import json
@@ -32,13 +33,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
-import data as data_lib  # noqa: E402
 from common import machine  # noqa: E402
 from trainer import evaluate  # noqa: E402
 
+import data as data_lib  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 
-PRESET_DIR = flags.DEFINE_string("preset_dir", None, "Preset directory.", required=True)
+PRESET_DIR = flags.DEFINE_string(
+    "preset_dir", None, "Preset directory.", required=True
+)
 DATA = flags.DEFINE_enum("data", "full", ["full", "fixture"], "Dataset.")
 DATA_PATH = flags.DEFINE_string(
     "data_path", None, "cifar100.npz (default: $KMM_CIFAR100_PATH)."
@@ -54,8 +57,12 @@ def preset_accuracies(model, images, labels, batch_size):
     table = None
     if getattr(model, "router_loss", None) is not None:
         table = model.superclass_ids
-    batches = data_lib.CifarBatches(images, labels, batch_size, model.num_classes)
-    return evaluate(lambda x: graph.predict_on_batch(converter(x)), batches, table)
+    batches = data_lib.CifarBatches(
+        images, labels, batch_size, model.num_classes
+    )
+    return evaluate(
+        lambda x: graph.predict_on_batch(converter(x)), batches, table
+    )
 
 
 def main(argv):

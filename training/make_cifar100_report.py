@@ -23,7 +23,9 @@ from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = flags.DEFINE_string(
-    "results_dir", os.path.join(ROOT, "benchmarks", "results", "cifar100"), "Input."
+    "results_dir",
+    os.path.join(ROOT, "benchmarks", "results", "cifar100"),
+    "Input.",
 )
 OUT = flags.DEFINE_string(
     "out",
@@ -129,7 +131,7 @@ def markdown(runs):
     lines = [
         "# CIFAR-100: dense ViT vs Mobile V-MoE",
         "",
-        "Daxberger et al., \"Mobile V-MoEs\", arXiv 2309.04354 (Fig. 1 / "
+        'Daxberger et al., "Mobile V-MoEs", arXiv 2309.04354 (Fig. 1 / '
         "Table 2 setting): CIFAR-100 images resized to the model input "
         f"({inputs(runs)}); "
         "MoE = E=10 experts, k=1, last 2 blocks, super-classes discovered "
@@ -140,37 +142,49 @@ def markdown(runs):
         "training set held out for validation. Regenerate with "
         "`python training/make_cifar100_report.py`.",
         "",
-        "| scale | seed | MFLOPs dense / MoE | params dense / MoE | activated params MoE "
-        "| dense top-1 % | MoE top-1 % | delta (pp) | val delta (pp) | MoE router acc. % | epochs |",
+        "| scale | seed | MFLOPs dense / MoE | params dense / MoE "
+        "| activated params MoE | dense top-1 % | MoE top-1 % | delta (pp) "
+        "| val delta (pp) | MoE router acc. % | epochs |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (scale, _, seed), pair in pairs(runs):
         dense, moe = pair.get("dense"), pair.get("moe")
         flops = " / ".join(
-            "–" if r is None else f"{r['flops'] / 1e6:.2f}" for r in (dense, moe)
+            "–" if r is None else f"{r['flops'] / 1e6:.2f}"
+            for r in (dense, moe)
         )
         params = " / ".join(
-            "–" if r is None else f"{r['params'] / 1e6:.2f}M" for r in (dense, moe)
+            "–" if r is None else f"{r['params'] / 1e6:.2f}M"
+            for r in (dense, moe)
         )
         active = "–" if moe is None else f"{moe['activated_params'] / 1e6:.2f}M"
         delta = "–"
         val_delta = "–"
         if dense and moe:
             delta = f"{100 * (moe['test_top1'] - dense['test_top1']):+.2f}"
-            if dense.get("val_top1") is not None and moe.get("val_top1") is not None:
-                val_delta = f"{100 * (moe['val_top1'] - dense['val_top1']):+.2f}"
-        epochs = " / ".join("–" if r is None else str(r["epochs"]) for r in (dense, moe))
+            if (
+                dense.get("val_top1") is not None
+                and moe.get("val_top1") is not None
+            ):
+                val_delta = (
+                    f"{100 * (moe['val_top1'] - dense['val_top1']):+.2f}"
+                )
+        epochs = " / ".join(
+            "–" if r is None else str(r["epochs"]) for r in (dense, moe)
+        )
         lines.append(
             f"| {scale} | {seed} | {flops} | {params} | {active} | "
-            f"{pct(dense and dense['test_top1'])} | {pct(moe and moe['test_top1'])} | "
-            f"{delta} | {val_delta} | {pct(moe and moe['test_router_accuracy'])} | {epochs} |"
+            f"{pct(dense and dense['test_top1'])} | "
+            f"{pct(moe and moe['test_top1'])} | {delta} | {val_delta} | "
+            f"{pct(moe and moe['test_router_accuracy'])} | {epochs} |"
         )
     lines += [
         "",
         "## Every run",
         "",
         "| run | preset | routing | E | epochs | val top-1 % | test top-1 % "
-        "| test router acc. % | train images/s (best epoch) | training time | backend |",
+        "| test router acc. % | train images/s (best epoch) | training time "
+        "| backend |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -186,11 +200,13 @@ def markdown(runs):
                 routing += f" (discovered: {groups})"
         speed = run["images_per_second"]
         lines.append(
-            f"| {run['name']} | {run['preset']} | {routing} | {run['experts']} | "
-            f"{run['epochs']} | {pct(run['val_top1'])} | {pct(run['test_top1'])} | "
+            f"| {run['name']} | {run['preset']} | {routing} | "
+            f"{run['experts']} | {run['epochs']} | {pct(run['val_top1'])} | "
+            f"{pct(run['test_top1'])} | "
             f"{pct(run['test_router_accuracy'])} | "
             f"{'–' if speed is None else f'{speed:.0f}'} | "
-            f"{run['train_seconds'] / 60:.1f} min | {run['training']['backend']} |"
+            f"{run['train_seconds'] / 60:.1f} min | "
+            f"{run['training']['backend']} |"
         )
     lines += mone_section(runs)
     notes = os.path.join(RESULTS_DIR.value, "NOTES.md")
@@ -200,7 +216,11 @@ def markdown(runs):
     lines += superclass_section(os.path.join(RESULTS_DIR.value, "superclasses"))
     machines = sorted(
         {run["machine"] for run in runs}
-        | {run["test_evaluation"]["machine"] for run in runs if "test_evaluation" in run}
+        | {
+            run["test_evaluation"]["machine"]
+            for run in runs
+            if "test_evaluation" in run
+        }
     )
     lines += [
         "",
@@ -235,8 +255,10 @@ def dense_twin(run, runs):
     if not twins:
         return None
     seed = run["training"]["seed"]
-    return min(twins, key=lambda r: (r["training"]["seed"] != seed,
-                                     r["training"]["seed"]))
+    return min(
+        twins,
+        key=lambda r: (r["training"]["seed"] != seed, r["training"]["seed"]),
+    )
 
 
 def mone_runs(runs):
@@ -253,7 +275,7 @@ def mone_section(runs):
         "",
         "## MoNE: accuracy against compute budget",
         "",
-        "Jain et al., \"Mixture of Nested Experts\", NeurIPS 2024: one "
+        'Jain et al., "Mixture of Nested Experts", NeurIPS 2024: one '
         "MoNE model evaluated at capacity budgets e_c = 0.2 ... 1.0 (the "
         "same weights; `model.capacity_budget = e_c`). `adaptive`: trained "
         "with a budget drawn per step from 0.15 ... 0.95. Dense twin: the "
@@ -268,9 +290,12 @@ def mone_section(runs):
             "",
             f"### {run['name']}: {run['scale']}, trained with budgets "
             f"{budgets}, {run['epochs']} epochs, seed {run['training']['seed']}"
-            + ("" if twin is None else
-               f"; dense twin {twin['name']} ({pct(twin['test_top1'])}%, "
-               f"{twin['flops'] / 1e6:.2f} MFLOPs)"),
+            + (
+                ""
+                if twin is None
+                else f"; dense twin {twin['name']} ({pct(twin['test_top1'])}%, "
+                f"{twin['flops'] / 1e6:.2f} MFLOPs)"
+            ),
             "",
             "| budget | MoNE test top-1 % | MoNE MFLOPs | FLOPs vs dense "
             "| delta vs dense (pp) |",
@@ -306,15 +331,24 @@ def plot_mone(runs, path):
             label=f"MoNE {run['scale']} ({run['name']})",
         )
         for p in curve:
-            ax.annotate(f"{p['capacity_budget']:.1f}",
-                        (p["flops"] / 1e6, 100 * p["test_top1"]),
-                        textcoords="offset points", xytext=(3, -9), fontsize=6,
-                        color=line.get_color())
+            ax.annotate(
+                f"{p['capacity_budget']:.1f}",
+                (p["flops"] / 1e6, 100 * p["test_top1"]),
+                textcoords="offset points",
+                xytext=(3, -9),
+                fontsize=6,
+                color=line.get_color(),
+            )
         twin = dense_twin(run, runs)
         if twin is not None:
-            ax.plot(twin["flops"] / 1e6, 100 * twin["test_top1"], "*",
-                    markersize=11, color=line.get_color(),
-                    label=f"dense {twin['scale']} ({twin['name']})")
+            ax.plot(
+                twin["flops"] / 1e6,
+                100 * twin["test_top1"],
+                "*",
+                markersize=11,
+                color=line.get_color(),
+                label=f"dense {twin['scale']} ({twin['name']})",
+            )
     ax.set_xlabel("MFLOPs per image (labels: capacity budget)")
     ax.set_ylabel("CIFAR-100 test top-1 (%)")
     ax.set_title("MoNE: accuracy against compute budget", fontsize=10)
@@ -346,7 +380,8 @@ def superclass_section(directory):
         lines += [
             "",
             f"### {name}: from a dense model with validation top-1 "
-            f"{100 * found['val_top1']:.1f}%; ARI {found['adjusted_rand_index_vs_coarse']:.3f}, "
+            f"{100 * found['val_top1']:.1f}%; "
+            f"ARI {found['adjusted_rand_index_vs_coarse']:.3f}, "
             f"purity {found['purity_vs_coarse']:.3f}",
             "",
             "| expert | classes |",
@@ -366,7 +401,9 @@ def plot(runs, path):
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     all_epochs = sorted({r["epochs"] for r in runs})
     for epochs, (kind, label, style) in [
-        (e, k) for e in all_epochs for k in (
+        (e, k)
+        for e in all_epochs
+        for k in (
             ("dense", "dense ViT", "o-"),
             ("moe", "Mobile V-MoE (E=10, k=1)", "s-"),
         )
@@ -386,18 +423,33 @@ def plot(runs, path):
             for (_, run_epochs, _), pair in pairs(runs)
             if kind in pair and run_epochs == epochs
         ]
-        ax.plot([p[0] for p in singles], [p[1] for p in singles], ".",
-                color=line.get_color(), alpha=0.5)
+        ax.plot(
+            [p[0] for p in singles],
+            [p[1] for p in singles],
+            ".",
+            color=line.get_color(),
+            alpha=0.5,
+        )
         for x, y, scale, n in points:
             text = scale if n == 1 else f"{scale} (mean of {n})"
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(
+                text,
+                (x, y),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
     others = [r for r in runs if r["arch"].get("is_moe") and not is_main_moe(r)]
     for run in others:
         ax.plot(run["flops"] / 1e6, 100 * run["test_top1"], "^", color="gray")
-        ax.annotate(run["name"], (run["flops"] / 1e6, 100 * run["test_top1"]),
-                    textcoords="offset points", xytext=(4, -10), fontsize=7,
-                    color="gray")
+        ax.annotate(
+            run["name"],
+            (run["flops"] / 1e6, 100 * run["test_top1"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+            color="gray",
+        )
     epochs = all_epochs
     ax.set_xscale("log")
     ax.set_xlabel(f"MFLOPs per image ({inputs(runs)})")

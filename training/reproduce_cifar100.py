@@ -39,7 +39,9 @@ SCALES = flags.DEFINE_list(
     "scales", ["6x64", "12x64", "6x96", "12x96"], "Dense preset names."
 )
 COARSE_SCALE = flags.DEFINE_string(
-    "coarse_scale", "6x64", "Scale of the extra E=20 coarse-class run ('' for none)."
+    "coarse_scale",
+    "6x64",
+    "Scale of the extra E=20 coarse-class run ('' for none).",
 )
 EPOCHS = flags.DEFINE_integer("epochs", 100, "Epochs of every run.")
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Batch size of every run.")
@@ -47,13 +49,19 @@ SEED = flags.DEFINE_integer("seed", 0, "Seed of every run.")
 DATA_PATH = flags.DEFINE_string(
     "data_path", None, "cifar100.npz (default: $KMM_CIFAR100_PATH)."
 )
-WORKDIR = flags.DEFINE_string("workdir", None, "One workdir per run inside.", required=True)
+WORKDIR = flags.DEFINE_string(
+    "workdir", None, "One workdir per run inside.", required=True
+)
 RESULTS_DIR = flags.DEFINE_string(
-    "results_dir", None, "Where the results JSONs go (default: <workdir>/results)."
+    "results_dir",
+    None,
+    "Where the results JSONs go (default: <workdir>/results).",
 )
 PARALLEL = flags.DEFINE_integer("parallel", 5, "Runs at a time.")
 TRAIN_ARGS = flags.DEFINE_multi_string(
-    "train_arg", [], "Extra train.py flag for every run, e.g. --train_arg=--learning_rate=1e-3."
+    "train_arg",
+    [],
+    "Extra train.py flag for every run, e.g. --train_arg=--learning_rate=1e-3.",
 )
 LOG_EVERY = flags.DEFINE_integer("log_every", 100, "train.py progress lines.")
 
@@ -79,7 +87,9 @@ def run_all(jobs, parallel):
                 text=True,
                 bufsize=1,
             )
-            pump = threading.Thread(target=_pump, args=(name, proc.stdout, lock))
+            pump = threading.Thread(
+                target=_pump, args=(name, proc.stdout, lock)
+            )
             pump.start()
             running.append((name, proc, pump, time.perf_counter()))
         time.sleep(1.0)
@@ -90,11 +100,16 @@ def run_all(jobs, parallel):
             pump.join()
             running.remove(item)
             seconds = time.perf_counter() - start
-            print(f"== {name} exited {proc.returncode} after {seconds:.0f} s", flush=True)
+            print(
+                f"== {name} exited {proc.returncode} after {seconds:.0f} s",
+                flush=True,
+            )
             if proc.returncode:
                 failed.append(name)
     if failed:
-        raise RuntimeError(f"These runs failed (see their output above): {failed}")
+        raise RuntimeError(
+            f"These runs failed (see their output above): {failed}"
+        )
 
 
 def train_job(name, preset, *extra):
@@ -123,7 +138,10 @@ def main(argv):
     start = time.perf_counter()
 
     run_all([train_job(s, s) for s in SCALES.value], PARALLEL.value)
-    print(f"== dense runs done after {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"== dense runs done after {time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
 
     discoveries = []
     for scale in SCALES.value:
@@ -139,7 +157,11 @@ def main(argv):
                     f"--preset_dir={os.path.join(workdir, scale, 'preset')}",
                     "--num_superclasses=10",
                     f"--out={out}",
-                    *([f"--data_path={DATA_PATH.value}"] if DATA_PATH.value else []),
+                    *(
+                        [f"--data_path={DATA_PATH.value}"]
+                        if DATA_PATH.value
+                        else []
+                    ),
                 ],
             )
         )
@@ -156,7 +178,9 @@ def main(argv):
     if COARSE_SCALE.value:
         scale = COARSE_SCALE.value
         moe_jobs.append(
-            train_job(f"{scale}_e20_coarse", f"{scale}_e10", "--superclasses=coarse")
+            train_job(
+                f"{scale}_e20_coarse", f"{scale}_e10", "--superclasses=coarse"
+            )
         )
     run_all(moe_jobs, PARALLEL.value)
 

@@ -44,19 +44,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
-import data as data_lib  # noqa: E402
 import recipes  # noqa: E402
+from common import machine  # noqa: E402
 from trainer import Trainer  # noqa: E402
 from trainer import evaluate  # noqa: E402
-from common import machine  # noqa: E402
 
+import data as data_lib  # noqa: E402
 import keras_mobile_moe as kmm  # noqa: E402
 from keras_mobile_moe.atomic_io import write_json  # noqa: E402
 from keras_mobile_moe.atomic_io import write_text  # noqa: E402
 
 PRESET = flags.DEFINE_string("preset", "6x64_e10", "Preset architecture.")
 DATA = flags.DEFINE_enum(
-    "data", "full", ["full", "fixture"], "full CIFAR-100 or the committed fixture."
+    "data",
+    "full",
+    ["full", "fixture"],
+    "full CIFAR-100 or the committed fixture.",
 )
 DATA_PATH = flags.DEFINE_string(
     "data_path", None, "cifar100.npz (default: $KMM_CIFAR100_PATH)."
@@ -121,9 +124,13 @@ TRAINING_BUDGETS = flags.DEFINE_string(
 MAX_STEPS = flags.DEFINE_integer(
     "max_steps_per_epoch", None, "Cap on steps per epoch (smoke runs)."
 )
-WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory.", required=True
+)
 LOG_EVERY = flags.DEFINE_integer(
-    "log_every", 50, "Log progress every this many steps when not on a terminal."
+    "log_every",
+    50,
+    "Log progress every this many steps when not on a terminal.",
 )
 STEP_DELAY = flags.DEFINE_float(
     "step_delay", 0.0, "Seconds to sleep after every step (interruption tests)."
@@ -248,7 +255,9 @@ def superclass_groups(dataset, num_experts, num_classes):
             "sets E=20) or a groups file written by "
             "training/discover_superclasses.py."
         )
-    groups = coarse_table(dataset) if source == "coarse" else read_groups(source)
+    groups = (
+        coarse_table(dataset) if source == "coarse" else read_groups(source)
+    )
     if len(groups) != num_classes:
         raise ValueError(
             f"--superclasses {source}: {len(groups)} entries, expected "
@@ -342,8 +351,15 @@ def upcycle_into(model, dense_preset, dataset):
             f"{dense.backbone.num_moe_layers} MoE layers. Expected a dense "
             "preset (num_moe_layers=0), e.g. one trained with --preset 6x64."
         )
-    keys = ("num_layers", "hidden_dim", "num_heads", "mlp_dim", "patch_size",
-            "image_shape", "use_class_token")
+    keys = (
+        "num_layers",
+        "hidden_dim",
+        "num_heads",
+        "mlp_dim",
+        "patch_size",
+        "image_shape",
+        "use_class_token",
+    )
     different = {
         k: (getattr(dense.backbone, k), getattr(backbone, k))
         for k in keys
@@ -357,21 +373,26 @@ def upcycle_into(model, dense_preset, dataset):
             f"Received: --init_from={dense_preset!r}, whose architecture "
             "differs from the model being trained in "
             + ", ".join(
-                f"{k} (preset {a}, model {b})" for k, (a, b) in different.items()
+                f"{k} (preset {a}, model {b})"
+                for k, (a, b) in different.items()
             )
             + ". Expected the same architecture apart from the experts: "
             "pass the flags (--image_size, --patch_size, --override) the "
             "dense preset was trained with."
         )
-    upcycled = dense if not backbone.is_moe else kmm.upcycle(
-        dense,
-        num_experts=backbone.num_experts,
-        num_moe_layers=backbone.num_moe_layers,
-        top_k=backbone.top_k,
-        superclass_ids=model.superclass_ids,
-        normalize_gates=backbone.normalize_gates,
-        router_pooling=backbone.router_pooling,
-        routing=model.routing,
+    upcycled = (
+        dense
+        if not backbone.is_moe
+        else kmm.upcycle(
+            dense,
+            num_experts=backbone.num_experts,
+            num_moe_layers=backbone.num_moe_layers,
+            top_k=backbone.top_k,
+            superclass_ids=model.superclass_ids,
+            normalize_gates=backbone.normalize_gates,
+            router_pooling=backbone.router_pooling,
+            routing=model.routing,
+        )
     )
     for target, source in zip(model.weights, upcycled.weights, strict=True):
         target.assign(keras.ops.convert_to_numpy(source))
@@ -393,7 +414,10 @@ def upcycle_into(model, dense_preset, dataset):
         f"{difference:.1e}",
         flush=True,
     )
-    return {"preset": dense_preset, "initial_max_abs_logit_difference": difference}
+    return {
+        "preset": dense_preset,
+        "initial_max_abs_logit_difference": difference,
+    }
 
 
 def make_optimizer(recipe, steps_per_epoch, epochs, batch_size):
@@ -483,7 +507,9 @@ def tensorboard_callback(workdir):
         )
         return None
     return keras.callbacks.TensorBoard(
-        os.path.join(workdir, "tensorboard"), write_graph=False, update_freq="epoch"
+        os.path.join(workdir, "tensorboard"),
+        write_graph=False,
+        update_freq="epoch",
     )
 
 
@@ -526,8 +552,10 @@ def budget_sweep(model, trainer, test):
                     "token_counts": list(model.backbone.token_counts()),
                 }
             )
-            print(f"capacity budget {budget:.1f}: test top-1 {top1:.4f}",
-                  flush=True)
+            print(
+                f"capacity budget {budget:.1f}: test top-1 {top1:.4f}",
+                flush=True,
+            )
     finally:
         model.capacity_budget = own
         trainer.predict_function = None
@@ -625,7 +653,9 @@ def fit_callbacks(workdir, train):
             os.path.join(workdir, "backup"), delete_checkpoint=False
         ),
         EpochTimer(len(train) * batch_size),
-        keras.callbacks.CSVLogger(os.path.join(workdir, "log.csv"), append=True),
+        keras.callbacks.CSVLogger(
+            os.path.join(workdir, "log.csv"), append=True
+        ),
     ]
     tensorboard = tensorboard_callback(workdir)
     if tensorboard is not None:

@@ -37,9 +37,13 @@ class Trainer(keras.Model):
     def __init__(self, classifier, source_size=(32, 32)):
         height, width = classifier.backbone.image_shape[:2]
         images = keras.Input((*source_size, 3), name="images")
-        x = keras.layers.Resizing(height, width, interpolation="bilinear")(images)
+        x = keras.layers.Resizing(height, width, interpolation="bilinear")(
+            images
+        )
         x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(x)
-        graph = keras.Model(classifier.input, classifier.output, name="classifier")
+        graph = keras.Model(
+            classifier.input, classifier.output, name="classifier"
+        )
         super().__init__(inputs=images, outputs=graph(x), name="trainer")
         # Reached through a function: Keras saves every attribute that is a
         # Keras object (`dir()`), and the checkpoints must hold exactly this

@@ -77,7 +77,9 @@ def check_hub_download(directory, handle):
 def _read(directory, kind, load_weights, task, label):
     source = f"Checkpoint {label}"
     if kind == TIMM:
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+        with open(
+            os.path.join(directory, "config.json"), encoding="utf-8"
+        ) as f:
             config = json.load(f)
         return timm.read_checkpoint(directory, config, load_weights, source)
     return keras_hub_vit.read_preset(directory, load_weights, task, source)
@@ -115,7 +117,9 @@ def _dense_backbone(backbone_cls, vit, overrides, load_weights):
                     "cannot be loaded. Drop it, or pass load_weights=False."
                 )
     preset_registry.check_unknown_arguments(
-        backbone_cls, overrides, preset_registry.constructor_arguments(backbone_cls)
+        backbone_cls,
+        overrides,
+        preset_registry.constructor_arguments(backbone_cls),
     )
     weights = dict(vit.weights) if load_weights else None
     if "image_shape" in overrides:
@@ -159,10 +163,17 @@ def _split_upcycle(backbone_cls, overrides, source):
             "num_nested_experts=... instead, or load the checkpoint with "
             "kmm.MobileVMoE. Nothing was loaded."
         )
-    wants_moe = bool(upcycle_kwargs) and upcycle_kwargs.get("num_moe_layers", 2) > 0
+    wants_moe = (
+        bool(upcycle_kwargs) and upcycle_kwargs.get("num_moe_layers", 2) > 0
+    )
     if not wants_moe:
         # num_moe_layers=0 (or nothing asked): the dense model.
-        for key in ("num_experts", "top_k", "normalize_gates", "router_pooling"):
+        for key in (
+            "num_experts",
+            "top_k",
+            "normalize_gates",
+            "router_pooling",
+        ):
             if key in upcycle_kwargs:
                 overrides[key] = upcycle_kwargs[key]
         overrides.pop("num_moe_layers", None)
@@ -231,7 +242,9 @@ def load_task(cls, directory, kind, load_weights, overrides, label):
         for key in ("superclass_ids", "routing"):
             if key in task_overrides:
                 upcycle_kwargs[key] = task_overrides.pop(key)
-    backbone = _dense_backbone(backbone_cls, vit, backbone_overrides, load_weights)
+    backbone = _dense_backbone(
+        backbone_cls, vit, backbone_overrides, load_weights
+    )
     if "preprocessor" in task_overrides:
         preprocessor = task_overrides.pop("preprocessor")
     elif cls.preprocessor_cls is not None:

@@ -62,7 +62,9 @@ class DenseViT:
         source: str. What the checkpoint is, for messages.
     """
 
-    def __init__(self, spec, weights, num_classes, pooling, preprocessing, source):
+    def __init__(
+        self, spec, weights, num_classes, pooling, preprocessing, source
+    ):
         self.spec = spec
         self.weights = weights
         self.num_classes = num_classes
@@ -183,7 +185,8 @@ def check_shapes(found, expected, source):
     """Raises unless `found` (name -> shape) is exactly `expected`."""
     missing = sorted(set(expected) - set(found))
     wrong = sorted(
-        k for k in set(found) & set(expected)
+        k
+        for k in set(found) & set(expected)
         if tuple(found[k]) != tuple(expected[k])
     )
     if missing or wrong:
@@ -219,7 +222,9 @@ def _assign_embedding_and_final_norm(backbone, weights):
         weights["position_embedding"],
         "position_embedding",
     )
-    _assign(backbone.final_norm.gamma, weights["final_norm.gamma"], "final_norm")
+    _assign(
+        backbone.final_norm.gamma, weights["final_norm.gamma"], "final_norm"
+    )
     _assign(backbone.final_norm.beta, weights["final_norm.beta"], "final_norm")
 
 
@@ -230,7 +235,9 @@ def assign_backbone(backbone, weights):
         b = f"blocks.{i}."
         for norm_name in ("attention_norm", "mlp_norm"):
             norm = getattr(block, norm_name)
-            _assign(norm.gamma, weights[b + norm_name + ".gamma"], b + norm_name)
+            _assign(
+                norm.gamma, weights[b + norm_name + ".gamma"], b + norm_name
+            )
             _assign(norm.beta, weights[b + norm_name + ".beta"], b + norm_name)
         attention = block.attention
         for name, dense in (
@@ -241,10 +248,22 @@ def assign_backbone(backbone, weights):
         ):
             _assign(dense.kernel, weights[b + name + ".kernel"], b + name)
             _assign(dense.bias, weights[b + name + ".bias"], b + name)
-        _assign(block.mlp.dense_in.kernel, weights[b + "mlp_in.kernel"], b + "mlp_in")
-        _assign(block.mlp.dense_in.bias, weights[b + "mlp_in.bias"], b + "mlp_in")
-        _assign(block.mlp.dense_out.kernel, weights[b + "mlp_out.kernel"], b + "mlp_out")
-        _assign(block.mlp.dense_out.bias, weights[b + "mlp_out.bias"], b + "mlp_out")
+        _assign(
+            block.mlp.dense_in.kernel,
+            weights[b + "mlp_in.kernel"],
+            b + "mlp_in",
+        )
+        _assign(
+            block.mlp.dense_in.bias, weights[b + "mlp_in.bias"], b + "mlp_in"
+        )
+        _assign(
+            block.mlp.dense_out.kernel,
+            weights[b + "mlp_out.kernel"],
+            b + "mlp_out",
+        )
+        _assign(
+            block.mlp.dense_out.bias, weights[b + "mlp_out.bias"], b + "mlp_out"
+        )
 
 
 def assign_mone_backbone(backbone, weights):

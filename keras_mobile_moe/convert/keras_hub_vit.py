@@ -22,7 +22,10 @@ TASK_NAMES = ("keras_hub>ViTImageClassifier",)
 
 
 def is_keras_hub_vit_config(config):
-    return isinstance(config, dict) and config.get("registered_name") in BACKBONE_NAMES
+    return (
+        isinstance(config, dict)
+        and config.get("registered_name") in BACKBONE_NAMES
+    )
 
 
 def _error(source, message):
@@ -54,7 +57,9 @@ def architecture_spec(config, source):
     patch = c["patch_size"]
     if isinstance(patch, (list, tuple)):
         if len(set(patch)) != 1:
-            raise _error(source, f"ViTBackbone patch_size={patch} is not square.")
+            raise _error(
+                source, f"ViTBackbone patch_size={patch} is not square."
+            )
         patch = patch[0]
     image_shape = tuple(c["image_shape"])
     return {
@@ -88,8 +93,14 @@ def _preprocessing(directory, spec):
     channels = spec["image_shape"][2]
     scale = c.get("scale", 1.0 / 255.0)
     offset = c.get("offset", 0.0)
-    scale = list(scale) if isinstance(scale, (list, tuple)) else [scale] * channels
-    offset = list(offset) if isinstance(offset, (list, tuple)) else [offset] * channels
+    scale = (
+        list(scale) if isinstance(scale, (list, tuple)) else [scale] * channels
+    )
+    offset = (
+        list(offset)
+        if isinstance(offset, (list, tuple))
+        else [offset] * channels
+    )
     # x * scale + offset == (x / 255 - mean) / std
     std = [1.0 / (255.0 * s) for s in scale]
     mean = [-o * s for o, s in zip(offset, std)]
@@ -159,7 +170,9 @@ def read_preset(directory, load_weights, task, source):
             weights["head.kernel"] = np.asarray(model.output_dense.kernel)
             weights["head.bias"] = np.asarray(model.output_dense.bias)
         found = {k: v.shape for k, v in weights.items()}
-        common.check_shapes(found, common.expected_shapes(spec, num_classes), source)
+        common.check_shapes(
+            found, common.expected_shapes(spec, num_classes), source
+        )
     return common.DenseViT(
         spec=spec,
         weights=weights,

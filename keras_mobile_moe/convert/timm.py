@@ -89,7 +89,14 @@ FREE_ARGS = (
     "weight_init",
     "fix_init",
 )
-SHAPE_ARGS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
+SHAPE_ARGS = (
+    "img_size",
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+)
 
 # State-dict names that mark variants without an equivalent here.
 UNSUPPORTED_TENSORS = (
@@ -103,7 +110,10 @@ UNSUPPORTED_TENSORS = (
     (".ls2.", "layer scale (init_values)"),
     (".q_norm.", "q/k normalisation (qk_norm)"),
     (".k_norm.", "q/k normalisation (qk_norm)"),
-    (".norm.", "a norm inside attention or MLP (scale_attn_norm / scale_mlp_norm)"),
+    (
+        ".norm.",
+        "a norm inside attention or MLP (scale_attn_norm / scale_mlp_norm)",
+    ),
     ("head.fc.", "a head MLP"),
 )
 
@@ -128,7 +138,9 @@ def _as_pair(value, field, source):
         value = (value, value)
     else:
         raise _error(source, f"{field}={value!r} is not an int or a pair.")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    ):
         raise _error(source, f"{field}={value!r}. Expected positive ints.")
     return value
 
@@ -188,7 +200,9 @@ def architecture_spec(config, source):
                 f"model_args field {field!r}={value!r} is not supported "
                 f"(only timm's default {default!r} converts exactly).",
             )
-    global_pool = config.get("global_pool", model_args.get("global_pool", "token"))
+    global_pool = config.get(
+        "global_pool", model_args.get("global_pool", "token")
+    )
     if global_pool != "token":
         raise _error(
             source,
@@ -205,7 +219,11 @@ def architecture_spec(config, source):
     dim = model_args.get("embed_dim", dim)
     depth = model_args.get("depth", depth)
     heads = model_args.get("num_heads", heads)
-    for field, value in (("embed_dim", dim), ("depth", depth), ("num_heads", heads)):
+    for field, value in (
+        ("embed_dim", dim),
+        ("depth", depth),
+        ("num_heads", heads),
+    ):
         if common.check_positive_int(value, field, source) == 0:
             raise _error(source, f"{field}=0. Expected a positive int.")
     mlp_ratio = model_args.get("mlp_ratio", 4.0)
@@ -232,7 +250,8 @@ def architecture_spec(config, source):
     }
     if image_size[0] % patch[0] or image_size[1] % patch[0]:
         raise _error(
-            source, f"img_size={image_size} is not divisible by patch_size={patch[0]}."
+            source,
+            f"img_size={image_size} is not divisible by patch_size={patch[0]}.",
         )
     pretrained = config.get("pretrained_cfg") or {}
     input_size = pretrained.get("input_size", [channels, *image_size])
@@ -245,12 +264,17 @@ def architecture_spec(config, source):
         )
     preprocessing = {
         "image_size": tuple(input_size[1:3]),
-        "mean": [float(v) for v in pretrained.get("mean", (0.485, 0.456, 0.406))],
+        "mean": [
+            float(v) for v in pretrained.get("mean", (0.485, 0.456, 0.406))
+        ],
         "std": [float(v) for v in pretrained.get("std", (0.229, 0.224, 0.225))],
         "interpolation": interpolation,
         "crop_pct": pretrained.get("crop_pct"),
     }
-    if len(preprocessing["mean"]) != channels or len(preprocessing["std"]) != channels:
+    if (
+        len(preprocessing["mean"]) != channels
+        or len(preprocessing["std"]) != channels
+    ):
         raise _error(
             source,
             f"pretrained_cfg mean/std have {len(preprocessing['mean'])}/"
@@ -333,10 +357,16 @@ def find_weights_file(directory, source):
     path = os.path.join(directory, SAFETENSORS_FILE)
     if os.path.isfile(path):
         return path
-    pickles = [name for name in PICKLE_FILES if os.path.isfile(os.path.join(directory, name))]
+    pickles = [
+        name
+        for name in PICKLE_FILES
+        if os.path.isfile(os.path.join(directory, name))
+    ]
     if pickles:
         raise pickle_only_error(source, pickles)
-    if os.path.isfile(os.path.join(directory, SAFETENSORS_FILE + ".index.json")):
+    if os.path.isfile(
+        os.path.join(directory, SAFETENSORS_FILE + ".index.json")
+    ):
         raise _error(
             source,
             "the checkpoint is sharded (model.safetensors.index.json); "
@@ -425,10 +455,12 @@ def _to_kmm(t, spec, num_classes):
         qkv_w = f32(t[src + "attn.qkv.weight"])  # [3D, D]: q, k, v rows
         qkv_b = f32(t[src + "attn.qkv.bias"])
         for j, name in enumerate(("query", "key", "value")):
-            rows = qkv_w[j * d:(j + 1) * d]  # [D_out, D_in]
+            rows = qkv_w[j * d : (j + 1) * d]  # [D_out, D_in]
             w[b + name + ".kernel"] = rows.T.reshape(d, h, hd)
-            w[b + name + ".bias"] = qkv_b[j * d:(j + 1) * d].reshape(h, hd)
-        w[b + "attention_output.kernel"] = f32(t[src + "attn.proj.weight"]).T.reshape(h, hd, d)
+            w[b + name + ".bias"] = qkv_b[j * d : (j + 1) * d].reshape(h, hd)
+        w[b + "attention_output.kernel"] = f32(
+            t[src + "attn.proj.weight"]
+        ).T.reshape(h, hd, d)
         w[b + "attention_output.bias"] = f32(t[src + "attn.proj.bias"])
         w[b + "attention_norm.gamma"] = f32(t[src + "norm1.weight"])
         w[b + "attention_norm.beta"] = f32(t[src + "norm1.bias"])

@@ -49,9 +49,14 @@ IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 100
 NUM_SUPERCLASSES = 20
 KEYS = (
-    "x_train", "y_train", "y_train_coarse",
-    "x_test", "y_test", "y_test_coarse",
-    "class_names", "coarse_names",
+    "x_train",
+    "y_train",
+    "y_train_coarse",
+    "x_test",
+    "y_test",
+    "y_test_coarse",
+    "class_names",
+    "coarse_names",
 )
 FORMAT = (
     "x_train/x_test (uint8 [N, 32, 32, 3]), "
@@ -336,12 +341,17 @@ def _read_archive(path, source):
         result[f"x_{split}"] = np.ascontiguousarray(
             images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         )
-        for key, suffix in ((b"fine_labels", ""), (b"coarse_labels", "_coarse")):
+        for key, suffix in (
+            (b"fine_labels", ""),
+            (b"coarse_labels", "_coarse"),
+        ):
             labels = _field(batch, key, member, source)
             result[f"y_{split}{suffix}"] = np.asarray(labels)
     meta = members["meta"]
-    for key, out in ((b"fine_label_names", "class_names"),
-                     (b"coarse_label_names", "coarse_names")):
+    for key, out in (
+        (b"fine_label_names", "class_names"),
+        (b"coarse_label_names", "coarse_names"),
+    ):
         names = _field(meta, key, "cifar-100-python/meta", source)
         result[out] = np.array(
             [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
@@ -367,7 +377,8 @@ def validate(data, source="data"):
     >>> validate(data, "my.npz")
     Traceback (most recent call last):
     ...
-    ValueError: CIFAR-100 file my.npz: y_train has labels up to 199 (min 100); expected fine labels in [0, 100). ...
+    ValueError: CIFAR-100 file my.npz: y_train has labels up to 199
+    (min 100); expected fine labels in [0, 100). ...
     """
     missing = [key for key in KEYS if key not in data]
     if missing:
@@ -390,8 +401,10 @@ def validate(data, source="data"):
                 "expected uint8 pixels in [0, 255]."
             )
         out[f"x_{split}"] = images
-        for suffix, count, kind in (("", NUM_CLASSES, "fine"),
-                                    ("_coarse", NUM_SUPERCLASSES, "coarse")):
+        for suffix, count, kind in (
+            ("", NUM_CLASSES, "fine"),
+            ("_coarse", NUM_SUPERCLASSES, "coarse"),
+        ):
             key = f"y_{split}{suffix}"
             labels = np.asarray(data[key])
             if labels.dtype.kind not in "iu":
@@ -423,8 +436,10 @@ def validate(data, source="data"):
                 f"more than one coarse label in {split}; every fine class "
                 "belongs to exactly one super-class."
             )
-    for key, count in (("class_names", NUM_CLASSES),
-                       ("coarse_names", NUM_SUPERCLASSES)):
+    for key, count in (
+        ("class_names", NUM_CLASSES),
+        ("coarse_names", NUM_SUPERCLASSES),
+    ):
         names = np.asarray(data[key])
         if names.shape != (count,) or names.dtype.kind != "U":
             raise ValueError(

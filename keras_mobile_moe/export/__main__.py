@@ -36,21 +36,26 @@ from absl import logging  # noqa: E402
 from keras_mobile_moe.native_logs import hide_native_logs  # noqa: E402
 
 PRESET = flags.DEFINE_string(
-    "preset", None,
+    "preset",
+    None,
     "Preset name (e.g. 6x64_e10_cifar100), directory or hf:// handle.",
 )
 MODEL_FILE = flags.DEFINE_string("model_file", None, "A saved .keras model.")
 QUANTIZATION = flags.DEFINE_enum(
-    "quantization", "none", ["none", "float16", "dynamic", "int8"],
+    "quantization",
+    "none",
+    ["none", "float16", "dynamic", "int8"],
     "Post-training quantization.",
 )
 OUT = flags.DEFINE_string("out", None, "Output .tflite path.")
 EXPERT_SPLIT_DIR = flags.DEFINE_string(
-    "expert_split_dir", None,
+    "expert_split_dir",
+    None,
     "Instead of one file, write a trunk and one file per expert here.",
 )
 REPRESENTATIVE = flags.DEFINE_string(
-    "representative_file", None,
+    "representative_file",
+    None,
     ".npy of calibration images in the file's input format (raw uint8 with "
     "--preprocessing, else preprocessed float32).",
 )
@@ -58,39 +63,49 @@ NUM_CALIBRATION = flags.DEFINE_integer(
     "num_calibration", 200, "Fixture images used to calibrate int8."
 )
 RANDOM_WEIGHTS = flags.DEFINE_bool(
-    "random_weights", False, "Export a preset's architecture with random weights."
+    "random_weights",
+    False,
+    "Export a preset's architecture with random weights.",
 )
 PREPROCESSING = flags.DEFINE_bool(
-    "preprocessing", True,
+    "preprocessing",
+    True,
     "The file takes raw uint8 images and resizes/scales them itself "
     "(--nopreprocessing: float32 images in the model's input format).",
 )
 INPUT_SIZE = flags.DEFINE_list(
-    "input_size", None,
+    "input_size",
+    None,
     "Raw image size 'height,width' with --preprocessing (default: the "
     "preset's source size, e.g. 32,32 for CIFAR-100 presets).",
 )
 FLOAT_ROUTING = flags.DEFINE_bool(
-    "float_routing", True,
+    "float_routing",
+    True,
     "int8 only: keep the layers that decide the routing in float32.",
 )
 FLOAT_RESIDUAL_STREAM = flags.DEFINE_bool(
-    "float_residual_stream", True,
+    "float_residual_stream",
+    True,
     "int8 with --int8_activations=static only: keep the residual stream "
     "(block additions) in float32.",
 )
 INT8_ACTIVATIONS = flags.DEFINE_enum(
-    "int8_activations", "dynamic", ["dynamic", "static"],
+    "int8_activations",
+    "dynamic",
+    ["dynamic", "static"],
     "int8 only: 'dynamic' (int8 weights, activations quantized per call; "
     "the blocks that decide the routing keep float32 weights) or 'static' "
     "(int8 activations calibrated on the fixture, float fallback).",
 )
 FLOAT_LAYERS = flags.DEFINE_list(
-    "float_layers", [],
+    "float_layers",
+    [],
     "int8 only: more layer names to keep in float32 (e.g. final_norm).",
 )
 CHECK = flags.DEFINE_bool(
-    "check", True,
+    "check",
+    True,
     "Measure the file's agreement with Keras on the CIFAR-100 fixture "
     "(1000 images) for the summary line.",
 )
@@ -98,7 +113,8 @@ flags.mark_flags_as_mutual_exclusive(["preset", "model_file"], required=True)
 flags.mark_flags_as_mutual_exclusive(["out", "expert_split_dir"], required=True)
 
 TF_LOGS = flags.DEFINE_bool(
-    "tf_logs", False,
+    "tf_logs",
+    False,
     "Show TensorFlow's and LiteRT's native log lines (hidden by default).",
 )
 
@@ -198,7 +214,12 @@ def main(argv):
         restore = hide_native_logs()
     try:
         run(argv)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        RuntimeError,
+    ) as error:
         if os.environ.get("KMM_EXPORT_SUBPROCESS"):
             raise  # to_tflite reads the traceback and reports the error
         from keras_mobile_moe.export.tflite import cli_message
@@ -247,8 +268,12 @@ def run(argv):
         print(json.dumps(manifest))
         return
     input_size = _input_size()
-    if (input_size is None and PRESET.value and PREPROCESSING.value
-            and not RANDOM_WEIGHTS.value):
+    if (
+        input_size is None
+        and PRESET.value
+        and PREPROCESSING.value
+        and not RANDOM_WEIGHTS.value
+    ):
         input_size = source_image_size(PRESET.value)
     raw_shape = raw_input_shape(model, PREPROCESSING.value, input_size)
     data = None
@@ -257,7 +282,10 @@ def run(argv):
     elif QUANTIZATION.value == "int8" and INT8_ACTIVATIONS.value == "static":
         data = calibration_images(model, NUM_CALIBRATION.value, raw_shape)
     report = to_tflite(
-        model, OUT.value, QUANTIZATION.value, data,
+        model,
+        OUT.value,
+        QUANTIZATION.value,
+        data,
         float_routing=FLOAT_ROUTING.value,
         float_residual_stream=FLOAT_RESIDUAL_STREAM.value,
         float_layers=FLOAT_LAYERS.value,
@@ -297,8 +325,10 @@ def _fixture_agreement(model, report, raw_shape):
 
 
 def _agreement_text(result):
-    text = f", fixture ({result['num_images']} images): top-1 agreement " \
-           f"{100 * result['top1']:.1f}%"
+    text = (
+        f", fixture ({result['num_images']} images): top-1 agreement "
+        f"{100 * result['top1']:.1f}%"
+    )
     if result.get("routing") is not None:
         text += f", routing {100 * result['routing']:.1f}%"
     return text + f", max |logit diff| {result['max_abs_logit_error']:.2g}"

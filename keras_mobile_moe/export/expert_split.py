@@ -64,12 +64,18 @@ def _expert_path(model, expert):
     x = tokens
     for block in backbone.encoder_blocks[num_dense:]:
         single = TransformerEncoderBlock(
-            **{**block.get_config(), "num_experts": 1, "top_k": 1,
-               "name": block.name}
+            **{
+                **block.get_config(),
+                "num_experts": 1,
+                "top_k": 1,
+                "name": block.name,
+            }
         )
         single.build((None, num_tokens, backbone.hidden_dim))
         for name in ("attention_norm", "attention", "mlp_norm"):
-            getattr(single, name).set_weights(getattr(block, name).get_weights())
+            getattr(single, name).set_weights(
+                getattr(block, name).get_weights()
+            )
         for name in ("kernel_in", "bias_in", "kernel_out", "bias_out"):
             stacked = ops.convert_to_numpy(getattr(block.mlp, name))
             getattr(single.mlp, name).assign(stacked[expert : expert + 1])
@@ -78,9 +84,11 @@ def _expert_path(model, expert):
     if model.pooling == "token":
         x = x[:, 0, :]
     else:
-        x = ops.mean(x[:, int(backbone.use_class_token):, :], axis=1)
+        x = ops.mean(x[:, int(backbone.use_class_token) :, :], axis=1)
     logits = model.output_dense(x)
-    return keras.Model([tokens, gate], {"logits": logits}, name=f"expert_{expert}")
+    return keras.Model(
+        [tokens, gate], {"logits": logits}, name=f"expert_{expert}"
+    )
 
 
 def to_tflite_expert_split(model, directory, quantization="none"):
@@ -161,7 +169,12 @@ def _write_expert_split(model, directory, quantization):
     if keras.config.backend() != "tensorflow":
         convert_in_subprocess(
             model,
-            ["--expert_split_dir", str(directory), "--quantization", quantization],
+            [
+                "--expert_split_dir",
+                str(directory),
+                "--quantization",
+                quantization,
+            ],
         )
         return json.loads((directory / MANIFEST).read_text())
     parts = {"trunk.tflite": _trunk(model)}

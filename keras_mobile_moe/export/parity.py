@@ -19,8 +19,10 @@ from keras_mobile_moe.export.tflite import _serving_model
 def _check_images(model, images, name="images"):
     image_shape = tuple(model.backbone.image_shape)
     array = np.asarray(images)
-    if array.ndim != 4 or tuple(array.shape[1:]) != image_shape or not len(
-        array
+    if (
+        array.ndim != 4
+        or tuple(array.shape[1:]) != image_shape
+        or not len(array)
     ):
         raise ValueError(
             f"Received: {name} with shape {array.shape}. Expected float "
@@ -131,8 +133,9 @@ def agreement(
     raw = runner.input_dtype == np.uint8
     if raw:
         images = _check_raw_images(images)
-        expected = tuple(runner.runner.get_input_details()[
-            runner.input_name]["shape"][1:])
+        expected = tuple(
+            runner.runner.get_input_details()[runner.input_name]["shape"][1:]
+        )
         if tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"Received: images with shape {images.shape}. The file "
@@ -167,7 +170,8 @@ def agreement(
             np.abs(got["logits"] - want["logits"]).max()
         ),
         "keras_margin_median": float(np.median(top2[:, 1] - top2[:, 0]))
-        if top2.shape[1] == 2 else None,
+        if top2.shape[1] == 2
+        else None,
     }
     if _image_router(model) is not None:
         if "expert_index" not in got:
@@ -226,8 +230,6 @@ def fixture_images(model, split="all", raw=False):
     else:
         # Float pixels, as `predict` resizes them (resizing uint8 rounds
         # differently: up to 0.004 apart after scaling).
-        converted = model.preprocessor.image_converter(
-            pixels.astype("float32")
-        )
+        converted = model.preprocessor.image_converter(pixels.astype("float32"))
         images = np.asarray(keras.ops.convert_to_numpy(converted), "float32")
     return _check_images(model, images, "the fixture images"), labels

@@ -41,7 +41,8 @@ def _import_tensorflow():
         import tensorflow as tf
     except ImportError as error:
         raise ImportError(
-            "TFLite export needs TensorFlow: pip install 'keras-mobile-moe[tflite]'"
+            "TFLite export needs TensorFlow: "
+            "pip install 'keras-mobile-moe[tflite]'"
         ) from error
     return tf
 
@@ -201,7 +202,8 @@ def _residual_pattern(block_names):
     # The residual additions are the block's own ops ("<block>_1/add",
     # "<block>_1/add_1"), not those of its sublayers ("<block>_1/mlp_1/...").
     return re.compile(
-        "/(" + "|".join(re.escape(n) for n in block_names)
+        "/("
+        + "|".join(re.escape(n) for n in block_names)
         + r")(_\d+)?/add(_\d+)?(;|$)"
     )
 
@@ -219,7 +221,9 @@ def _residual_stream(model):
     backbone = model.backbone
     blocks = list(getattr(backbone, "encoder_blocks", []))
     layers = [
-        layer.name for layer in backbone.layers if layer.name == "patch_embedding"
+        layer.name
+        for layer in backbone.layers
+        if layer.name == "patch_embedding"
     ]
     for block in blocks:
         for sublayer in block._flatten_layers(include_self=False):
@@ -265,7 +269,8 @@ def _float_nodes(model_content, layer_names, residual_blocks=()):
     found["residual"] = set()
     for op in ops:
         constants = [
-            i for i in op["inputs"]
+            i
+            for i in op["inputs"]
             if i >= 0 and i not in produced and i not in graph_inputs
         ]
         outputs = [details[i] for i in op["outputs"]]
@@ -273,15 +278,20 @@ def _float_nodes(model_content, layer_names, residual_blocks=()):
         for layer, pattern in patterns.items():
             if any(pattern.search(name) for name in names):
                 found[layer].update(outputs)
-        if residual and op["op_name"] == "ADD" and any(
-            residual.search(name) for name in outputs
+        if (
+            residual
+            and op["op_name"] == "ADD"
+            and any(residual.search(name) for name in outputs)
         ):
             found["residual"].update(outputs)
     return {name: sorted(nodes) for name, nodes in found.items()}
 
 
 def _check_arguments(
-    model, quantization, representative_data, raw_shape=None,
+    model,
+    quantization,
+    representative_data,
+    raw_shape=None,
     int8_activations="static",
 ):
     if quantization not in QUANTIZATIONS:
@@ -294,8 +304,11 @@ def _check_arguments(
             f"Received: int8_activations={int8_activations!r}. Expected one "
             f"of {list(INT8_ACTIVATIONS)}."
         )
-    if (quantization == "int8" and int8_activations == "dynamic"
-            and representative_data is None):
+    if (
+        quantization == "int8"
+        and int8_activations == "dynamic"
+        and representative_data is None
+    ):
         return None  # nothing to calibrate
     if not hasattr(model, "backbone"):
         raise ValueError(
@@ -319,8 +332,10 @@ def _check_arguments(
                 f"Received: representative_data of dtype {data.dtype}. "
                 "Expected float32 images in the model's input format."
             )
-        if data.ndim != 4 or tuple(data.shape[1:]) != image_shape or not len(
-            data
+        if (
+            data.ndim != 4
+            or tuple(data.shape[1:]) != image_shape
+            or not len(data)
         ):
             raise ValueError(
                 f"Received: representative_data has shape {data.shape}; "
@@ -335,8 +350,9 @@ def _check_arguments(
 
 def image_converter(model):
     """The model's image converter (resize + scale), or None without one."""
-    return getattr(getattr(model, "preprocessor", None), "image_converter",
-                   None)
+    return getattr(
+        getattr(model, "preprocessor", None), "image_converter", None
+    )
 
 
 def raw_input_shape(model, preprocessing=True, input_size=None):
@@ -363,8 +379,10 @@ def raw_input_shape(model, preprocessing=True, input_size=None):
         try:
             size = tuple(size)
             valid = len(size) == 2 and all(
-                isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                and v > 0 for v in size
+                isinstance(v, (int, np.integer))
+                and not isinstance(v, bool)
+                and v > 0
+                for v in size
             )
         except TypeError:
             valid = False
@@ -432,15 +450,18 @@ def _check_raw_calibration(representative_data, raw_shape):
 def model_input_range(model):
     """`(low, high)` of the model's inputs (what its preprocessor makes of
     raw images in its converter's `value_range`), or None without one."""
-    converter = getattr(getattr(model, "preprocessor", None), "image_converter",
-                        None)
+    converter = getattr(
+        getattr(model, "preprocessor", None), "image_converter", None
+    )
     if converter is None:
         return None
     low, high = getattr(converter, "value_range", (0, 255))
-    scale = np.asarray(1.0 if converter.scale is None else converter.scale,
-                       "float64")
-    offset = np.asarray(0.0 if converter.offset is None else converter.offset,
-                        "float64")
+    scale = np.asarray(
+        1.0 if converter.scale is None else converter.scale, "float64"
+    )
+    offset = np.asarray(
+        0.0 if converter.offset is None else converter.offset, "float64"
+    )
     ends = np.stack([low * scale + offset, high * scale + offset])
     return float(ends.min()), float(ends.max())
 
@@ -528,16 +549,21 @@ def _resize_matrix(size_in, size_out, interpolation, antialias):
     resized = keras.ops.image.resize(
         basis, (size_out, 1), interpolation=interpolation, antialias=antialias
     )
-    return np.asarray(keras.ops.convert_to_numpy(resized)).reshape(
-        size_in, size_out
-    ).T
+    return (
+        np.asarray(keras.ops.convert_to_numpy(resized))
+        .reshape(size_in, size_out)
+        .T
+    )
 
 
 def _check_resize(converter, raw_size):
     """Refuses raw sizes whose resize the file cannot run with builtin ops:
     a crop or pad to another aspect ratio before a non-builtin
     interpolation."""
-    if converter.image_size is None or converter.interpolation in BUILTIN_RESIZE:
+    if (
+        converter.image_size is None
+        or converter.interpolation in BUILTIN_RESIZE
+    ):
         return
     height, width = (int(v) for v in raw_size)
     out_height, out_width = (int(v) for v in converter.image_size)
@@ -565,7 +591,9 @@ def _resize_with_matrices(pixels, raw_size, converter):
     height, width = (int(v) for v in raw_size)
     out_height, out_width = (int(v) for v in converter.image_size)
     antialias = bool(getattr(converter, "antialias", False))
-    rows = _resize_matrix(height, out_height, converter.interpolation, antialias)
+    rows = _resize_matrix(
+        height, out_height, converter.interpolation, antialias
+    )
     cols = _resize_matrix(width, out_width, converter.interpolation, antialias)
     pixels = keras.ops.einsum("oh,bhwc->bowc", rows, pixels)
     return keras.ops.einsum("pw,bowc->bopc", cols, pixels)
@@ -609,8 +637,14 @@ def _classifier_outputs(model):
 
 
 def convert_functional(
-    serving, quantization="none", representative_data=None, float_layers=(),
-    float_ops=(), residual_blocks=(), required_layers=None, metadata=None,
+    serving,
+    quantization="none",
+    representative_data=None,
+    float_layers=(),
+    float_ops=(),
+    residual_blocks=(),
+    required_layers=None,
+    metadata=None,
     int8_activations="static",
 ):
     """Converts a functional Keras model to TFLite bytes (TF backend only).
@@ -642,8 +676,14 @@ def convert_functional(
         The `.tflite` flatbuffer as bytes.
     """
     flatbuffer = _convert(
-        serving, quantization, representative_data, float_layers, float_ops,
-        residual_blocks, required_layers, int8_activations,
+        serving,
+        quantization,
+        representative_data,
+        float_layers,
+        float_ops,
+        residual_blocks,
+        required_layers,
+        int8_activations,
     )
     if metadata is None:
         return flatbuffer
@@ -654,8 +694,14 @@ def convert_functional(
 
 
 def _convert(
-    serving, quantization, representative_data, float_layers, float_ops,
-    residual_blocks, required_layers, int8_activations="static",
+    serving,
+    quantization,
+    representative_data,
+    float_layers,
+    float_ops,
+    residual_blocks,
+    required_layers,
+    int8_activations="static",
 ):
     tf = _import_tensorflow()
     if keras.config.backend() != "tensorflow":
@@ -689,7 +735,9 @@ def _convert(
             ]
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             return float_weights(
-                converter.convert(), float_model, float_layers,
+                converter.convert(),
+                float_model,
+                float_layers,
                 float_layers if required_layers is None else required_layers,
             )
         if quantization == "float16":
@@ -714,9 +762,14 @@ def _convert(
             ]
             if float_layers or float_ops or residual_blocks:
                 return _selective_int8(
-                    tf, converter, calibration, float_layers, float_ops,
+                    tf,
+                    converter,
+                    calibration,
+                    float_layers,
+                    float_ops,
                     residual_blocks,
-                    float_layers if required_layers is None
+                    float_layers
+                    if required_layers is None
                     else required_layers,
                 )
         return converter.convert()
@@ -771,8 +824,9 @@ def float_weights(quantized, float_model, layer_names, required_layers=()):
     graph = model.subgraphs[0]
     codes = model.operatorCodes
     for op in graph.operators:
-        if not any(graph.tensors[i].name.decode() in outputs
-                   for i in op.outputs):
+        if not any(
+            graph.tensors[i].name.decode() in outputs for i in op.outputs
+        ):
             continue
         # A DEQUANTIZE (int8 weights turned float once, e.g. before a
         # GATHER) is left as it is: its output is already float.
@@ -783,8 +837,11 @@ def float_weights(quantized, float_model, layer_names, required_layers=()):
             continue
         for index in op.inputs:
             tensor = graph.tensors[index] if index >= 0 else None
-            if (tensor is None or tensor.type != schema.TensorType.INT8
-                    or model.buffers[tensor.buffer].data is None):
+            if (
+                tensor is None
+                or tensor.type != schema.TensorType.INT8
+                or model.buffers[tensor.buffer].data is None
+            ):
                 continue
             original = float_tensors.get(tensor.name)
             if original is None or list(original.shape) != list(tensor.shape):
@@ -795,14 +852,19 @@ def float_weights(quantized, float_model, layer_names, required_layers=()):
                 )
             tensor.type = original.type
             tensor.quantization = None
-            model.buffers[tensor.buffer].data = (
-                source.buffers[original.buffer].data
-            )
+            model.buffers[tensor.buffer].data = source.buffers[
+                original.buffer
+            ].data
     return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _selective_int8(
-    tf, converter, calibration, float_layers, float_ops=(), residual_blocks=(),
+    tf,
+    converter,
+    calibration,
+    float_layers,
+    float_ops=(),
+    residual_blocks=(),
     required_layers=(),
 ):
     """Full-int8 conversion that keeps some ops in float.
@@ -832,9 +894,16 @@ def _selective_int8(
 
 
 def to_tflite(
-    model, path, quantization="none", representative_data=None,
-    float_routing=True, float_residual_stream=True, float_layers=(),
-    preprocessing=True, input_size=None, int8_activations="dynamic",
+    model,
+    path,
+    quantization="none",
+    representative_data=None,
+    float_routing=True,
+    float_residual_stream=True,
+    float_layers=(),
+    preprocessing=True,
+    input_size=None,
+    int8_activations="dynamic",
 ):
     """Exports a classifier to a `.tflite` file with builtin ops only.
 
@@ -844,9 +913,10 @@ def to_tflite(
     preset's source size), i.e. what `model.predict` takes; the file casts,
     resizes and scales them like the model's preprocessor, with builtin ops
     (CAST, RESIZE_BILINEAR, MUL, ADD; a bicubic resize, as timm's ViTs use,
-    runs as two constant matrices, exact for the fixed input size). With `preprocessing=False`, or for a
-    model without a preprocessor, float32 `[1, *image_shape]` in the model's
-    input format (after its preprocessor).
+    runs as two constant matrices, exact for the fixed input size). With
+    `preprocessing=False`, or for a model without a preprocessor, float32
+    `[1, *image_shape]` in the model's input format (after its
+    preprocessor).
 
     Outputs: `logits` (float32 `[1, num_classes]`) and, for Mobile V-MoE
     with one router per image, `router_logits` (float32 `[1, E]`) and
@@ -957,8 +1027,9 @@ def to_tflite(
     (True, 2)
     """
     raw_shape = raw_input_shape(model, preprocessing, input_size)
-    data = _check_arguments(model, quantization, representative_data,
-                            raw_shape, int8_activations)
+    data = _check_arguments(
+        model, quantization, representative_data, raw_shape, int8_activations
+    )
     dynamic = quantization == "int8" and int8_activations == "dynamic"
     if isinstance(float_layers, str) or not all(
         isinstance(name, str) and name for name in float_layers
@@ -990,9 +1061,7 @@ def to_tflite(
             # logits' squared error, the patch embedding 2%). The patch
             # embedding, a third of the multiply-adds of a 6x64 at 224
             # px, stays int8.
-            kept = [
-                n for n in routing_layers(model) if n != "patch_embedding"
-            ]
+            kept = [n for n in routing_layers(model) if n != "patch_embedding"]
         kept += [name for name in float_layers if name not in kept]
     elif quantization == "int8":
         if float_routing:
@@ -1011,8 +1080,13 @@ def to_tflite(
         temporary = pathlib.Path(temporary)
         if keras.config.backend() == "tensorflow":
             flatbuffer = convert_functional(
-                _serving_model(model, raw_shape), quantization, data, kept,
-                float_ops, residual_blocks, required_layers=list(float_layers),
+                _serving_model(model, raw_shape),
+                quantization,
+                data,
+                kept,
+                float_ops,
+                residual_blocks,
+                required_layers=list(float_layers),
                 metadata=_file_metadata(
                     model, quantization, raw_shape, int8_activations
                 ),
@@ -1023,14 +1097,22 @@ def to_tflite(
         else:
             convert_in_subprocess(
                 model,
-                ["--out", str(temporary), "--quantization", quantization,
-                 f"--float_routing={float_routing}",
-                 f"--float_residual_stream={float_residual_stream}",
-                 f"--float_layers={','.join(float_layers)}",
-                 f"--int8_activations={int8_activations}",
-                 f"--preprocessing={raw_shape is not None}",
-                 *(["--input_size", f"{raw_shape[0]},{raw_shape[1]}"]
-                   if raw_shape is not None else [])],
+                [
+                    "--out",
+                    str(temporary),
+                    "--quantization",
+                    quantization,
+                    f"--float_routing={float_routing}",
+                    f"--float_residual_stream={float_residual_stream}",
+                    f"--float_layers={','.join(float_layers)}",
+                    f"--int8_activations={int8_activations}",
+                    f"--preprocessing={raw_shape is not None}",
+                    *(
+                        ["--input_size", f"{raw_shape[0]},{raw_shape[1]}"]
+                        if raw_shape is not None
+                        else []
+                    ),
+                ],
                 data,
             )
         report = inspect_tflite(model, temporary, quantization)
@@ -1038,9 +1120,7 @@ def to_tflite(
     report["preprocessing"] = raw_shape is not None
     report["float_layers"] = list(kept)
     # Dynamic range activations are float everywhere: not applicable.
-    report["float_residual_stream"] = None if dynamic else bool(
-        residual_blocks
-    )
+    report["float_residual_stream"] = None if dynamic else bool(residual_blocks)
     if quantization == "int8":
         report["int8_activations"] = int8_activations
     return report
@@ -1055,8 +1135,11 @@ def _signature_io(flatbuffer):
 
     def describe(details):
         return [
-            {"name": name, "dtype": np.dtype(d["dtype"]).name,
-             "shape": [int(v) for v in d["shape"]]}
+            {
+                "name": name,
+                "dtype": np.dtype(d["dtype"]).name,
+                "shape": [int(v) for v in d["shape"]],
+            }
             for name, d in sorted(details.items())
         ]
 
@@ -1087,7 +1170,8 @@ def add_metadata(flatbuffer, info):
     entry.name = METADATA_NAME
     entry.buffer = len(model.buffers) - 1
     model.metadata = [
-        m for m in (model.metadata or [])
+        m
+        for m in (model.metadata or [])
         if (m.name.decode() if isinstance(m.name, bytes) else m.name)
         != METADATA_NAME
     ] + [entry]
@@ -1116,7 +1200,8 @@ def read_metadata(path_or_bytes):
     ...     num_classes=10, routing="learned")
     >>> path = to_tflite(model, tempfile.mkdtemp() + "/tiny.tflite")["path"]
     >>> [(t["name"], t["dtype"]) for t in read_metadata(path)["outputs"]]
-    [('expert_index', 'int32'), ('logits', 'float32'), ('router_logits', 'float32')]
+    [('expert_index', 'int32'), ('logits', 'float32'),
+     ('router_logits', 'float32')]
     """
     import json
 
@@ -1157,8 +1242,11 @@ def _file_metadata(model, quantization, raw_shape, int8_activations=None):
         "preprocessing": raw_shape is not None,
         "input_format": input_format,
         "quantization": quantization,
-        **({"int8_activations": int8_activations}
-           if quantization == "int8" else {}),
+        **(
+            {"int8_activations": int8_activations}
+            if quantization == "int8"
+            else {}
+        ),
         "model": type(model).__name__,
         "keras_mobile_moe_version": getattr(
             keras_mobile_moe, "__version__", None
@@ -1199,15 +1287,20 @@ def convert_in_subprocess(model, arguments, data=None):
         model_file = os.path.join(workdir, "model.keras")
         model.save(model_file)
         command = [
-            sys.executable, "-m", "keras_mobile_moe.export",
-            "--model_file", model_file, *arguments,
+            sys.executable,
+            "-m",
+            "keras_mobile_moe.export",
+            "--model_file",
+            model_file,
+            *arguments,
         ]
         if data is not None:
             data_file = os.path.join(workdir, "representative.npy")
             np.save(data_file, data)
             command += ["--representative_file", data_file]
         env = {
-            **os.environ, "KERAS_BACKEND": "tensorflow",
+            **os.environ,
+            "KERAS_BACKEND": "tensorflow",
             "KMM_EXPORT_SUBPROCESS": "1",
         }
         result = subprocess.run(
@@ -1220,8 +1313,14 @@ def convert_in_subprocess(model, arguments, data=None):
             )
 
 
-_LOG_PREFIXES = ("I0000", "W0000", "E0000", "F0000", "WARNING: All log",
-                 "To enable the following")
+_LOG_PREFIXES = (
+    "I0000",
+    "W0000",
+    "E0000",
+    "F0000",
+    "WARNING: All log",
+    "To enable the following",
+)
 
 
 def subprocess_error(stderr, returncode=None):
@@ -1235,7 +1334,7 @@ def subprocess_error(stderr, returncode=None):
             start = i
     error = []
     if start is not None:
-        for line in lines[start + 1:]:
+        for line in lines[start + 1 :]:
             if error or (line and not line[0].isspace()):
                 if line.startswith(_LOG_PREFIXES):
                     continue
@@ -1243,8 +1342,10 @@ def subprocess_error(stderr, returncode=None):
     log = [line for line in lines if not line.startswith(_LOG_PREFIXES)]
     if not error:
         code = "" if returncode is None else f" (exit status {returncode})"
-        error = [f"the converter process failed{code} without a Python "
-                 "error; its log ends:"]
+        error = [
+            f"the converter process failed{code} without a Python "
+            "error; its log ends:"
+        ]
     tail = "\n".join(log)[-3000:]
     return "\n".join(error).strip() + "\n\nConverter log (end):\n" + tail
 

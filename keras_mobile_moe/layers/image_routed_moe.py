@@ -1,11 +1,10 @@
 import math
 
 import keras
+from keras import ops
 
 from keras_mobile_moe.layers.activations import get_activation
 from keras_mobile_moe.layers.activations import serialize_activation
-from keras import ops
-
 from keras_mobile_moe.layers.xla_cpu import on_xla_cpu
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
@@ -150,7 +149,9 @@ class ImageRoutedMoE(keras.layers.Layer):
         tokens = ops.repeat(inputs, k, axis=0) if k > 1 else inputs
 
         hidden = self.activation(
-            self._expert_linear(tokens, flat_indices, self.kernel_in, self.bias_in)
+            self._expert_linear(
+                tokens, flat_indices, self.kernel_in, self.bias_in
+            )
         )
         if training and self.dropout_rate > 0.0:
             hidden = self.dropout(hidden, training=training)

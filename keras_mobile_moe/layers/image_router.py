@@ -17,10 +17,10 @@ class ImageRouter(keras.layers.Layer):
     float32 and the top `top_k` experts are kept. The layer norm is our
     choice (the paper only says "linear"): the residual stream the router
     reads is not normalised, and without it the initial router logits are
-    large and overconfident, as V-MoE avoids by routing after the MLP norm. All MoE layers after the router reuse its
-    choice. Under a mixed dtype policy the router computes in float32
-    (its weights are float32 anyway): a top-k in half precision flips on
-    near ties.
+    large and overconfident, as V-MoE avoids by routing after the MLP norm.
+    All MoE layers after the router reuse its choice. Under a mixed dtype
+    policy the router computes in float32 (its weights are float32 anyway):
+    a top-k in half precision flips on near ties.
 
     Args:
         num_experts: int. Number of experts E to choose from.

@@ -2,7 +2,6 @@ import keras
 
 from keras_mobile_moe.layers.activations import get_activation
 from keras_mobile_moe.layers.activations import serialize_activation
-
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 

@@ -25,7 +25,8 @@ class ClipConstraint(keras.constraints.Constraint):
     Example:
 
     >>> import numpy as np
-    >>> np.asarray(ClipConstraint(0.0, 0.5)(np.array([-1.0, 0.25, 3.0]))).tolist()
+    >>> clipped = ClipConstraint(0.0, 0.5)(np.array([-1.0, 0.25, 3.0]))
+    >>> np.asarray(clipped).tolist()
     [0.0, 0.25, 0.5]
     """
 
@@ -240,8 +241,11 @@ class NestedExpertBlock(keras.layers.Layer):
         self.attention_norm_gamma = weight("attention_norm_gamma", (d,), "ones")
         self.attention_norm_beta = weight("attention_norm_beta", (d,), "zeros")
         for name in ("query", "key", "value", "attention_output"):
-            setattr(self, f"{name}_kernel", weight(
-                f"{name}_kernel", (d, d), "glorot_uniform"))
+            setattr(
+                self,
+                f"{name}_kernel",
+                weight(f"{name}_kernel", (d, d), "glorot_uniform"),
+            )
             setattr(self, f"{name}_bias", weight(f"{name}_bias", (d,), "zeros"))
         self.mlp_norm_gamma = weight("mlp_norm_gamma", (d,), "ones")
         self.mlp_norm_beta = weight("mlp_norm_beta", (d,), "zeros")
@@ -326,7 +330,9 @@ class NestedExpertBlock(keras.layers.Layer):
         for start, size, width in groups:
             x = self._norm(
                 inputs[:, start : start + size, :width],
-                norm_gamma, norm_beta, width,
+                norm_gamma,
+                norm_beta,
+                width,
             )
             for parts, (kernel, bias) in zip(qkv, projections):
                 parts.append(linear(x, kernel[:width], bias))
@@ -335,8 +341,13 @@ class NestedExpertBlock(keras.layers.Layer):
             for parts in qkv
         )
         attended = attend(
-            query, key, value, self.num_heads, self._scale,
-            dropout=self.attention_weights_dropout, training=training,
+            query,
+            key,
+            value,
+            self.num_heads,
+            self._scale,
+            dropout=self.attention_weights_dropout,
+            training=training,
         )
         # Out-projection of each group to its d_j features, zero-padded.
         out_kernel = self.attention_output_kernel.value
@@ -349,8 +360,10 @@ class NestedExpertBlock(keras.layers.Layer):
                 out_bias[:width],
             )
             updates.append(self._pad(y, width))
-        update = updates[0] if len(updates) == 1 else ops.concatenate(
-            updates, axis=1
+        update = (
+            updates[0]
+            if len(updates) == 1
+            else ops.concatenate(updates, axis=1)
         )
         if dropping:
             update = self.attention_dropout(update, training=training)
@@ -361,7 +374,8 @@ class NestedExpertBlock(keras.layers.Layer):
         norm_beta = self.mlp_norm_beta.value
         in_kernel, in_bias = self.mlp_in_kernel.value, self.mlp_in_bias.value
         out_kernel, out_bias = (
-            self.mlp_out_kernel.value, self.mlp_out_bias.value
+            self.mlp_out_kernel.value,
+            self.mlp_out_bias.value,
         )
         updates = []
         for start, size, width in groups:
@@ -373,8 +387,10 @@ class NestedExpertBlock(keras.layers.Layer):
                 y = self.mlp_hidden_dropout(y, training=training)
             y = linear(y, out_kernel[:, :width], out_bias[:width])
             updates.append(self._pad(y, width))
-        update = updates[0] if len(updates) == 1 else ops.concatenate(
-            updates, axis=1
+        update = (
+            updates[0]
+            if len(updates) == 1
+            else ops.concatenate(updates, axis=1)
         )
         if expert_gates is not None:
             gates = ops.cast(expert_gates, update.dtype)

@@ -9,15 +9,22 @@ from keras_mobile_moe.validation import check_int
 
 def check_token_counts(token_counts, num_tokens, num_experts=None):
     """Validates per-expert token counts (static ints summing to N)."""
-    counts = tuple(token_counts) if isinstance(token_counts, (list, tuple)) else None
-    valid = counts is not None and all(
-        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts
+    counts = (
+        tuple(token_counts) if isinstance(token_counts, (list, tuple)) else None
     )
-    if not valid or sum(counts) != num_tokens or (
-        num_experts is not None and len(counts) != num_experts
+    valid = counts is not None and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0
+        for c in counts
+    )
+    if (
+        not valid
+        or sum(counts) != num_tokens
+        or (num_experts is not None and len(counts) != num_experts)
     ):
-        experts = "one per expert" if num_experts is None else (
-            f"{num_experts} of them"
+        experts = (
+            "one per expert"
+            if num_experts is None
+            else (f"{num_experts} of them")
         )
         raise ValueError(
             f"Received: token_counts={token_counts!r} for {num_tokens} "
@@ -45,7 +52,8 @@ def permute_tokens(tokens, order):
 
     >>> import numpy as np
     >>> tokens = np.arange(6, dtype="float32").reshape(1, 3, 2)
-    >>> np.asarray(permute_tokens(tokens, np.array([[2, 0, 1]], "int32"))).tolist()
+    >>> order = np.array([[2, 0, 1]], "int32")
+    >>> np.asarray(permute_tokens(tokens, order)).tolist()
     [[[4.0, 5.0], [0.0, 1.0], [2.0, 3.0]]]
     """
     num_tokens = tokens.shape[1]

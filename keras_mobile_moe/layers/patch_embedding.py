@@ -96,8 +96,9 @@ class PatchEmbedding(keras.layers.Layer):
     def call(self, inputs):
         if tuple(inputs.shape[1:]) != self.image_shape:
             raise ValueError(
-                f"Expected images of shape [batch, {', '.join(map(str, self.image_shape))}]"
-                f". Received: images of shape {tuple(inputs.shape)}."
+                "Expected images of shape [batch, "
+                f"{', '.join(map(str, self.image_shape))}]. Received: images "
+                f"of shape {tuple(inputs.shape)}."
             )
         # The strided convolution as reshape + matmul (same weights): on
         # XLA:CPU this is ~3x faster at patch 32 than the convolution.
@@ -113,7 +114,9 @@ class PatchEmbedding(keras.layers.Layer):
                 inputs, (batch // chunk, chunk, height, width, channels)
             )
             tokens = ops.map(self._project, chunks)
-            tokens = ops.reshape(tokens, (batch, self.num_patches, self.hidden_dim))
+            tokens = ops.reshape(
+                tokens, (batch, self.num_patches, self.hidden_dim)
+            )
         else:
             tokens = self._project(inputs)
         if self.use_class_token:

@@ -27,7 +27,8 @@ def router_policy(policy):
     'float32'
     """
     half = keras.backend.standardize_dtype(policy.compute_dtype) in (
-        "float16", "bfloat16"
+        "float16",
+        "bfloat16",
     )
     if half and policy.variable_dtype == "float32":
         return "float32"

@@ -2,7 +2,6 @@ import contextlib
 import math
 
 import keras
-
 from keras import ops
 
 from keras_mobile_moe.layers.activations import get_activation
@@ -273,7 +272,9 @@ class TransformerEncoderBlock(keras.layers.Layer):
         if tf_names:
             return layer(x)
         return ops.layer_normalization(
-            x, layer.gamma.value, layer.beta.value,
+            x,
+            layer.gamma.value,
+            layer.beta.value,
             epsilon=self.layer_norm_epsilon,
         )
 

@@ -364,7 +364,12 @@ class FamilyImageClassifier(
         check_rate("dropout", dropout)
 
     def _make_head(
-        self, backbone, preprocessor, num_classes, dropout, activation,
+        self,
+        backbone,
+        preprocessor,
+        num_classes,
+        dropout,
+        activation,
         head_dtype,
     ):
         """Sets the backbone and preprocessor and creates the head layers

@@ -40,7 +40,8 @@ def auto_metrics(loss):
     form the loss reads (one-hot or soft targets for a categorical
     cross-entropy, class ids otherwise)."""
     categorical = isinstance(loss, keras.losses.CategoricalCrossentropy) or (
-        loss in ("categorical_crossentropy", keras.losses.categorical_crossentropy)
+        loss
+        in ("categorical_crossentropy", keras.losses.categorical_crossentropy)
     )
     if categorical:
         return [keras.metrics.CategoricalAccuracy("accuracy")]
@@ -62,7 +63,9 @@ _UNSET = object()
 
 def _is_array(x):
     return isinstance(x, np.ndarray) or (
-        hasattr(x, "shape") and hasattr(x, "dtype") and not hasattr(x, "element_spec")
+        hasattr(x, "shape")
+        and hasattr(x, "dtype")
+        and not hasattr(x, "element_spec")
     )
 
 
@@ -103,8 +106,9 @@ class ValueRangeMixin:
     inputs 0-255 pixels give with the default.
     """
 
-    def __init__(self, *args, value_range=validation.DEFAULT_VALUE_RANGE,
-                 **kwargs):
+    def __init__(
+        self, *args, value_range=validation.DEFAULT_VALUE_RANGE, **kwargs
+    ):
         value_range = validation.check_value_range(value_range)
         super().__init__(*args, **kwargs)
         self._given_scale, self._given_offset = self.scale, self.offset
@@ -130,7 +134,9 @@ class ValueRangeMixin:
                 float(new_scale) if new_scale.ndim == 0 else new_scale.tolist()
             )
             offset = (
-                float(new_offset) if new_offset.ndim == 0 else new_offset.tolist()
+                float(new_offset)
+                if new_offset.ndim == 0
+                else new_offset.tolist()
             )
         self.scale, self.offset = scale, offset
 
@@ -363,9 +369,7 @@ class ShuffledFitMixin:
             )
             for element in source:
                 element = keras.utils.unpack_x_y_sample_weight(element)
-                element = tuple(
-                    _to_numpy(a) for a in element[: len(signature)]
-                )
+                element = tuple(_to_numpy(a) for a in element[: len(signature)])
                 self._checked_element(element, errors)
                 yield element if len(element) > 1 else element[0]
 
@@ -374,7 +378,9 @@ class ShuffledFitMixin:
             generate, output_signature=output
         )
         if length:
-            dataset = dataset.apply(tf.data.experimental.assert_cardinality(length))
+            dataset = dataset.apply(
+                tf.data.experimental.assert_cardinality(length)
+            )
         return dataset
 
     def _checked_input(self, x, y, errors, labels=True):
@@ -410,7 +416,9 @@ class ShuffledFitMixin:
                     "to yield (images, labels) batches."
                 )
             generator = x
-            return self._generator_dataset(lambda: generator, None, errors), None
+            return self._generator_dataset(
+                lambda: generator, None, errors
+            ), None
         if x is None:
             raise ValueError("Received: x=None. Expected a batch of images.")
         images = _images_of(x)
@@ -473,7 +481,9 @@ class ShuffledFitMixin:
                     validation_data
                 )
                 vx, vy = self._checked_input(vx, vy, errors)
-                validation_data = keras.utils.pack_x_y_sample_weight(vx, vy, vsw)
+                validation_data = keras.utils.pack_x_y_sample_weight(
+                    vx, vy, vsw
+                )
             else:
                 validation_data, _ = self._checked_input(
                     validation_data, None, errors
@@ -484,7 +494,9 @@ class ShuffledFitMixin:
             if validation_split and validation_data is None:
                 # Like Keras: the last fraction, before shuffling.
                 cut = int(len(x) * (1.0 - validation_split))
-                validation_data = (x[cut:], y[cut:]) if y is not None else x[cut:]
+                validation_data = (
+                    (x[cut:], y[cut:]) if y is not None else x[cut:]
+                )
                 if sample_weight is not None:
                     validation_data += (sample_weight[cut:],)
                     sample_weight = sample_weight[:cut]
@@ -525,8 +537,11 @@ class ShuffledFitMixin:
         x, y = self._checked_input(x, y, errors)
         if _is_array(x) and not args:
             x = self._batches(
-                x, y, kwargs.pop("sample_weight", None),
-                kwargs.pop("batch_size", None) or 32, shuffle=False,
+                x,
+                y,
+                kwargs.pop("sample_weight", None),
+                kwargs.pop("batch_size", None) or 32,
+                shuffle=False,
             )
             y = None
         with warnings.catch_warnings():
@@ -544,7 +559,10 @@ class ShuffledFitMixin:
         x, _ = self._checked_input(x, None, errors, labels=False)
         if _is_array(x) and not args:
             x = self._batches(
-                x, None, None, kwargs.pop("batch_size", None) or 32,
+                x,
+                None,
+                None,
+                kwargs.pop("batch_size", None) or 32,
                 shuffle=False,
             )
         with warnings.catch_warnings():
@@ -552,7 +570,9 @@ class ShuffledFitMixin:
                 warnings.filterwarnings(
                     "ignore", message="Your input ran out of data"
                 )
-            return self._run_checked(super().predict, errors, x, *args, **kwargs)
+            return self._run_checked(
+                super().predict, errors, x, *args, **kwargs
+            )
 
     def train_on_batch(self, x, y=None, *args, **kwargs):
         self._check_batch(_images_of(x), y)

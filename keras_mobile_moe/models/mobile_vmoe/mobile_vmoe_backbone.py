@@ -115,8 +115,10 @@ class MobileVMoEBackbone(FamilyBackbone):
     ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
     ...     num_moe_layers=1)
     >>> outputs = backbone(np.zeros((2, 32, 32, 3), "float32"))
-    >>> tuple(outputs["sequence_output"].shape), tuple(outputs["router_logits"].shape)
-    ((2, 17, 16), (2, 4))
+    >>> tuple(outputs["sequence_output"].shape)
+    (2, 17, 16)
+    >>> tuple(outputs["router_logits"].shape)
+    (2, 4)
     >>> token_routed = MobileVMoEBackbone(
     ...     image_shape=(32, 32, 3), patch_size=8, num_layers=3,
     ...     hidden_dim=16, num_heads=2, mlp_dim=32, num_experts=4,
@@ -128,8 +130,8 @@ class MobileVMoEBackbone(FamilyBackbone):
     preset_family = "mobile_vmoe"
     family_title = "Mobile V-MoE"
     paper = (
-        "Daxberger et al., \"Mobile V-MoEs: Scaling Down Vision Transformers "
-        "via Sparse Mixture-of-Experts\", arXiv 2309.04354 (2023)"
+        'Daxberger et al., "Mobile V-MoEs: Scaling Down Vision Transformers '
+        'via Sparse Mixture-of-Experts", arXiv 2309.04354 (2023)'
     )
     # Its dense members load timm / keras-hub ViT checkpoints
     # (`keras_mobile_moe.convert`) and upcycle into MoE (`kmm.upcycle`).
@@ -204,10 +206,15 @@ class MobileVMoEBackbone(FamilyBackbone):
         mlp_dims = per_layer_mlp_dims(mlp_dim, num_layers)
         check_int("hidden_dim", hidden_dim, minimum=1)
         check_model_memory(
-            type(self).__name__, image_shape, patch_size, num_layers,
-            hidden_dim, mlp_dims,
+            type(self).__name__,
+            image_shape,
+            patch_size,
+            num_layers,
+            hidden_dim,
+            mlp_dims,
             num_heads if isinstance(num_heads, int) else 1,
-            [1] * (num_layers - num_moe_layers) + [num_experts] * num_moe_layers,
+            [1] * (num_layers - num_moe_layers)
+            + [num_experts] * num_moe_layers,
         )
 
         # === Layers ===

@@ -4,13 +4,13 @@ from keras import ops
 from keras_mobile_moe import families
 from keras_mobile_moe.losses.superclass_router_loss import SuperclassRouterLoss
 from keras_mobile_moe.losses.superclass_router_loss import check_superclass_ids
+from keras_mobile_moe.models.base import FamilyImageClassifier
 from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_backbone import (
     MobileVMoEBackbone,
 )
 from keras_mobile_moe.models.mobile_vmoe.mobile_vmoe_image_classifier_preprocessor import (  # noqa: E501
     MobileVMoEImageClassifierPreprocessor,
 )
-from keras_mobile_moe.models.base import FamilyImageClassifier
 from keras_mobile_moe.validation import check_choice
 
 
@@ -159,7 +159,11 @@ class MobileVMoEImageClassifier(FamilyImageClassifier):
 
         # === Layers ===
         self._make_head(
-            backbone, preprocessor, num_classes, dropout, activation,
+            backbone,
+            preprocessor,
+            num_classes,
+            dropout,
+            activation,
             head_dtype,
         )
 

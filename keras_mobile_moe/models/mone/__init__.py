@@ -9,6 +9,4 @@ from keras_mobile_moe.models.mone.mone_image_classifier import (
 from keras_mobile_moe.models.mone.mone_image_classifier_preprocessor import (
     MoNEImageClassifierPreprocessor,
 )
-from keras_mobile_moe.models.mone.mone_image_converter import (
-    MoNEImageConverter,
-)
+from keras_mobile_moe.models.mone.mone_image_converter import MoNEImageConverter

@@ -26,10 +26,10 @@ class MoNEBackbone(FamilyBackbone):
     every block holds `num_nested_experts` nested experts of widths D/8,
     D/4, D/2, D (E = 4). One `NestedExpertRouter` on the patch embeddings
     assigns every token to one expert with Expert Preferred Routing; all
-    blocks reuse that assignment. The tokens are grouped by expert once, after the router, so
-    every `NestedExpertBlock` multiplies each group only by its weight slice
-    (attention, which is permutation-equivariant, still sees all tokens at
-    full width); the output is put back in patch order.
+    blocks reuse that assignment. The tokens are grouped by expert once,
+    after the router, so every `NestedExpertBlock` multiplies each group
+    only by its weight slice (attention, which is permutation-equivariant,
+    still sees all tokens at full width); the output is put back in patch order.
 
     `capacity_budget` (e_c, the fraction of the dense model's linear-layer
     compute per token) fixes how many tokens each expert takes
@@ -95,7 +95,8 @@ class MoNEBackbone(FamilyBackbone):
     >>> outputs = backbone(np.zeros((2, 32, 32, 3), "float32"))
     >>> tuple(outputs["sequence_output"].shape)
     (2, 16, 16)
-    >>> np.bincount(np.asarray(outputs["expert_index"][0]), minlength=4).tolist()
+    >>> expert_index = np.asarray(outputs["expert_index"][0])
+    >>> np.bincount(expert_index, minlength=4).tolist()
     [5, 3, 4, 4]
     >>> backbone.capacity_budget = 1.0  # e.g. on a trained model
     >>> np.asarray(backbone(np.zeros((1, 32, 32, 3)))["expert_index"]).max()
@@ -105,8 +106,8 @@ class MoNEBackbone(FamilyBackbone):
     preset_family = "mone"
     family_title = "MoNE"
     paper = (
-        "Jain et al., \"Mixture of Nested Experts: Adaptive Processing of "
-        "Visual Tokens\", NeurIPS 2024"
+        'Jain et al., "Mixture of Nested Experts: Adaptive Processing of '
+        'Visual Tokens", NeurIPS 2024'
     )
     # The nested experts are slices of one dense ViT, so a dense checkpoint
     # (timm, keras-hub) is a valid start (`keras_mobile_moe.convert`).
@@ -165,8 +166,13 @@ class MoNEBackbone(FamilyBackbone):
             )
         if isinstance(mlp_dim, int) and isinstance(num_heads, int):
             check_model_memory(
-                type(self).__name__, image_shape, patch_size, num_layers,
-                hidden_dim, [mlp_dim] * num_layers, num_heads,
+                type(self).__name__,
+                image_shape,
+                patch_size,
+                num_layers,
+                hidden_dim,
+                [mlp_dim] * num_layers,
+                num_heads,
             )
 
         # === Layers ===

@@ -81,8 +81,9 @@ class MoNEImageClassifier(FamilyImageClassifier):
     Jain et al., "Mixture of Nested Experts: Adaptive Processing of Visual
     Tokens", NeurIPS 2024. A `MoNEBackbone`, the mean of its tokens (or its
     class token, for a backbone with `use_class_token=True`, e.g. one
-    converted from a timm ViT) and a linear layer. There is no auxiliary loss: the router learns through the
-    `(alpha * r + 1)` scaling of every block's MLP branch.
+    converted from a timm ViT) and a linear layer. There is no auxiliary
+    loss: the router learns through the `(alpha * r + 1)` scaling of every
+    block's MLP branch.
 
     The compute budget can be changed at any time, e.g. on a trained or
     loaded model, without retraining: `model.capacity_budget = 0.3` (the
@@ -167,7 +168,11 @@ class MoNEImageClassifier(FamilyImageClassifier):
 
         # === Layers ===
         self._make_head(
-            backbone, preprocessor, num_classes, dropout, activation,
+            backbone,
+            preprocessor,
+            num_classes,
+            dropout,
+            activation,
             head_dtype,
         )
 

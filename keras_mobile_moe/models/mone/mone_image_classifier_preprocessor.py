@@ -2,9 +2,7 @@ import keras
 from keras_hub.models import ImageClassifierPreprocessor
 
 from keras_mobile_moe.models.mone.mone_backbone import MoNEBackbone
-from keras_mobile_moe.models.mone.mone_image_converter import (
-    MoNEImageConverter,
-)
+from keras_mobile_moe.models.mone.mone_image_converter import MoNEImageConverter
 
 
 @keras.saving.register_keras_serializable(package="keras_mobile_moe")

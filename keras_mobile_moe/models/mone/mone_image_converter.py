@@ -31,7 +31,8 @@ class MoNEImageConverter(ValueRangeMixin, ImageConverter):
     >>> tuple(converter(np.full((1, 16, 16, 3), 255, "uint8")).shape)
     (1, 32, 32, 3)
     >>> unit = MoNEImageConverter(
-    ...     image_size=(32, 32), scale=1 / 127.5, offset=-1.0, value_range=(0, 1))
+    ...     image_size=(32, 32), scale=1 / 127.5, offset=-1.0,
+    ...     value_range=(0, 1))
     >>> float(unit(np.ones((1, 32, 32, 3), "float32"))[0, 0, 0, 0])
     1.0
     """
