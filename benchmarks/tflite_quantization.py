@@ -150,7 +150,7 @@ def time_interleaved(paths, image, repeats, threads):
     return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data",
@@ -167,7 +167,113 @@ def main():
         action="store_true",
         help="Rewrite the Markdown from results/tflite_quantization.json.",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def converter_options(calibration):
+    """The converter's variants: name -> `to_tflite` keyword arguments."""
+    static = dict(
+        quantization="int8",
+        int8_activations="static",
+        representative_data=calibration,
+    )
+    return {
+        "float32": dict(quantization="none"),
+        "conv_dynamic": dict(quantization="dynamic"),
+        "conv_int8": dict(quantization="int8"),
+        "conv_int8_static": static,
+        "conv_int8_all": dict(
+            static, float_routing=False, float_residual_stream=False
+        ),
+    }
+
+
+def write_variants(model, preset, workdir, calibration):
+    """Every variant's file: (name -> path, name -> seconds to make it)."""
+    paths, seconds = {}, {}
+    for name, kwargs in converter_options(calibration).items():
+        start = time.perf_counter()
+        paths[name] = to_tflite(
+            model, workdir / f"{preset}_{name}.tflite", input_size=32, **kwargs
+        )["path"]
+        seconds[name] = time.perf_counter() - start
+    float_bytes = pathlib.Path(paths["float32"]).read_bytes()
+    for name, recipe in aeq_recipes(model, float_bytes).items():
+        start = time.perf_counter()
+        path = workdir / f"{preset}_{name}.tflite"
+        path.write_bytes(aeq_file(float_bytes, recipe, calibration))
+        paths[name] = str(path)
+        seconds[name] = time.perf_counter() - start
+    return paths, seconds
+
+
+def agreement(got, want, test_y):
+    """The file's outputs against Keras' decisions and the labels."""
+    return {
+        "top1_agreement": float(
+            np.mean(got["logits"].argmax(-1) == want["logits"].argmax(-1))
+        ),
+        "routing_agreement": float(
+            np.mean(
+                np.all(
+                    np.sort(got["expert_index"], -1)
+                    == np.sort(want["expert_index"], -1),
+                    -1,
+                )
+            )
+        ),
+        "accuracy": float(np.mean(got["logits"].argmax(-1) == test_y)),
+        "max_abs_logit_error": float(
+            np.abs(got["logits"] - want["logits"]).max()
+        ),
+    }
+
+
+def builtin_only(path):
+    ops = {
+        op["op_name"]
+        for op in load_interpreter(path, xnnpack=False)._get_ops_details()
+    }
+    return not any(o.startswith("Flex") or o == "CUSTOM" for o in ops)
+
+
+def measure_preset(preset, test_x, test_y, calibration, workdir, repeats):
+    """One row per variant of `preset`'s file."""
+    model = kmm.MobileVMoE.from_preset(preset)
+    want = keras_decisions(model, test_x, preprocessing=True)
+    keras_accuracy = float(np.mean(want["logits"].argmax(-1) == test_y))
+    paths, seconds = write_variants(model, preset, workdir, calibration)
+    load_timing = os.getloadavg()[0]
+    latency = {
+        threads: time_interleaved(paths, test_x[:1], repeats, threads)
+        for threads in (1, 2)
+    }
+    load_timing = [load_timing, os.getloadavg()[0]]
+    rows = []
+    for name, path in paths.items():
+        row = {
+            "preset": preset,
+            "variant": name,
+            "bytes": os.path.getsize(path),
+            **agreement(run_file(path, test_x), want, test_y),
+            "keras_accuracy": keras_accuracy,
+            "ms_1_thread": latency[1][name],
+            "ms_2_threads": latency[2][name],
+            "speedup_vs_float32_1_thread": latency[1]["float32"]
+            / latency[1][name],
+            "speedup_vs_float32_2_threads": latency[2]["float32"]
+            / latency[2][name],
+            "builtin_only": builtin_only(path),
+            "convert_s": seconds[name],
+            "load_during_timing": load_timing,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main():
+    args = parse_args()
     if args.render_only:
         write_reports(
             json.loads((RESULTS / "tflite_quantization.json").read_text())
@@ -177,100 +283,12 @@ def main():
         args.data, args.num_test, args.calibration
     )
     workdir = pathlib.Path(tempfile.mkdtemp())
-    rows = []
     load_before = os.getloadavg()[0]
+    rows = []
     for preset in args.presets:
-        model = kmm.MobileVMoE.from_preset(preset)
-        want = keras_decisions(model, test_x, preprocessing=True)
-        keras_accuracy = float(np.mean(want["logits"].argmax(-1) == test_y))
-        paths = {}
-        seconds = {}
-        options = {
-            "float32": dict(quantization="none"),
-            "conv_dynamic": dict(quantization="dynamic"),
-            "conv_int8": dict(quantization="int8"),
-            "conv_int8_static": dict(
-                quantization="int8",
-                int8_activations="static",
-                representative_data=calibration,
-            ),
-            "conv_int8_all": dict(
-                quantization="int8",
-                int8_activations="static",
-                representative_data=calibration,
-                float_routing=False,
-                float_residual_stream=False,
-            ),
-        }
-        for name, kwargs in options.items():
-            start = time.perf_counter()
-            paths[name] = to_tflite(
-                model,
-                workdir / f"{preset}_{name}.tflite",
-                input_size=32,
-                **kwargs,
-            )["path"]
-            seconds[name] = time.perf_counter() - start
-        float_bytes = pathlib.Path(paths["float32"]).read_bytes()
-        for name, recipe in aeq_recipes(model, float_bytes).items():
-            start = time.perf_counter()
-            path = workdir / f"{preset}_{name}.tflite"
-            path.write_bytes(aeq_file(float_bytes, recipe, calibration))
-            paths[name] = str(path)
-            seconds[name] = time.perf_counter() - start
-        load_timing = os.getloadavg()[0]
-        latency = {
-            threads: time_interleaved(paths, test_x[:1], args.repeats, threads)
-            for threads in (1, 2)
-        }
-        load_timing = [load_timing, os.getloadavg()[0]]
-        for name, path in paths.items():
-            got = run_file(path, test_x)
-            ops = sorted(
-                {
-                    op["op_name"]
-                    for op in load_interpreter(
-                        path, xnnpack=False
-                    )._get_ops_details()
-                }
-            )
-            row = {
-                "preset": preset,
-                "variant": name,
-                "bytes": os.path.getsize(path),
-                "top1_agreement": float(
-                    np.mean(
-                        got["logits"].argmax(-1) == want["logits"].argmax(-1)
-                    )
-                ),
-                "routing_agreement": float(
-                    np.mean(
-                        np.all(
-                            np.sort(got["expert_index"], -1)
-                            == np.sort(want["expert_index"], -1),
-                            -1,
-                        )
-                    )
-                ),
-                "accuracy": float(np.mean(got["logits"].argmax(-1) == test_y)),
-                "keras_accuracy": keras_accuracy,
-                "max_abs_logit_error": float(
-                    np.abs(got["logits"] - want["logits"]).max()
-                ),
-                "ms_1_thread": latency[1][name],
-                "ms_2_threads": latency[2][name],
-                "speedup_vs_float32_1_thread": latency[1]["float32"]
-                / latency[1][name],
-                "speedup_vs_float32_2_threads": latency[2]["float32"]
-                / latency[2][name],
-                "builtin_only": not any(
-                    o.startswith("Flex") or o == "CUSTOM" for o in ops
-                ),
-                "convert_s": seconds[name],
-                "load_during_timing": load_timing,
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        rows += measure_preset(
+            preset, test_x, test_y, calibration, workdir, args.repeats
+        )
     payload = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
         f"{platform.platform()}",
