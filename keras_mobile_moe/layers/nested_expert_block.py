@@ -9,7 +9,11 @@ from keras_mobile_moe.layers.activations import get_activation
 from keras_mobile_moe.layers.activations import serialize_activation
 from keras_mobile_moe.layers.attention import attend
 from keras_mobile_moe.layers.drop_path import DropPath
+from keras_mobile_moe.layers.fast_ops import concatenate
+from keras_mobile_moe.layers.fast_ops import fused_linear
+from keras_mobile_moe.layers.fast_ops import layer_norm
 from keras_mobile_moe.layers.fast_ops import linear
+from keras_mobile_moe.layers.fast_ops import pad_last
 from keras_mobile_moe.validation import check_int
 from keras_mobile_moe.validation import check_rate
 
@@ -296,14 +300,14 @@ class NestedExpertBlock(keras.layers.Layer):
     def _norm(self, x, gamma, beta, width):
         # LayerNorm over the first `width` features, with those features'
         # scale and offset.
-        return ops.layer_normalization(
-            x, gamma[:width], beta[:width], epsilon=self.layer_norm_epsilon
+        return layer_norm(
+            x, gamma[:width], beta[:width], self.layer_norm_epsilon
         )
 
     def _pad(self, x, width):
         if width == self.hidden_dim:
             return x
-        return ops.pad(x, ((0, 0), (0, 0), (0, self.hidden_dim - width)))
+        return pad_last(x, self.hidden_dim)
 
     def call(self, inputs, expert_gates=None, training=None):
         if inputs.shape[1] is None:
@@ -334,10 +338,15 @@ class NestedExpertBlock(keras.layers.Layer):
                 norm_beta,
                 width,
             )
-            for parts, (kernel, bias) in zip(qkv, projections):
-                parts.append(linear(x, kernel[:width], bias))
+            projected = fused_linear(
+                x,
+                [kernel[:width] for kernel, _ in projections],
+                [bias for _, bias in projections],
+            )
+            for parts, part in zip(qkv, projected):
+                parts.append(part)
         query, key, value = (
-            parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=1)
+            parts[0] if len(parts) == 1 else concatenate(parts, axis=1)
             for parts in qkv
         )
         attended = attend(
@@ -361,9 +370,7 @@ class NestedExpertBlock(keras.layers.Layer):
             )
             updates.append(self._pad(y, width))
         update = (
-            updates[0]
-            if len(updates) == 1
-            else ops.concatenate(updates, axis=1)
+            updates[0] if len(updates) == 1 else concatenate(updates, axis=1)
         )
         if dropping:
             update = self.attention_dropout(update, training=training)
@@ -388,9 +395,7 @@ class NestedExpertBlock(keras.layers.Layer):
             y = linear(y, out_kernel[:, :width], out_bias[:width])
             updates.append(self._pad(y, width))
         update = (
-            updates[0]
-            if len(updates) == 1
-            else ops.concatenate(updates, axis=1)
+            updates[0] if len(updates) == 1 else concatenate(updates, axis=1)
         )
         if expert_gates is not None:
             gates = ops.cast(expert_gates, update.dtype)

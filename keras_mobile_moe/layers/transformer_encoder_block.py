@@ -2,12 +2,13 @@ import contextlib
 import math
 
 import keras
-from keras import ops
 
 from keras_mobile_moe.layers.activations import get_activation
 from keras_mobile_moe.layers.activations import serialize_activation
 from keras_mobile_moe.layers.attention import attend
 from keras_mobile_moe.layers.drop_path import DropPath
+from keras_mobile_moe.layers.fast_ops import fused_linear
+from keras_mobile_moe.layers.fast_ops import layer_norm
 from keras_mobile_moe.layers.fast_ops import linear
 from keras_mobile_moe.layers.fast_ops import reshape
 from keras_mobile_moe.layers.image_routed_moe import ImageRoutedMoE
@@ -271,11 +272,8 @@ class TransformerEncoderBlock(keras.layers.Layer):
     def _norm(self, layer, x, tf_names):
         if tf_names:
             return layer(x)
-        return ops.layer_normalization(
-            x,
-            layer.gamma.value,
-            layer.beta.value,
-            epsilon=self.layer_norm_epsilon,
+        return layer_norm(
+            x, layer.gamma.value, layer.beta.value, self.layer_norm_epsilon
         )
 
     def _self_attention(self, x, training):
@@ -285,18 +283,16 @@ class TransformerEncoderBlock(keras.layers.Layer):
         attention, width = self.attention, self.hidden_dim
         # Kernels [D, H, D/H] as [D, D] matrices: a matmul instead of an
         # einsum (the PyTorch backend ran those as bmm + copies).
-        projected = [
-            linear(
-                x,
-                reshape(dense.kernel.value, (width, width)),
-                reshape(dense.bias.value, (width,)),
-            )
-            for dense in (
-                attention.query_dense,
-                attention.key_dense,
-                attention.value_dense,
-            )
-        ]
+        dense_layers = (
+            attention.query_dense,
+            attention.key_dense,
+            attention.value_dense,
+        )
+        projected = fused_linear(
+            x,
+            [reshape(d.kernel.value, (width, width)) for d in dense_layers],
+            [reshape(d.bias.value, (width,)) for d in dense_layers],
+        )
         out = attend(
             *projected,
             self.num_heads,
