@@ -16,6 +16,14 @@ skipped in the others with a reason saying where it runs. `make test` runs
 every backend, so each such test runs once per CI run; a one-backend run
 with another backend skips them (set KMM_BACKEND_INDEPENDENT_ON to run
 them there).
+
+A test marked `@pytest.mark.only_on("tensorflow", why="...")` (or another
+backend) runs in that backend's session only: its subject does not depend
+on the session's backend, but it needs one, e.g. a TFLite file's contents
+(TensorFlow converts the file from the same weights whatever the session's
+backend, in process only on TensorFlow), or a training CLI option whose
+math the unit tests check on every backend. `why` is the skip reason the
+other sessions show.
 """
 
 import os
@@ -139,15 +147,32 @@ def pytest_configure(config):
         "backend_independent: checks no Keras backend computes; runs in the "
         "KMM_BACKEND_INDEPENDENT_ON session only (see tests/conftest.py)",
     )
+    config.addinivalue_line(
+        "markers",
+        "only_on(backend, why): runs in that backend's session only; `why` "
+        "says why the other sessions add no coverage (tests/conftest.py)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    if BACKEND == BACKEND_INDEPENDENT_ON:
-        return
     skip = pytest.mark.skip(
         reason=f"backend-independent: runs once, in the KERAS_BACKEND="
         f"{BACKEND_INDEPENDENT_ON} session (tests/conftest.py)"
     )
     for item in items:
-        if item.get_closest_marker("backend_independent"):
+        only_on = item.get_closest_marker("only_on")
+        if only_on is not None:
+            (backend,) = only_on.args
+            if backend != BACKEND:
+                why = only_on.kwargs["why"]
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason=f"runs in the KERAS_BACKEND={backend} session "
+                        f"only: {why} (tests/conftest.py)"
+                    )
+                )
+        elif (
+            item.get_closest_marker("backend_independent")
+            and BACKEND != BACKEND_INDEPENDENT_ON
+        ):
             item.add_marker(skip)

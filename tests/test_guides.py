@@ -201,6 +201,13 @@ def test_mone_budgets(tmp_path):
     assert "expert of each patch" in stdout
 
 
+@pytest.mark.only_on(
+    "tensorflow",
+    why=(
+        "the guide converts TFLite files; every backend's export (through a "
+        "subprocess) and its parity are tested in test_export.py"
+    ),
+)
 def test_deploying_to_a_phone(presets, tmp_path):
     moe, _ = presets
     stdout, results = run_guide(

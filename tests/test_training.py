@@ -170,6 +170,13 @@ def test_resumes_after_being_killed(tmp_path):
     assert "0" not in [r["epoch"] for r in read_log(workdir)[1:]]
 
 
+@pytest.mark.only_on(
+    "tensorflow",
+    why=(
+        "the discovery program (a preset's predictions, then numpy); "
+        "predictions are tested on every backend"
+    ),
+)
 def test_discover_superclasses_writes_groups(smoke_run, tmp_path):
     workdir, _ = smoke_run
     out = str(tmp_path / "groups")
@@ -452,6 +459,13 @@ def test_trainer_loads_and_writes_the_committed_checkpoint_format(tmp_path):
         assert written == saved  # the same shapes at the same indices
 
 
+@pytest.mark.only_on(
+    "tensorflow",
+    why=(
+        "the evaluation program; a preset's predictions are tested on "
+        "every backend"
+    ),
+)
 def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
     workdir, _ = smoke_run
     with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
@@ -476,6 +490,13 @@ def test_evaluate_records_the_test_accuracy_of_a_preset(smoke_run, tmp_path):
     assert "test top-1" in stdout
 
 
+@pytest.mark.only_on(
+    "torch",
+    why=(
+        "the publishing program's files; loading presets is tested on "
+        "every backend (test_presets_hub.py)"
+    ),
+)
 def test_publish_preset_stores_compact_weights_and_a_registry_entry(
     smoke_run, tmp_path
 ):
@@ -520,6 +541,13 @@ def test_publish_preset_stores_compact_weights_and_a_registry_entry(
 MONE_ARGS = [*TINY_TRAIN_ARGS, "--epochs=1"]
 
 
+@pytest.mark.only_on(
+    "torch",
+    why=(
+        "the CLI's MoNE options; adaptive-budget training itself is "
+        "tested on every backend (test_mone.py)"
+    ),
+)
 def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
     from keras_mobile_moe.models.mone.mone_image_classifier import (
         ADAPTIVE_BUDGETS,
@@ -626,6 +654,13 @@ def test_mone_trains_adaptive_budgets_and_reports_the_budget_curve(tmp_path):
     assert row.split("|")[6].strip() == "50.00"  # dense top-1, not MoNE's
 
 
+@pytest.mark.only_on(
+    "torch",
+    why=(
+        "the CLI's --init_from; upcycling itself is tested on every "
+        "backend (test_upcycle.py)"
+    ),
+)
 def test_init_from_upcycles_a_trained_dense_preset(tmp_path):
     dense_dir = str(tmp_path / "dense")
     train(dense_dir, "--preset=6x64", "--epochs=1", "--max_steps_per_epoch=2")
