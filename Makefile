@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	KERAS_BACKEND=jax $(BIN)/python training/demo.py
 
-# The backends' pytest sessions run at once, one thread each (TEST_JOBS=1:
+# The backends' pytest sessions run at once, one thread each, JAX's as two
+# pytest-xdist workers (TEST_JOBS=1:
 # in turn); pytest exits 5 when it collects nothing: any non-zero status
 # fails. See scripts/run_tests.sh.
 TEST_JOBS ?= 3

@@ -33,12 +33,22 @@ export XLA_FLAGS=${XLA_FLAGS:-"--xla_backend_optimization_level=0 \
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 
+# The JAX session is the longest (XLA compiles every tiny model): it runs
+# as JAX_TEST_WORKERS pytest-xdist workers, a test module each at a time
+# (--dist loadfile: module fixtures are built once), so that it takes both
+# cores once the other sessions have finished. 1 runs it in one process.
+JAX_TEST_WORKERS=${JAX_TEST_WORKERS:-2}
+
 run_one() {
     local backend=$1
     shift
     local start=$SECONDS
-    KERAS_BACKEND=$backend "$PYTHON" -m pytest -q -p no:cacheprovider "$@" \
-        >"$logs/$backend.log" 2>&1
+    local workers=()
+    if [ "$backend" = jax ] && [ "$JAX_TEST_WORKERS" -gt 1 ]; then
+        workers=(-n "$JAX_TEST_WORKERS" --dist loadfile)
+    fi
+    KERAS_BACKEND=$backend "$PYTHON" -m pytest -q -p no:cacheprovider \
+        "${workers[@]}" "$@" >"$logs/$backend.log" 2>&1
     local status=$?
     echo "$status" >"$logs/$backend.status"
     echo "--- KERAS_BACKEND=$backend finished: status $status," \
